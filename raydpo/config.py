@@ -1,0 +1,197 @@
+"""Typed models of every YAML. Validated once, at the edge, before Ray starts.
+
+``load_config(path, overrides)`` reads the YAML, applies ``--set dotted.key=value`` overrides
+(values parsed as YAML scalars), and validates. Unknown keys are errors (``extra="forbid"``), and
+every error names its key path, e.g. ``train.beta: Input should be a valid number``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TinyModel(_Strict):
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    max_positions: int = Field(128, gt=0)
+    seed: int = 0
+
+
+class ModelConfig(_Strict):
+    name_or_path: str  # hub id, local folder, or "tiny" (random init, built in code)
+    gguf_file: str | None = None  # a .gguf file inside name_or_path
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tiny: TinyModel = TinyModel()
+
+
+class SyntheticData(_Strict):
+    task: Literal["max"] = "max"
+    rows: int = Field(4000, gt=0)
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    train: list[str] = []  # JSONL files or globs (.jsonl, .jsonl.gz)
+    eval: list[str] = []  # held-out sources; when empty, eval_fraction of train is held out
+    synthetic: SyntheticData | None = None  # generate the task's shards instead of reading train
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_length: int = Field(512, gt=1)
+    max_prompt_length: int = Field(256, gt=0)
+    truncation: Literal["keep_end", "keep_start"] = "keep_end"
+    max_drop_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _has_sources(self) -> "DataConfig":
+        if not self.train and self.synthetic is None:
+            raise ValueError("give data.train (files) or data.synthetic")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("data.max_prompt_length must be below data.max_length")
+        return self
+
+
+class ReferenceConfig(_Strict):
+    num_actors: int = Field(1, gt=0)
+    num_cpus: float = Field(1.0, ge=0)  # per actor
+    num_gpus: float = Field(0.0, ge=0)  # per actor
+    batch_size: int = Field(64, gt=0)  # pairs per forward
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class LossConfig(_Strict):
+    type: str = "sigmoid"
+    weights: dict[str, float] | None = None  # several losses combined; overrides type
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    reference_free: bool = False
+
+    @model_validator(mode="after")
+    def _known(self) -> "LossConfig":
+        from raydpo.losses import LOSSES
+
+        for name in self.weights or {self.type: 1.0}:
+            if name not in LOSSES:
+                raise ValueError(f"unknown loss {name!r}; known: {', '.join(sorted(LOSSES))}")
+        return self
+
+
+class TrainConfig(_Strict):
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: Literal[2, 3] = 2
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    batch_size: int = Field(32, gt=0)  # pairs per optimizer step, over all workers
+    micro_batch_size: int = Field(16, gt=0)  # pairs per forward, per worker
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
+    max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
+    bf16: bool = False
+    seed: int = 0
+    shuffle_buffer: int = Field(1000, ge=0)  # rows; a seeded local shuffle per epoch
+    log_every: int = Field(1, gt=0)
+    eval_every: int = Field(0, ge=0)  # steps; 0: only at the end
+    checkpoint_every: int = Field(0, ge=0)  # steps; 0: only at the end
+    keep_checkpoints: int = Field(2, gt=0)
+    max_failures: int = Field(0, ge=-1)  # restarts of the worker group from the latest checkpoint
+
+    @model_validator(mode="after")
+    def _divisible(self) -> "TrainConfig":
+        per_worker = self.batch_size // self.num_workers
+        if self.batch_size % self.num_workers or per_worker % self.micro_batch_size:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) must be num_workers ({self.num_workers}) "
+                f"x micro_batch_size ({self.micro_batch_size}) x an integer"
+            )
+        return self
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = None  # default: MLFLOW_TRACKING_URI, else MLflow's local default
+    experiment: str = "raydpo"
+    run_name: str | None = None
+
+
+class Config(_Strict):
+    model: ModelConfig
+    data: DataConfig
+    reference: ReferenceConfig = ReferenceConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    output_dir: str = "outputs/run"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names every bad key path."""
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-4", ...]`` -> ``{"train.lr": 0.0001}``; values are YAML scalars."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected dotted.key=value")
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def validate(tree: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            path = ".".join(str(p) for p in err["loc"]) or "config"
+            lines.append(f"{path}: {err['msg']}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    try:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for key, value in parse_overrides(overrides or []).items():
+        _set(tree, key, value)
+    return validate(tree)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """Every resolved value as ``dotted.key -> value`` (for MLflow params)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = node
+
+    walk("", cfg.model_dump())
+    return out
