@@ -1,0 +1,179 @@
+"""Offline DPO: read -> tokenize -> reference log-probs (own actor pool) -> Ray Train -> HF folder.
+
+``python -m jobs.train_dpo CONFIG [--set key=value ...]`` (or ``raydpo train``); this is also what
+``ray job submit`` runs. The whole config is seen only here; everything below takes plain values.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from raydpo.config import Config, ConfigError, flatten, load_config
+
+
+@dataclass
+class Outcome:
+    run_id: str
+    final_dir: str
+    metrics: dict[str, float]
+    report: dict[str, Any]
+    seconds: float
+
+
+class FixedShards:
+    """Ray Train DataConfig that gives each worker the same rows on every run: ``split`` of a
+    materialized dataset in its (preserved) order, where the default streaming split hands blocks to
+    whichever worker asks first. Determinism is what makes resume reproduce the loss curve."""
+
+    def __new__(cls):
+        from ray.train import DataConfig
+
+        class _FixedShards(DataConfig):
+            def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+                out = [{} for _ in range(world_size)]
+                for name, ds in datasets.items():
+                    # Train shards must be equal (one batch per worker per step); eval need not be.
+                    for i, shard in enumerate(ds.split(world_size, equal=(name == "train"))):
+                        out[i][name] = shard.iterator()
+                return out
+
+        return _FixedShards()
+
+
+def setup(cfg: Config) -> tuple[Path, str, list[str]]:
+    """Absolute output dir, the model path every actor loads, and the train sources."""
+    from raydpo.data.synthetic import write_shards
+    from raydpo.models import TINY, write_tiny
+
+    out = Path(cfg.output_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = cfg.model.name_or_path
+    if model_path == TINY:
+        t = cfg.model.tiny
+        model_path = str(write_tiny(out / "initial", hidden_size=t.hidden_size, num_layers=t.num_layers,
+                                    num_heads=t.num_heads, max_positions=t.max_positions, seed=t.seed))
+    sources = list(cfg.data.train)
+    if cfg.data.synthetic is not None:
+        s = cfg.data.synthetic
+        sources += write_shards(out / "data", task=s.task, rows=s.rows, seed=s.seed)
+    return out, model_path, sources
+
+
+def run(cfg: Config, config_path: str | None = None) -> Outcome:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raydpo import tracking
+    from raydpo.data.pipeline import TRAIN_COLUMNS, DataError, build_report, kept_rows, tokenized_dataset, with_reference
+    from raydpo.data.tokenize import TokenizeSettings
+    from raydpo.train.loop import LoopArgs, train_loop_per_worker
+
+    t0 = time.perf_counter()
+    out, model_path, sources = setup(cfg)
+    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)  # local unless RAY_ADDRESS
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    client, run_id, resumed = tracking.start_run(uri, cfg.tracking.experiment, cfg.tracking.run_name, out)
+    print(f"[raydpo] MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {uri}", flush=True)
+    tracking.log_params(client, run_id, flatten(cfg))
+    client.log_dict(run_id, cfg.model_dump(mode="json"), "config.yaml")
+    if config_path:
+        client.log_artifact(run_id, config_path)
+
+    # Data: every row read is kept or counted by reason.
+    d = cfg.data
+    settings = TokenizeSettings(d.max_length, d.max_prompt_length, d.truncation)
+    tokenized = tokenized_dataset(sources, d.eval, model_path=model_path, gguf_file=cfg.model.gguf_file,
+                                  settings=settings, eval_fraction=d.eval_fraction, seed=d.seed).materialize()
+    report = build_report(tokenized)
+    print(report.summary(), flush=True)
+    tracking.log_report(client, run_id, report.to_dict())
+    if report.drop_fraction > d.max_drop_fraction:
+        client.set_terminated(run_id, status="FAILED")
+        raise DataError(f"dropped {report.drop_fraction:.1%} of rows, over data.max_drop_fraction "
+                        f"{d.max_drop_fraction:.1%}\n{report.summary()}")
+
+    # Reference log-probs, once per pair, in actors of their own.
+    kept = kept_rows(tokenized)
+    if not cfg.loss.reference_free:
+        r = cfg.reference
+        kept = with_reference(kept, model_path=model_path, gguf_file=cfg.model.gguf_file, dtype=r.dtype,
+                              num_actors=r.num_actors, num_cpus=r.num_cpus, num_gpus=r.num_gpus, batch_size=r.batch_size)
+    kept = kept.materialize()
+    columns = TRAIN_COLUMNS if not cfg.loss.reference_free else TRAIN_COLUMNS[:3]
+    train_ds = kept_rows(kept, "train").select_columns(columns).materialize()
+    eval_ds = kept_rows(kept, "eval").select_columns(columns).materialize()
+    n_train, n_eval = train_ds.count(), eval_ds.count()
+
+    # Policy update.
+    t = cfg.train
+    local_batch = t.batch_size // t.num_workers
+    steps_per_epoch = (n_train // t.num_workers) // local_batch
+    if steps_per_epoch == 0:
+        raise DataError(f"{n_train} training pairs is less than one batch (train.batch_size {t.batch_size})")
+    total = min(t.max_steps or 10**12, steps_per_epoch * t.epochs)
+    args = LoopArgs(
+        model_path=model_path, output_dir=str(out), engine=t.engine, zero_stage=t.zero_stage,
+        local_batch_size=local_batch, micro_batch_size=t.micro_batch_size, total_steps=total,
+        steps_per_epoch=steps_per_epoch, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
+        schedule=t.schedule, max_grad_norm=t.max_grad_norm, bf16=t.bf16, seed=t.seed,
+        shuffle_buffer=t.shuffle_buffer, log_every=t.log_every, eval_every=t.eval_every,
+        checkpoint_every=t.checkpoint_every,
+        loss_weights=cfg.loss.weights or {cfg.loss.type: 1.0},
+        loss_params={"beta": cfg.loss.beta, "label_smoothing": cfg.loss.label_smoothing},
+        reference_free=cfg.loss.reference_free, dtype=cfg.model.dtype, gguf_file=cfg.model.gguf_file,
+        tracking_uri=uri, run_id=run_id, has_eval=n_eval > 0,
+    )
+    print(f"[raydpo] training: {n_train} pairs ({n_eval} held out), {t.num_workers} worker(s), "
+          f"{total} steps of {t.batch_size} pairs", flush=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=asdict(args),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RunConfig(
+            name="train",
+            storage_path=str(out / "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+        datasets={"train": train_ds, "eval": eval_ds} if n_eval else {"train": train_ds},
+        dataset_config=FixedShards(),
+    )
+    result = trainer.fit()
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+
+    # Record and summarise.
+    final = out / "final"
+    client.log_artifacts(run_id, str(final), "model")
+    client.set_terminated(run_id, status="FINISHED")
+    seconds = time.perf_counter() - t0
+    print(f"[raydpo] done in {seconds:.1f}s: {len(metrics)} metrics; final model {final}; MLflow run {run_id}")
+    for key in ("loss", "rewards/accuracies", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):
+        if key in metrics:
+            print(f"[raydpo]   {key} = {metrics[key]:.4f}")
+    return Outcome(run_id, str(final), metrics, report.to_dict(), seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="raydpo train", description=__doc__)
+    parser.add_argument("config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ns = parser.parse_args(argv)
+    try:
+        cfg = load_config(ns.config, ns.overrides)  # fails before Ray starts
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"raydpo: {e}", file=sys.stderr)
+        return 2
+    run(cfg, ns.config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

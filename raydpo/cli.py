@@ -1,0 +1,19 @@
+"""The ``raydpo`` command: ``raydpo train CONFIG [--set key=value ...]``."""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train": "jobs.train_dpo"}
+    if not argv or argv[0] not in commands:
+        print("usage: raydpo {train} CONFIG [--set dotted.key=value ...]", file=sys.stderr)
+        return 2
+    import importlib
+
+    return importlib.import_module(commands[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Ray Data: read -> normalise -> tokenize -> (reference columns). Returns datasets + a DataReport.
+
+Reading is line-based, so one malformed line is one dropped, counted row, never a failed job.
+Every row read is accounted for: ``kept + sum(dropped) == read``.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.data
+
+from raydpo.data.formats import UNPARSEABLE, normalise
+from raydpo.data.tokenize import TokenizeSettings, tokenize_pair
+from raydpo.models import load_tokenizer
+
+TOKENIZED_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("row_id", pa.int64()),
+        ("split", pa.string()),  # "train" | "eval"
+        ("drop_reason", pa.string()),  # "" when kept
+        ("truncated", pa.bool_()),
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("chosen_ids", pa.list_(pa.int32())),
+        ("rejected_ids", pa.list_(pa.int32())),
+        ("chosen_tokens", pa.int32()),
+        ("rejected_tokens", pa.int32()),
+    ]
+)
+TRAIN_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
+
+
+@dataclass
+class DataReport:
+    """What happened to every row read."""
+
+    read: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first 3 "source:row_id"
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    splits: dict[str, int] = field(default_factory=dict)  # kept rows per split
+
+    @property
+    def drop_fraction(self) -> float:
+        return (self.read - self.kept) / self.read if self.read else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "read": self.read,
+            "kept": self.kept,
+            "dropped": dict(self.dropped),
+            "truncated": self.truncated,
+            "examples": self.examples,
+            "sources": self.sources,
+            "splits": self.splits,
+        }
+
+    def summary(self) -> str:
+        lines = [f"data: read {self.read}, kept {self.kept}, truncated {self.truncated}"]
+        lines.append("  splits: " + ", ".join(f"{k} {v}" for k, v in sorted(self.splits.items())))
+        for reason, n in sorted(self.dropped.items()):
+            lines.append(f"  dropped {reason}: {n} (e.g. {', '.join(self.examples.get(reason, []))})")
+        return "\n".join(lines)
+
+
+class DataError(RuntimeError):
+    """The input is too broken to train on; the message carries the report."""
+
+
+def expand_sources(patterns: list[str]) -> list[str]:
+    """Local globs are expanded (sorted, so the order is stable); URIs pass through."""
+    paths: list[str] = []
+    for p in patterns:
+        if "://" in p:
+            paths.append(p)
+            continue
+        found = sorted(glob.glob(os.path.expanduser(p)))
+        if not found:
+            raise FileNotFoundError(f"data source {p!r} matches no file")
+        paths.extend(os.path.abspath(f) for f in found)
+    return paths
+
+
+def _open_text(path: str) -> io.TextIOBase:
+    import pyarrow.fs as pafs
+
+    fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    raw = fs.open_input_stream(inner)
+    stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
+    # Invalid UTF-8 becomes U+FFFD instead of failing the file; the row then parses or is counted.
+    return io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
+
+
+def _read_lines(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """One source file -> one row per non-blank line: ``{source, row_id (line number), text}``."""
+    path, split = item["path"], item["split"]
+    with _open_text(path) as f:
+        for line_no, line in enumerate(f, start=1):
+            if line.strip():
+                yield {"source": path, "row_id": line_no, "split": split, "text": line}
+
+
+def _held_out(prompt: list[dict[str, str]], seed: int, fraction: float) -> bool:
+    """Split by a hash of the prompt, so a prompt is never in both train and eval."""
+    digest = hashlib.blake2b(json.dumps(prompt, sort_keys=True).encode() + str(seed).encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big") / 2**64 < fraction
+
+
+@lru_cache(maxsize=2)
+def _tokenizer(model_path: str, gguf_file: str | None):  # once per Ray worker process
+    return load_tokenizer(model_path, gguf_file)
+
+
+def tokenize_batch(
+    batch: pa.Table,
+    *,
+    model_path: str,
+    gguf_file: str | None,
+    settings: TokenizeSettings,
+    eval_fraction: float,
+    seed: int,
+) -> pa.Table:
+    """Normalise and tokenize a batch of raw lines; every input row gives one output row."""
+    tok = _tokenizer(model_path, gguf_file)
+    out: dict[str, list] = {name: [] for name in TOKENIZED_SCHEMA.names}
+    for source, row_id, split, text in zip(*(batch[c].to_pylist() for c in ("source", "row_id", "split", "text"))):
+        try:
+            row = json.loads(text)
+        except ValueError:
+            row = None
+        pair, reason = normalise(row) if row is not None else (None, UNPARSEABLE)
+        tokenized = None
+        if pair is not None:
+            tokenized = tokenize_pair(tok, pair["prompt"], pair["chosen"], pair["rejected"], settings)
+            reason = tokenized.drop_reason
+            if split == "train" and eval_fraction > 0 and _held_out(pair["prompt"], seed, eval_fraction):
+                split = "eval"
+        kept = tokenized is not None and not reason
+        out["source"].append(source)
+        out["row_id"].append(row_id)
+        out["split"].append(split)
+        out["drop_reason"].append(reason)
+        out["truncated"].append(bool(tokenized and tokenized.truncated))
+        out["prompt_ids"].append(tokenized.prompt_ids if kept else [])
+        out["chosen_ids"].append(tokenized.chosen_ids if kept else [])
+        out["rejected_ids"].append(tokenized.rejected_ids if kept else [])
+        out["chosen_tokens"].append(len(tokenized.chosen_ids) if kept else 0)
+        out["rejected_tokens"].append(len(tokenized.rejected_ids) if kept else 0)
+    return pa.table(out, schema=TOKENIZED_SCHEMA)
+
+
+def tokenized_dataset(
+    train_sources: list[str],
+    eval_sources: list[str],
+    *,
+    model_path: str,
+    gguf_file: str | None,
+    settings: TokenizeSettings,
+    eval_fraction: float,
+    seed: int,
+) -> ray.data.Dataset:
+    """All rows of all sources, normalised and tokenized, dropped rows included (with reasons)."""
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # same order every run
+    items = [{"path": p, "split": "train"} for p in expand_sources(train_sources)]
+    items += [{"path": p, "split": "eval"} for p in expand_sources(eval_sources)]
+    return (
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .flat_map(_read_lines)
+        .map_batches(
+            tokenize_batch,
+            batch_format="pyarrow",
+            batch_size=256,
+            fn_kwargs=dict(
+                model_path=model_path,
+                gguf_file=gguf_file,
+                settings=settings,
+                eval_fraction=eval_fraction if not eval_sources else 0.0,
+                seed=seed,
+            ),
+        )
+    )
+
+
+def build_report(tokenized: ray.data.Dataset) -> DataReport:
+    """Tally the small columns of a (materialized) tokenized dataset on the driver."""
+    report = DataReport()
+    per_source: dict[str, Counter] = defaultdict(Counter)
+    dropped: Counter = Counter()
+    splits: Counter = Counter()
+    columns = ["source", "row_id", "split", "drop_reason", "truncated"]
+    for batch in tokenized.select_columns(columns).iter_batches(batch_format="pyarrow", batch_size=4096):
+        for source, row_id, split, reason, truncated in zip(*(batch[c].to_pylist() for c in columns)):
+            report.read += 1
+            report.truncated += bool(truncated)
+            counts = per_source[source]
+            counts["read"] += 1
+            counts["truncated"] += bool(truncated)
+            if reason:
+                dropped[reason] += 1
+                counts[f"dropped/{reason}"] += 1
+                examples = report.examples.setdefault(reason, [])
+                if len(examples) < 3:
+                    examples.append(f"{source}:{row_id}")
+            else:
+                report.kept += 1
+                counts["kept"] += 1
+                splits[split] += 1
+    report.dropped = dict(dropped)
+    report.splits = dict(splits)
+    for source, counts in per_source.items():
+        report.sources[source] = {
+            "read": counts["read"],
+            "kept": counts["kept"],
+            "truncated": counts["truncated"],
+            "dropped": {k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("dropped/")},
+        }
+    return report
+
+
+def _keep(batch: pa.Table, split: str | None = None) -> pa.Table:
+    mask = pc.equal(batch["drop_reason"], "")
+    if split is not None:
+        mask = pc.and_(mask, pc.equal(batch["split"], split))
+    return batch.filter(mask)
+
+
+def kept_rows(tokenized: ray.data.Dataset, split: str | None = None) -> ray.data.Dataset:
+    return tokenized.map_batches(_keep, batch_format="pyarrow", fn_kwargs={"split": split})
+
+
+def with_reference(
+    kept: ray.data.Dataset,
+    *,
+    model_path: str,
+    gguf_file: str | None,
+    dtype: str,
+    num_actors: int,
+    num_cpus: float,
+    num_gpus: float,
+    batch_size: int,
+) -> ray.data.Dataset:
+    """Add ``ref_chosen_logps`` / ``ref_rejected_logps`` from an actor pool of reference models."""
+    from actors.reference import ReferenceLogps
+
+    return kept.map_batches(
+        ReferenceLogps,
+        fn_constructor_kwargs=dict(model_path=model_path, gguf_file=gguf_file, dtype=dtype),
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=num_actors,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+    )

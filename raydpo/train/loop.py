@@ -1,0 +1,249 @@
+"""The Ray Train worker function: shard iterator, engine, schedule, checkpoints, metrics.
+
+It is the single-process training loop plus a few marked lines (``# ray:``), so one worker runs
+it the same as many. Determinism: each worker's shard is fixed (see :class:`FixedShards`), each
+epoch shuffles it with a seed of its own, and a checkpoint records the step, so resuming skips
+exactly the batches already trained on and reproduces the uninterrupted loss curve.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.data
+import ray.train
+import torch
+import torch.distributed as dist
+
+from raydpo.losses import LossParams
+from raydpo.metrics import all_reduce_sum, reduce_sums, zeros
+from raydpo.models import load_model, load_tokenizer
+from raydpo.train.engine import OptimConfig, build_engine
+from raydpo.train.step import LossSpec, pair_forward
+
+
+@dataclass
+class LoopArgs:
+    model_path: str
+    output_dir: str  # absolute; {output_dir}/final gets the HF folder
+    engine: str
+    zero_stage: int
+    local_batch_size: int  # pairs per worker per optimizer step
+    micro_batch_size: int
+    total_steps: int
+    steps_per_epoch: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    schedule: str
+    max_grad_norm: float
+    bf16: bool
+    seed: int
+    shuffle_buffer: int
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+    loss_weights: dict[str, float]
+    loss_params: dict[str, float]
+    reference_free: bool
+    dtype: str = "float32"
+    gguf_file: str | None = None
+    tracking_uri: str | None = None
+    run_id: str | None = None
+    has_eval: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Tracker:
+    """Rank 0 logs per-step metrics into the driver's MLflow run (the driver made it)."""
+
+    def __init__(self, uri: str | None, run_id: str | None) -> None:
+        self.client = None
+        if uri and run_id:
+            from mlflow.tracking import MlflowClient
+
+            self.client, self.run_id = MlflowClient(uri), run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(_mlflow_key(k), float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+
+
+def _mlflow_key(name: str) -> str:
+    return name  # TRL's names ("rewards/chosen") are valid MLflow keys as they are
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _batches(shard, args: LoopArgs, epoch: int):
+    """This worker's batches for an epoch, shuffled with a seed that depends only on the epoch."""
+    return shard.iter_batches(
+        batch_size=args.local_batch_size,
+        batch_format="numpy",
+        drop_last=True,
+        local_shuffle_buffer_size=args.shuffle_buffer or None,
+        local_shuffle_seed=args.seed + epoch if args.shuffle_buffer else None,
+    )
+
+
+def _micro(batch: dict[str, np.ndarray], size: int):
+    n = len(batch["prompt_ids"])
+    for start in range(0, n, size):
+        yield {k: v[start : start + size] for k, v in batch.items()}
+
+
+def _evaluate(engine, shard, spec: LossSpec, pad_id: int, micro: int) -> dict[str, float]:
+    """Eval metrics over this worker's eval shard, summed over all workers."""
+    engine.module.eval()
+    sums = zeros()
+    with torch.no_grad():
+        for batch in shard.iter_batches(batch_size=micro, batch_format="numpy"):
+            _, s = pair_forward(engine.module, batch, spec, pad_id, engine.device)
+            sums += s
+    engine.module.train()
+    return reduce_sums(all_reduce_sum(sums), prefix="eval_")
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _save_checkpoint(engine, args: LoopArgs, step: int, metrics: dict[str, float]) -> None:
+    """Collective: engine state + loop position + RNG, reported to Ray Train by rank 0."""
+    staging = Path(args.output_dir) / ".staging" / f"step_{step:08d}"
+    if _rank() == 0:
+        staging.mkdir(parents=True, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    engine.save(str(staging))
+    torch.save(_rng_state(), staging / f"rng_rank{_rank()}.pt")
+    if _rank() == 0:
+        (staging / "loop_state.json").write_text(json.dumps({"step": step}))
+    if dist.is_initialized():
+        dist.barrier()  # every rank's files are written before rank 0 hands the folder over
+    checkpoint = ray.train.Checkpoint.from_directory(str(staging)) if _rank() == 0 else None
+    ray.train.report(metrics, checkpoint=checkpoint)  # ray: copies the folder into storage
+    if _rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _restore(engine) -> int:
+    """Load the latest checkpoint, if Ray Train has one (a restart or a re-run); returns its step."""
+    checkpoint = ray.train.get_checkpoint()  # ray
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as d:
+        engine.load(d)
+        step = json.loads((Path(d) / "loop_state.json").read_text())["step"]
+        rng = Path(d) / f"rng_rank{_rank()}.pt"
+        if rng.exists():
+            _set_rng_state(torch.load(rng, weights_only=False))
+    return step
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    args = LoopArgs(**config)
+    # One line per log step is the progress; per-iteration Ray Data bars from every worker are noise.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    torch.manual_seed(args.seed)
+    rank = _rank()
+    tokenizer = load_tokenizer(args.model_path, args.gguf_file)
+    model = load_model(args.model_path, args.dtype, args.gguf_file)
+    optim = OptimConfig(
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        total_steps=args.total_steps,
+        schedule=args.schedule,
+        max_grad_norm=args.max_grad_norm,
+    )
+    accum = args.local_batch_size // args.micro_batch_size
+    engine = build_engine(
+        args.engine, model, optim, grad_accum_steps=accum, micro_batch_size=args.micro_batch_size,
+        zero_stage=args.zero_stage, bf16=args.bf16,
+    )
+    spec = LossSpec(args.loss_weights, LossParams(**args.loss_params), args.reference_free)
+    tracker = _Tracker(args.tracking_uri, args.run_id) if rank == 0 else _Tracker(None, None)
+    start_step = _restore(engine)
+    if rank == 0 and start_step:
+        print(f"[raydpo] resumed at step {start_step}/{args.total_steps}", flush=True)
+
+    train_shard = ray.train.get_dataset_shard("train")  # ray
+    eval_shard = ray.train.get_dataset_shard("eval") if args.has_eval else None  # ray
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    step = start_step
+    engine.module.train()
+    t_last, pairs_last = time.perf_counter(), 0
+    for epoch in range(start_step // args.steps_per_epoch, 10**9):
+        if step >= args.total_steps:
+            break
+        skip = step - epoch * args.steps_per_epoch  # batches of this epoch already trained on
+        for i, batch in enumerate(_batches(train_shard, args, epoch)):
+            if i < skip:
+                continue
+            if i >= args.steps_per_epoch or step >= args.total_steps:
+                break
+            sums = zeros()
+            for micro in _micro(batch, args.micro_batch_size):
+                loss, s = pair_forward(engine.module, micro, spec, tokenizer.pad_token_id, engine.device)
+                engine.backward(loss)
+                sums += s
+            grad_norm = engine.step()
+            step += 1
+            metrics = reduce_sums(all_reduce_sum(sums))
+            metrics |= {"grad_norm": grad_norm, "learning_rate": engine.learning_rate(), "epoch": epoch + (i + 1) / args.steps_per_epoch}
+            pairs_last += args.local_batch_size * world
+            last = step == args.total_steps
+            if step % args.log_every == 0 or last:
+                now = time.perf_counter()
+                metrics["pairs_per_s"] = pairs_last / max(now - t_last, 1e-9)
+                t_last, pairs_last = now, 0
+                tracker.log(metrics, step)
+                if rank == 0:
+                    print(
+                        f"[raydpo] step {step}/{args.total_steps} loss {metrics['loss']:.4f} "
+                        f"acc {metrics['rewards/accuracies']:.3f} margin {metrics['rewards/margins']:.3f} "
+                        f"lr {metrics['learning_rate']:.2e} pairs/s {metrics['pairs_per_s']:.1f}",
+                        flush=True,
+                    )
+            if eval_shard is not None and ((args.eval_every and step % args.eval_every == 0) or last):
+                eval_metrics = _evaluate(engine, eval_shard, spec, tokenizer.pad_token_id, args.micro_batch_size)
+                tracker.log(eval_metrics, step)
+                metrics |= eval_metrics
+                if rank == 0:
+                    print(f"[raydpo] eval step {step}: loss {eval_metrics['eval_loss']:.4f} "
+                          f"acc {eval_metrics['eval_rewards/accuracies']:.3f}", flush=True)
+            if (args.checkpoint_every and step % args.checkpoint_every == 0) or last:
+                _save_checkpoint(engine, args, step, {**metrics, "step": step})
+    _save_final(engine, tokenizer, args)
+
+
+def _save_final(engine, tokenizer, args: LoopArgs) -> None:
+    """The policy as a plain HF folder, ``{output_dir}/final``, that from_pretrained loads."""
+    state = engine.full_state_dict()  # collective (gathers ZeRO-3 shards)
+    if _rank() == 0:
+        final = Path(args.output_dir) / "final"
+        engine.model.save_pretrained(final, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(final)
+    if dist.is_initialized():
+        dist.barrier()

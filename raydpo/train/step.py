@@ -1,0 +1,67 @@
+"""One micro-batch of DPO: forward chosen + rejected together, loss, and metric sums."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from raydpo.logprobs import model_sequence_logps, pair_batch
+from raydpo.losses import LossParams, PairLogps, combined_loss, rewards
+from raydpo.metrics import SUM_FIELDS
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    weights: dict[str, float]  # loss name -> weight; a single loss is {name: 1.0}
+    params: LossParams
+    reference_free: bool = False
+
+
+def pair_forward(
+    module: torch.nn.Module,
+    batch: dict[str, np.ndarray],
+    spec: LossSpec,
+    pad_id: int,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """Loss (mean over the micro-batch, differentiable) and the metric sums ``(len(SUM_FIELDS),)``.
+
+    ``batch`` holds ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and, unless reference-free,
+    ``ref_chosen_logps`` / ``ref_rejected_logps``; B pairs give one forward of 2B sequences.
+    """
+    n = len(batch["prompt_ids"])
+    inputs = {k: v.to(device) for k, v in pair_batch(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_id).items()}
+    logps, logits = model_sequence_logps(module, inputs)
+    mask = inputs["completion_mask"][:, 1:].float()  # (2B, T-1): positions whose next token is scored
+    tokens = mask.sum(-1)
+    if spec.reference_free:
+        ref_c = ref_r = None
+    else:
+        ref_c = torch.as_tensor(np.asarray(batch["ref_chosen_logps"], dtype=np.float32), device=device)
+        ref_r = torch.as_tensor(np.asarray(batch["ref_rejected_logps"], dtype=np.float32), device=device)
+    pair = PairLogps(logps[:n], logps[n:], ref_c, ref_r, tokens[:n], tokens[n:])
+    per_pair = combined_loss(pair, spec.params, spec.weights)
+    loss = per_pair.mean()
+
+    with torch.no_grad():
+        r_c, r_r = rewards(pair, spec.params.beta)
+        mean_logit = logits[:, :-1].float().mean(-1)  # (2B, T-1)
+        logit_sums = (mean_logit * mask).sum(-1)
+        values = {
+            "pairs": float(n),
+            "loss": per_pair.sum(),
+            "rewards/chosen": r_c.sum(),
+            "rewards/rejected": r_r.sum(),
+            "rewards/accuracies": (r_c > r_r).float().sum(),
+            "logps/chosen": pair.chosen.sum(),
+            "logps/rejected": pair.rejected.sum(),
+            "nll_loss": (-pair.chosen / pair.chosen_tokens.clamp(min=1)).sum(),
+            "logits/chosen": logit_sums[:n].sum(),
+            "logits/rejected": logit_sums[n:].sum(),
+            "chosen_tokens": tokens[:n].sum(),
+            "rejected_tokens": tokens[n:].sum(),
+        }
+        sums = torch.tensor([float(values[k]) for k in SUM_FIELDS], dtype=torch.float64)
+    return loss, sums
