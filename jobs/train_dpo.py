@@ -73,6 +73,7 @@ def run(cfg: Config, config_path: str | None = None) -> Outcome:
     from raydpo import tracking
     from raydpo.data.pipeline import TRAIN_COLUMNS, DataError, build_report, kept_rows, tokenized_dataset, with_reference
     from raydpo.data.tokenize import TokenizeSettings
+    from raydpo.losses import REFERENCE_FREE_LOSSES
     from raydpo.train.loop import LoopArgs, train_loop_per_worker
 
     t0 = time.perf_counter()
@@ -101,12 +102,14 @@ def run(cfg: Config, config_path: str | None = None) -> Outcome:
 
     # Reference log-probs, once per pair, in actors of their own.
     kept = kept_rows(tokenized)
-    if not cfg.loss.reference_free:
+    weights = cfg.loss.weights or {cfg.loss.type: 1.0}
+    reference_free = cfg.loss.reference_free or set(weights) <= REFERENCE_FREE_LOSSES
+    if not reference_free:
         r = cfg.reference
         kept = with_reference(kept, model_path=model_path, gguf_file=cfg.model.gguf_file, dtype=r.dtype,
                               num_actors=r.num_actors, num_cpus=r.num_cpus, num_gpus=r.num_gpus, batch_size=r.batch_size)
     kept = kept.materialize()
-    columns = TRAIN_COLUMNS if not cfg.loss.reference_free else TRAIN_COLUMNS[:3]
+    columns = TRAIN_COLUMNS if not reference_free else TRAIN_COLUMNS[:3]
     train_ds = kept_rows(kept, "train").select_columns(columns).materialize()
     eval_ds = kept_rows(kept, "eval").select_columns(columns).materialize()
     n_train, n_eval = train_ds.count(), eval_ds.count()
@@ -124,10 +127,10 @@ def run(cfg: Config, config_path: str | None = None) -> Outcome:
         steps_per_epoch=steps_per_epoch, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
         schedule=t.schedule, max_grad_norm=t.max_grad_norm, bf16=t.bf16, seed=t.seed,
         shuffle_buffer=t.shuffle_buffer, log_every=t.log_every, eval_every=t.eval_every,
-        checkpoint_every=t.checkpoint_every,
-        loss_weights=cfg.loss.weights or {cfg.loss.type: 1.0},
-        loss_params={"beta": cfg.loss.beta, "label_smoothing": cfg.loss.label_smoothing},
-        reference_free=cfg.loss.reference_free, dtype=cfg.model.dtype, gguf_file=cfg.model.gguf_file,
+        checkpoint_every=t.checkpoint_every, fail_at_step=t.fail_at_step,
+        loss_weights=weights,
+        loss_params=cfg.loss.params(),
+        reference_free=reference_free, dtype=cfg.model.dtype, gguf_file=cfg.model.gguf_file,
         tracking_uri=uri, run_id=run_id, has_eval=n_eval > 0,
     )
     print(f"[raydpo] training: {n_train} pairs ({n_eval} held out), {t.num_workers} worker(s), "

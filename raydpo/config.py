@@ -71,7 +71,16 @@ class LossConfig(_Strict):
     weights: dict[str, float] | None = None  # several losses combined; overrides type
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    reference_free: bool = False
+    simpo_gamma: float = 0.5  # SimPO target margin, reward units
+    orpo_lambda: float = Field(0.1, ge=0)  # weight of ORPO's odds-ratio term
+    discopop_tau: float = Field(0.05, gt=0)
+    dpop_lambda: float = Field(50.0, ge=0)
+    reference_free: bool = False  # skip the reference model: its log-probs count as 0
+
+    def params(self) -> dict[str, float]:
+        """The keyword arguments of ``raydpo.losses.LossParams``."""
+        keys = ("beta", "label_smoothing", "simpo_gamma", "orpo_lambda", "discopop_tau", "dpop_lambda")
+        return {k: getattr(self, k) for k in keys}
 
     @model_validator(mode="after")
     def _known(self) -> "LossConfig":
@@ -106,6 +115,9 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(0, ge=0)  # steps; 0: only at the end
     keep_checkpoints: int = Field(2, gt=0)
     max_failures: int = Field(0, ge=-1)  # restarts of the worker group from the latest checkpoint
+    # Fault injection, for testing recovery: the workers raise after this step, once per
+    # output_dir (a marker file remembers it), so the restarted group goes past it.
+    fail_at_step: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _divisible(self) -> "TrainConfig":

@@ -435,3 +435,7 @@ def bco_batch_reward(logps: PairLogps, beta: float) -> Tensor:
     as ``LossParams.bco_delta`` (TRL updates before computing the loss of the same batch)."""
     c, r = rewards(logps, beta)
     return torch.cat((c, r), 0).mean()
+
+
+# Losses that never read the reference log-probs: a run of only these needs no reference model.
+REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo", "sft"})

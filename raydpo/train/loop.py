@@ -53,6 +53,7 @@ class LoopArgs:
     loss_weights: dict[str, float]
     loss_params: dict[str, float]
     reference_free: bool
+    fail_at_step: int | None = None
     dtype: str = "float32"
     gguf_file: str | None = None
     tracking_uri: str | None = None
@@ -235,7 +236,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                           f"acc {eval_metrics['eval_rewards/accuracies']:.3f}", flush=True)
             if (args.checkpoint_every and step % args.checkpoint_every == 0) or last:
                 _save_checkpoint(engine, args, step, {**metrics, "step": step})
+            if args.fail_at_step == step:
+                _inject_failure(args, step)
     _save_final(engine, tokenizer, args)
+
+
+def _inject_failure(args: LoopArgs, step: int) -> None:
+    """Raise on every rank, the first time this output_dir reaches ``step``."""
+    marker = Path(args.output_dir) / f".failure_injected_at_{step}"
+    if marker.exists():
+        return
+    if dist.is_initialized():
+        dist.barrier()  # every rank has checked the marker before rank 0 writes it
+    if _rank() == 0:
+        marker.touch()
+    raise RuntimeError(f"injected failure after step {step} (train.fail_at_step)")
 
 
 def _save_final(engine, tokenizer, args: LoopArgs) -> None:

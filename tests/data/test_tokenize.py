@@ -1,0 +1,177 @@
+"""Tests of ``raydpo.data.tokenize`` with the built-in character-level tiny tokenizer (one token
+per character; specials ``<|pad|>=0 <|unk|>=1 <|end|>=2 (EOS) <|system|>=3 <|user|>=4 <|assistant|>=5``).
+
+With the tiny ChatML-like template, prompt ``[user "hi"]`` and completion ``[assistant "Yes"]``::
+
+    prompt (with generation prompt) = "<|user|>hi<|end|><|assistant|>"      -> [4, h, i, 2, 5]
+    prompt + completion             = "<|user|>hi<|end|><|assistant|>Yes<|end|>"
+    completion ids                  = [Y, e, s, 2]  (the suffix; ends in exactly one EOS)
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from raydpo.data.tokenize import TokenizeSettings, completion_ids, tokenize_pair
+from raydpo.models import build_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer()
+
+
+def with_template(tok, template: str):
+    t = copy.deepcopy(tok)
+    t.chat_template = template
+    return t
+
+
+def ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+WIDE = TokenizeSettings(max_length=512, max_prompt_length=256)
+EOS = 2
+
+
+def test_tiny_tokenizer_assumptions(tok) -> None:
+    assert tok.eos_token_id == EOS
+    assert ids(tok, "<|user|>hi<|end|><|assistant|>") == [4, ids(tok, "h")[0], ids(tok, "i")[0], 2, 5]
+
+
+def test_prompt_once_completion_suffix_one_eos(tok) -> None:
+    prompt = [user("hi")]
+    out = tokenize_pair(tok, prompt, [assistant("Yes")], [assistant("No way")], WIDE)
+    assert out.drop_reason == ""
+    assert out.truncated is False
+    assert out.prompt_ids == ids(tok, "<|user|>hi<|end|><|assistant|>")
+    assert out.chosen_ids == ids(tok, "Yes") + [EOS]
+    assert out.rejected_ids == ids(tok, "No way") + [EOS]
+    for comp in (out.chosen_ids, out.rejected_ids):
+        assert comp[-1] == EOS and comp.count(EOS) == 1
+    # prompt + completion is the templated whole: nothing lost or doubled at the seam.
+    whole = tok.apply_chat_template(prompt + [assistant("Yes")], tokenize=False)
+    assert out.prompt_ids + out.chosen_ids == ids(tok, whole)
+
+
+def test_multi_turn_prompt_appears_once(tok) -> None:
+    prompt = [{"role": "system", "content": "S"}, user("a"), assistant("b"), user("c")]
+    out = tokenize_pair(tok, prompt, [assistant("good")], [assistant("bad")], WIDE)
+    assert out.drop_reason == ""
+    assert out.prompt_ids == ids(tok, "<|system|>S<|end|><|user|>a<|end|><|assistant|>b<|end|><|user|>c<|end|><|assistant|>")
+    assert out.chosen_ids == ids(tok, "good") + [EOS]
+    assert ids(tok, "<|user|>")[0] not in out.chosen_ids + out.rejected_ids
+
+
+def test_template_closing_turn_with_eos_newline_keeps_one_eos(tok) -> None:
+    """Turns end with ``<|end|>\\n``; the completion stops at the EOS, like generation does:
+    "Yes<|end|>\\n" -> [Y, e, s, EOS]."""
+    t = with_template(
+        tok,
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}",
+    )
+    out = tokenize_pair(t, [user("hi")], [assistant("Yes")], [assistant("No")], WIDE)
+    assert out.drop_reason == ""
+    assert out.prompt_ids == ids(t, "<|user|>hi<|end|>\n<|assistant|>")
+    assert out.chosen_ids == ids(t, "Yes") + [EOS]
+    assert out.rejected_ids == ids(t, "No") + [EOS]
+
+
+def test_template_without_eos_gets_one_appended(tok) -> None:
+    t = with_template(
+        tok,
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}",
+    )
+    prompt_ids, comp = completion_ids(t, [user("hi")], [assistant("Yes")])
+    assert prompt_ids == ids(t, "<|user|>hi\n<|assistant|>")
+    assert comp == ids(t, "Yes\n") + [EOS]
+    assert comp.count(EOS) == 1
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        # A default system prompt only when add_generation_prompt is false.
+        "{% if not add_generation_prompt %}<|system|>default<|end|>{% endif %}"
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}",
+        # The last message is rendered differently from earlier ones.
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if not loop.last %}.{% endif %}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}",
+    ],
+    ids=["system_only_without_generation_prompt", "last_message_differs"],
+)
+def test_prompt_not_a_prefix_is_template_mismatch(tok, template: str) -> None:
+    t = with_template(tok, template)
+    assert completion_ids(t, [user("hi")], [assistant("Yes")]) is None
+    out = tokenize_pair(t, [user("hi")], [assistant("Yes")], [assistant("No")], WIDE)
+    assert out.drop_reason == "template_mismatch"
+    assert (out.prompt_ids, out.chosen_ids, out.rejected_ids) == ([], [], [])
+
+
+@pytest.mark.parametrize("mode", ["keep_end", "keep_start"])
+def test_prompt_truncation(tok, mode: str) -> None:
+    """A 50-character prompt templates to 1 + 50 + 1 + 1 = 53 tokens; max_prompt_length 20 keeps
+    the last 20 (keep_end, ending in the generation prompt) or the first 20 (keep_start)."""
+    text = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWX"
+    assert len(text) == 50
+    full_prompt = ids(tok, "<|user|>" + text + "<|end|><|assistant|>")
+    assert len(full_prompt) == 53
+    s = TokenizeSettings(max_length=40, max_prompt_length=20, truncation=mode)
+    out = tokenize_pair(tok, [user(text)], [assistant("Yes")], [assistant("No")], s)
+    assert out.drop_reason == ""
+    assert out.truncated is True
+    assert out.prompt_ids == (full_prompt[-20:] if mode == "keep_end" else full_prompt[:20])
+    assert out.chosen_ids == ids(tok, "Yes") + [EOS]  # fits in the 40 - 20 = 20 left
+    assert out.rejected_ids == ids(tok, "No") + [EOS]
+
+
+def test_prompt_at_the_limit_is_not_truncated(tok) -> None:
+    """"<|user|>ab<|end|><|assistant|>" is 5 tokens: max_prompt_length 5 keeps it whole."""
+    s = TokenizeSettings(max_length=20, max_prompt_length=5)
+    out = tokenize_pair(tok, [user("ab")], [assistant("Yes")], [assistant("No")], s)
+    assert out.truncated is False
+    assert len(out.prompt_ids) == 5
+
+
+def test_long_completion_is_cut_to_the_budget(tok) -> None:
+    """Prompt "<|user|>hi<|end|><|assistant|>" = 5 tokens, max_length 12 -> budget 7.
+    chosen "0123456789" + EOS = 11 tokens -> its first 7; rejected "No" + EOS = 3 tokens, kept whole."""
+    s = TokenizeSettings(max_length=12, max_prompt_length=8)
+    out = tokenize_pair(tok, [user("hi")], [assistant("0123456789")], [assistant("No")], s)
+    assert out.drop_reason == ""
+    assert out.truncated is True
+    assert len(out.prompt_ids) == 5
+    assert out.chosen_ids == ids(tok, "0123456")
+    assert out.rejected_ids == ids(tok, "No") + [EOS]
+    assert len(out.prompt_ids) + max(len(out.chosen_ids), len(out.rejected_ids)) <= s.max_length
+
+
+def test_completion_exactly_at_the_budget_is_not_truncated(tok) -> None:
+    """Prompt 5 tokens + "Yes" + EOS (4 tokens) = 9 = max_length."""
+    s = TokenizeSettings(max_length=9, max_prompt_length=8)
+    out = tokenize_pair(tok, [user("hi")], [assistant("Yes")], [assistant("No")], s)
+    assert out.truncated is False
+    assert out.chosen_ids == ids(tok, "Yes") + [EOS]
+
+
+def test_completion_left_empty_is_too_long(tok) -> None:
+    """A prompt cut to max_prompt_length == max_length leaves a budget of 0: no completion token
+    to score, so the pair is dropped as too_long (its log-prob would be 0, DPO's gradient NaN)."""
+    s = TokenizeSettings(max_length=6, max_prompt_length=6)
+    out = tokenize_pair(tok, [user("a long prompt")], [assistant("Yes")], [assistant("No")], s)
+    assert out.drop_reason == "too_long"
+    assert out.truncated is True
+    assert (out.prompt_ids, out.chosen_ids, out.rejected_ids) == ([], [], [])
