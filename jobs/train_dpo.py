@@ -149,7 +149,11 @@ def run(cfg: Config, config_path: str | None = None) -> Outcome:
         datasets={"train": train_ds, "eval": eval_ds} if n_eval else {"train": train_ds},
         dataset_config=FixedShards(),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")  # a re-run of the same command resumes it
+        raise
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
 
     # Record and summarise.

@@ -6,6 +6,7 @@ every error names its key path, e.g. ``train.beta: Input should be a valid numbe
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -160,6 +161,9 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """``["train.lr=1e-4", ...]`` -> ``{"train.lr": 0.0001}``; values are YAML scalars."""
     out: dict[str, Any] = {}
@@ -167,7 +171,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {pair!r}: expected dotted.key=value")
-        out[key.strip()] = yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
+        if isinstance(value, str) and _EXPONENT.match(value):
+            value = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
+        out[key.strip()] = value
     return out
 
 

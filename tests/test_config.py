@@ -122,11 +122,6 @@ def test_parse_overrides_rejects_malformed(bad: str) -> None:
         parse_overrides([bad])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py parse_overrides docstring promises 'train.lr=1e-4' -> 0.0001, but PyYAML "
-    "(YAML 1.1) reads '1e-4' as the string '1e-4' (a float needs a dot: 1.0e-4)",
-)
 def test_parse_overrides_exponent_without_dot_is_a_float() -> None:
     assert parse_overrides(["train.lr=1e-4"]) == {"train.lr": 0.0001}
 

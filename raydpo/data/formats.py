@@ -87,7 +87,8 @@ def normalise(row: Any) -> tuple[dict[str, list[Message]] | None, str]:
     prompt_raw = row.get("prompt")
     if prompt_raw is None:
         if not (isinstance(chosen_raw, str) and isinstance(rejected_raw, str)):
-            return None, MISSING_FIELD
+            # Message lists need a prompt beside them; anything else is the wrong type.
+            return None, MISSING_FIELD if isinstance(chosen_raw, list) and isinstance(rejected_raw, list) else UNPARSEABLE
         split = _split_implicit(chosen_raw, rejected_raw)
         if isinstance(split, str):
             return None, split

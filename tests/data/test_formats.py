@@ -214,11 +214,6 @@ def test_unparseable(row: object) -> None:
     assert normalise(row) == (None, UNPARSEABLE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="formats.py normalise: with no 'prompt', non-string chosen/rejected (e.g. ints) are reported "
-    "as missing_field although both fields are present; a wrong type should be unparseable",
-)
 def test_wrong_types_without_prompt_are_unparseable() -> None:
     assert normalise({"chosen": 3, "rejected": 4}) == (None, UNPARSEABLE)
 

@@ -1,0 +1,42 @@
+"""The reference actor pool's columns equal log-probs computed inline, checked against float64."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from raydpo.data.pipeline import kept_rows, tokenized_dataset, with_reference
+from raydpo.data.synthetic import write_shards
+from raydpo.data.tokenize import TokenizeSettings
+from raydpo.models import load_model, write_tiny
+
+
+def _float64_logp(model, prompt: list[int], completion: list[int]) -> float:
+    """Independent: one unpadded sequence, log-softmax in float64, a plain loop over tokens."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double()
+    total = 0.0
+    for t in range(len(prompt), len(prompt) + len(completion)):
+        total += torch.log_softmax(logits[t - 1], -1)[ids[0, t]].item()
+    return total
+
+
+def test_reference_columns_equal_inline(ray_local, tmp_path):
+    model_dir = write_tiny(tmp_path / "model", seed=3)
+    sources = write_shards(tmp_path / "data", rows=60, shards=2)
+    tokenized = tokenized_dataset(sources, [], model_path=str(model_dir), gguf_file=None,
+                                  settings=TokenizeSettings(64, 32), eval_fraction=0.0, seed=0)
+    ds = with_reference(kept_rows(tokenized), model_path=str(model_dir), gguf_file=None, dtype="float32",
+                        num_actors=2, num_cpus=0.5, num_gpus=0, batch_size=7)
+    rows = ds.take_all()
+    assert len(rows) == 60
+    model = load_model(str(model_dir)).eval()
+    for row in rows[:20]:
+        prompt = [int(x) for x in row["prompt_ids"]]
+        for side in ("chosen", "rejected"):
+            want = _float64_logp(model, prompt, [int(x) for x in row[f"{side}_ids"]])
+            got = float(row[f"ref_{side}_logps"])
+            assert isinstance(row[f"ref_{side}_logps"], (np.floating, float))
+            assert math.isclose(got, want, rel_tol=1e-5), (side, got, want)
