@@ -47,9 +47,10 @@ class FixedShards:
 
 
 def setup(cfg: Config) -> tuple[Path, str, list[str]]:
-    """Absolute output dir, the model path every actor loads, and the train sources."""
+    """Absolute output dir, the model path every actor loads, and the train sources. The tiny
+    model is built, and a GGUF model de-quantized, once into ``{output_dir}/initial``."""
     from raydpo.data.synthetic import write_shards
-    from raydpo.models import TINY, write_tiny
+    from raydpo.models import TINY, write_plain, write_tiny
 
     out = Path(cfg.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -58,6 +59,8 @@ def setup(cfg: Config) -> tuple[Path, str, list[str]]:
         t = cfg.model.tiny
         model_path = str(write_tiny(out / "initial", hidden_size=t.hidden_size, num_layers=t.num_layers,
                                     num_heads=t.num_heads, max_positions=t.max_positions, seed=t.seed))
+    elif cfg.model.gguf_file:
+        model_path = str(write_plain(model_path, cfg.model.gguf_file, out / "initial", cfg.model.dtype))
     sources = list(cfg.data.train)
     if cfg.data.synthetic is not None:
         s = cfg.data.synthetic
@@ -90,8 +93,9 @@ def run(cfg: Config, config_path: str | None = None) -> Outcome:
     # Data: every row read is kept or counted by reason.
     d = cfg.data
     settings = TokenizeSettings(d.max_length, d.max_prompt_length, d.truncation)
-    tokenized = tokenized_dataset(sources, d.eval, model_path=model_path, gguf_file=cfg.model.gguf_file,
-                                  settings=settings, eval_fraction=d.eval_fraction, seed=d.seed).materialize()
+    tokenized = tokenized_dataset(sources, d.eval, model_path=model_path, gguf_file=None,
+                                  settings=settings, eval_fraction=d.eval_fraction, seed=d.seed,
+                                  limit=d.limit).materialize()
     report = build_report(tokenized)
     print(report.summary(), flush=True)
     tracking.log_report(client, run_id, report.to_dict())
@@ -106,7 +110,7 @@ def run(cfg: Config, config_path: str | None = None) -> Outcome:
     reference_free = cfg.loss.reference_free or set(weights) <= REFERENCE_FREE_LOSSES
     if not reference_free:
         r = cfg.reference
-        kept = with_reference(kept, model_path=model_path, gguf_file=cfg.model.gguf_file, dtype=r.dtype,
+        kept = with_reference(kept, model_path=model_path, gguf_file=None, dtype=r.dtype,
                               num_actors=r.num_actors, num_cpus=r.num_cpus, num_gpus=r.num_gpus, batch_size=r.batch_size)
     kept = kept.materialize()
     columns = TRAIN_COLUMNS if not reference_free else TRAIN_COLUMNS[:3]
@@ -130,7 +134,7 @@ def run(cfg: Config, config_path: str | None = None) -> Outcome:
         checkpoint_every=t.checkpoint_every, fail_at_step=t.fail_at_step,
         loss_weights=weights,
         loss_params=cfg.loss.params(),
-        reference_free=reference_free, dtype=cfg.model.dtype, gguf_file=cfg.model.gguf_file,
+        reference_free=reference_free, dtype=cfg.model.dtype, gguf_file=None,
         tracking_uri=uri, run_id=run_id, has_eval=n_eval > 0,
     )
     print(f"[raydpo] training: {n_train} pairs ({n_eval} held out), {t.num_workers} worker(s), "

@@ -44,6 +44,7 @@ class DataConfig(_Strict):
     eval: list[str] = []  # held-out sources; when empty, eval_fraction of train is held out
     synthetic: SyntheticData | None = None  # generate the task's shards instead of reading train
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    limit: int | None = Field(None, gt=0)  # read only the first rows of each split (smoke runs)
     max_length: int = Field(512, gt=1)
     max_prompt_length: int = Field(256, gt=0)
     truncation: Literal["keep_end", "keep_start"] = "keep_end"

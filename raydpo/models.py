@@ -93,6 +93,18 @@ def write_tiny(out_dir: str | os.PathLike, **size: int) -> Path:
     return out
 
 
+def write_plain(name_or_path: str, gguf_file: str, out_dir: str | os.PathLike, dtype: str = "float32") -> Path:
+    """De-quantize a GGUF model once into a plain HF folder that every actor then loads fast."""
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    load_model(name_or_path, dtype, gguf_file).save_pretrained(tmp)
+    load_tokenizer(name_or_path, gguf_file).save_pretrained(tmp)
+    tmp.rename(out)  # atomic: a half-written folder is never taken for a model
+    return out
+
+
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
     if name_or_path == TINY:
         return build_tiny_tokenizer()

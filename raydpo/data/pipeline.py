@@ -172,15 +172,22 @@ def tokenized_dataset(
     settings: TokenizeSettings,
     eval_fraction: float,
     seed: int,
+    limit: int | None = None,
 ) -> ray.data.Dataset:
-    """All rows of all sources, normalised and tokenized, dropped rows included (with reasons)."""
+    """All rows of all sources, normalised and tokenized, dropped rows included (with reasons).
+    ``limit`` keeps the first rows of the train sources and of the eval sources, each."""
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same order every run
-    items = [{"path": p, "split": "train"} for p in expand_sources(train_sources)]
-    items += [{"path": p, "split": "eval"} for p in expand_sources(eval_sources)]
+
+    def lines(paths: list[str], split: str) -> ray.data.Dataset:
+        items = [{"path": p, "split": split} for p in expand_sources(paths)]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(_read_lines)
+        return ds.limit(limit) if limit else ds
+
+    raw = lines(train_sources, "train")
+    if eval_sources:
+        raw = raw.union(lines(eval_sources, "eval"))
     return (
-        ray.data.from_items(items, override_num_blocks=len(items))
-        .flat_map(_read_lines)
-        .map_batches(
+        raw.map_batches(
             tokenize_batch,
             batch_format="pyarrow",
             batch_size=256,
