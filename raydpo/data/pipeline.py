@@ -99,7 +99,7 @@ def _open_text(path: str) -> io.TextIOBase:
     import pyarrow.fs as pafs
 
     fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-    raw = fs.open_input_stream(inner)
+    raw = fs.open_input_stream(inner, compression=None)  # pyarrow would also un-gzip by extension
     stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
     # Invalid UTF-8 becomes U+FFFD instead of failing the file; the row then parses or is counted.
     return io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
