@@ -26,7 +26,7 @@ from raydpo.losses import LossParams
 from raydpo.metrics import all_reduce_sum, reduce_sums, zeros
 from raydpo.models import load_model, load_tokenizer
 from raydpo.train.engine import OptimConfig, build_engine
-from raydpo.train.step import LossSpec, pair_forward
+from raydpo.train.step import LossSpec, RunningMean, pair_forward
 
 
 @dataclass
@@ -129,7 +129,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def _save_checkpoint(engine, args: LoopArgs, step: int, metrics: dict[str, float]) -> None:
+def _save_checkpoint(engine, args: LoopArgs, step: int, metrics: dict[str, float], bco: RunningMean) -> None:
     """Collective: engine state + loop position + RNG, reported to Ray Train by rank 0."""
     staging = Path(args.output_dir) / ".staging" / f"step_{step:08d}"
     if _rank() == 0:
@@ -139,7 +139,7 @@ def _save_checkpoint(engine, args: LoopArgs, step: int, metrics: dict[str, float
     engine.save(str(staging))
     torch.save(_rng_state(), staging / f"rng_rank{_rank()}.pt")
     if _rank() == 0:
-        (staging / "loop_state.json").write_text(json.dumps({"step": step}))
+        (staging / "loop_state.json").write_text(json.dumps({"step": step, "bco": asdict(bco)}))
     if dist.is_initialized():
         dist.barrier()  # every rank's files are written before rank 0 hands the folder over
     checkpoint = ray.train.Checkpoint.from_directory(str(staging)) if _rank() == 0 else None
@@ -148,14 +148,16 @@ def _save_checkpoint(engine, args: LoopArgs, step: int, metrics: dict[str, float
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _restore(engine) -> int:
+def _restore(engine, bco: RunningMean) -> int:
     """Load the latest checkpoint, if Ray Train has one (a restart or a re-run); returns its step."""
     checkpoint = ray.train.get_checkpoint()  # ray
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as d:
         engine.load(d)
-        step = json.loads((Path(d) / "loop_state.json").read_text())["step"]
+        state = json.loads((Path(d) / "loop_state.json").read_text())
+        step = state["step"]
+        bco.mean, bco.count = state["bco"]["mean"], state["bco"]["count"]
         rng = Path(d) / f"rng_rank{_rank()}.pt"
         if rng.exists():
             _set_rng_state(torch.load(rng, weights_only=False))
@@ -185,7 +187,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     spec = LossSpec(args.loss_weights, LossParams(**args.loss_params), args.reference_free)
     tracker = _Tracker(args.tracking_uri, args.run_id) if rank == 0 else _Tracker(None, None)
-    start_step = _restore(engine)
+    bco = RunningMean()
+    start_step = _restore(engine, bco)
     if rank == 0 and start_step:
         print(f"[raydpo] resumed at step {start_step}/{args.total_steps}", flush=True)
 
@@ -206,7 +209,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
             sums = zeros()
             for micro in _micro(batch, args.micro_batch_size):
-                loss, s = pair_forward(engine.module, micro, spec, tokenizer.pad_token_id, engine.device)
+                loss, s = pair_forward(engine.module, micro, spec, tokenizer.pad_token_id, engine.device, bco)
                 engine.backward(loss)
                 sums += s
             grad_norm = engine.step()
@@ -235,7 +238,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     print(f"[raydpo] eval step {step}: loss {eval_metrics['eval_loss']:.4f} "
                           f"acc {eval_metrics['eval_rewards/accuracies']:.3f}", flush=True)
             if (args.checkpoint_every and step % args.checkpoint_every == 0) or last:
-                _save_checkpoint(engine, args, step, {**metrics, "step": step})
+                _save_checkpoint(engine, args, step, {**metrics, "step": step}, bco)
             if args.fail_at_step == step:
                 _inject_failure(args, step)
     _save_final(engine, tokenizer, args)

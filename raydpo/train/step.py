@@ -1,15 +1,15 @@
 """One micro-batch of DPO: forward chosen + rejected together, loss, and metric sums."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from raydpo.logprobs import model_sequence_logps, pair_batch
-from raydpo.losses import LossParams, PairLogps, combined_loss, rewards
-from raydpo.metrics import SUM_FIELDS
+from raydpo.losses import LossParams, PairLogps, bco_batch_reward, combined_loss, rewards
+from raydpo.metrics import SUM_FIELDS, all_reduce_sum
 
 
 @dataclass(frozen=True)
@@ -19,17 +19,37 @@ class LossSpec:
     reference_free: bool = False
 
 
+@dataclass
+class RunningMean:
+    """Mean of the implicit rewards of every pair seen so far, over all workers: ``bco_pair``'s
+    delta (TRL's ``RunningMoments``). Kept in checkpoints so a resumed run continues it."""
+
+    mean: float = 0.0
+    count: float = 0.0
+
+    def update(self, batch_mean: Tensor, n: int) -> float:
+        """Fold in one micro-batch per worker (a collective: every worker calls it)."""
+        total = all_reduce_sum(torch.tensor([float(batch_mean) * n, float(n)], dtype=torch.float64))
+        s, k = total.tolist()
+        self.count += k
+        self.mean += (s - self.mean * k) / self.count
+        return self.mean
+
+
 def pair_forward(
     module: torch.nn.Module,
     batch: dict[str, np.ndarray],
     spec: LossSpec,
     pad_id: int,
     device: torch.device,
+    bco: RunningMean | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Loss (mean over the micro-batch, differentiable) and the metric sums ``(len(SUM_FIELDS),)``.
 
     ``batch`` holds ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and, unless reference-free,
     ``ref_chosen_logps`` / ``ref_rejected_logps``; B pairs give one forward of 2B sequences.
+    ``bco`` (training only) carries ``bco_pair``'s running reward mean; without it delta is
+    ``spec.params.bco_delta``.
     """
     n = len(batch["prompt_ids"])
     inputs = {k: v.to(device) for k, v in pair_batch(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_id).items()}
@@ -42,7 +62,11 @@ def pair_forward(
         ref_c = torch.as_tensor(np.asarray(batch["ref_chosen_logps"], dtype=np.float32), device=device)
         ref_r = torch.as_tensor(np.asarray(batch["ref_rejected_logps"], dtype=np.float32), device=device)
     pair = PairLogps(logps[:n], logps[n:], ref_c, ref_r, tokens[:n], tokens[n:])
-    per_pair = combined_loss(pair, spec.params, spec.weights)
+    params = spec.params
+    if bco is not None and "bco_pair" in spec.weights:
+        # TRL updates the running mean with this batch before computing its loss.
+        params = replace(params, bco_delta=bco.update(bco_batch_reward(pair, params.beta), n))
+    per_pair = combined_loss(pair, params, spec.weights)
     loss = per_pair.mean()
 
     with torch.no_grad():
