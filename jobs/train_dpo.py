@@ -40,6 +40,8 @@ class FixedShards:
                 for name, ds in datasets.items():
                     # Train shards must be equal (one batch per worker per step); eval need not be.
                     for i, shard in enumerate(ds.split(world_size, equal=(name == "train"))):
+                        # Workers print one line per step; a bar per worker per pass is noise.
+                        shard.context.enable_progress_bars = False
                         out[i][name] = shard.iterator()
                 return out
 

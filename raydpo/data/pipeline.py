@@ -268,7 +268,7 @@ def with_reference(
         fn_constructor_kwargs=dict(model_path=model_path, gguf_file=gguf_file, dtype=dtype),
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=num_actors,
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=num_cpus,
         num_gpus=num_gpus,
     )
