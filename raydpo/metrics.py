@@ -23,6 +23,7 @@ SUM_FIELDS = (
     "logits/rejected",
     "chosen_tokens",
     "rejected_tokens",
+    "entropy",  # policy entropy (nats), summed over all completion tokens of chosen and rejected
 )
 
 
@@ -42,6 +43,7 @@ def reduce_sums(sums: Tensor, prefix: str = "") -> dict[str, float]:
         "logits/chosen": s["logits/chosen"] / max(s["chosen_tokens"], 1.0),
         "logits/rejected": s["logits/rejected"] / max(s["rejected_tokens"], 1.0),
         "num_tokens": s["chosen_tokens"] + s["rejected_tokens"],
+        "entropy": s["entropy"] / max(s["chosen_tokens"] + s["rejected_tokens"], 1.0),
     }
     return {prefix + k: v for k, v in out.items()}
 

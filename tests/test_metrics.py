@@ -24,12 +24,12 @@ def vec(**values: float) -> torch.Tensor:
 RANK0 = vec(**{
     "pairs": 2, "loss": 1.0, "rewards/chosen": 0.6, "rewards/rejected": -0.2, "rewards/accuracies": 2,
     "logps/chosen": -10, "logps/rejected": -14, "nll_loss": 5.0, "logits/chosen": 3.0, "logits/rejected": 1.0,
-    "chosen_tokens": 6, "rejected_tokens": 4,
+    "chosen_tokens": 6, "rejected_tokens": 4, "entropy": 5.0,
 })
 RANK1 = vec(**{
     "pairs": 1, "loss": 2.0, "rewards/chosen": -0.3, "rewards/rejected": 0.4, "rewards/accuracies": 0,
     "logps/chosen": -8, "logps/rejected": -4, "nll_loss": 4.0, "logits/chosen": -1.5, "logits/rejected": 2.0,
-    "chosen_tokens": 3, "rejected_tokens": 2,
+    "chosen_tokens": 3, "rejected_tokens": 2, "entropy": 1.0,
 })
 
 
@@ -48,6 +48,7 @@ def test_reduce_sums_is_the_global_mean_not_rank0s() -> None:
         logits/chosen    = (3.0 - 1.5) / (6 + 3 tokens) = 0.1666667  (per token, not per pair)
         logits/rejected  = (1.0 + 2.0) / (4 + 2 tokens) = 0.5
         num_tokens       = 9 + 6                    = 15
+        entropy          = (5.0 + 1.0) / 15 tokens  = 0.4        (per token)
     """
     got = reduce_sums(RANK0 + RANK1)
     want = {
@@ -62,6 +63,7 @@ def test_reduce_sums_is_the_global_mean_not_rank0s() -> None:
         "logits/chosen": 1.5 / 9,
         "logits/rejected": 0.5,
         "num_tokens": 15.0,
+        "entropy": 0.4,
     }
     assert set(got) == set(want)
     for k, v in want.items():
@@ -110,6 +112,18 @@ def logps_alone_f64(model: torch.nn.Module, prompt: list[int], completion: list[
         logp += float(torch.log_softmax(logits[t - 1], -1)[ids[0, t]])
         mean_logit += float(logits[t - 1].mean())
     return logp, mean_logit, len(completion)
+
+
+def entropy_alone_f64(model: torch.nn.Module, prompt: list[int], completion: list[int]) -> float:
+    """Sum over completion positions of -sum_v p log p, float64, one unpadded sequence."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double()
+    total = 0.0
+    for t in range(len(prompt), len(prompt) + len(completion)):
+        p = torch.softmax(logits[t - 1], -1)
+        total += float(-(p * p.log()).sum())
+    return total
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +176,9 @@ def test_pair_forward_loss_and_sums(models) -> None:
     assert s["rejected_tokens"] == sum(len(r) for r in REJECTED)
     assert s["logits/chosen"] == pytest.approx(sum(x[1] for x in pol_c), rel=1e-5, abs=1e-5)
     assert s["logits/rejected"] == pytest.approx(sum(x[1] for x in pol_r), rel=1e-5, abs=1e-5)
+
+    want_entropy = sum(entropy_alone_f64(policy, p, c) for p, c in zip(PROMPTS * 2, CHOSEN + REJECTED))
+    assert s["entropy"] == pytest.approx(want_entropy, rel=1e-5)
 
     m = reduce_sums(sums)
     assert m["rewards/margins"] == pytest.approx((sum(r_w) - sum(r_l)) / 3, rel=1e-5, abs=1e-5)

@@ -73,6 +73,11 @@ def pair_forward(
         r_c, r_r = rewards(pair, spec.params.beta)
         mean_logit = logits[:, :-1].float().mean(-1)  # (2B, T-1)
         logit_sums = (mean_logit * mask).sum(-1)
+        # Row by row: a (T, V) float32 softmax at a time, not (2B, T, V), bounds the memory.
+        entropy = sum(
+            ((-(lp.exp() * lp).sum(-1)) * m).sum()
+            for lp, m in ((torch.log_softmax(logits[i, :-1].float(), -1), mask[i]) for i in range(2 * n))
+        )
         values = {
             "pairs": float(n),
             "loss": per_pair.sum(),
@@ -86,6 +91,7 @@ def pair_forward(
             "logits/rejected": logit_sums[n:].sum(),
             "chosen_tokens": tokens[:n].sum(),
             "rejected_tokens": tokens[n:].sum(),
+            "entropy": entropy,
         }
         sums = torch.tensor([float(values[k]) for k in SUM_FIELDS], dtype=torch.float64)
     return loss, sums
