@@ -6,9 +6,9 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": "jobs.train_dpo"}
+    commands = {"train": "jobs.train_dpo", "data-check": "jobs.data_check"}
     if not argv or argv[0] not in commands:
-        print("usage: raydpo {train} CONFIG [--set dotted.key=value ...]", file=sys.stderr)
+        print("usage: raydpo {train} CONFIG [--set dotted.key=value ...] | raydpo data-check SOURCE... [--json]", file=sys.stderr)
         return 2
     import importlib
 

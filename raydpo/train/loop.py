@@ -8,11 +8,10 @@ exactly the batches already trained on and reproduces the uninterrupted loss cur
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +58,6 @@ class LoopArgs:
     tracking_uri: str | None = None
     run_id: str | None = None
     has_eval: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class _Tracker:
@@ -78,12 +76,8 @@ class _Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(_mlflow_key(k), float(v), now, step) for k, v in metrics.items()]
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]  # TRL names are valid keys
         self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
-
-
-def _mlflow_key(name: str) -> str:
-    return name  # TRL's names ("rewards/chosen") are valid MLflow keys as they are
 
 
 def _rank() -> int:

@@ -1,0 +1,146 @@
+"""Check preference data before training: read -> normalise -> tokenize, then report what happened.
+
+``raydpo data-check SOURCE... [--model tiny] [--max-length N] [--max-prompt-length N] [--json]``
+runs the training job's own data pipeline (same reasons, same counts) and adds token-length
+percentiles of prompt, chosen and rejected over the kept rows. With ``--json`` stdout is exactly one
+JSON object. Ray starts locally, or joins ``RAY_ADDRESS``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+PARTS = ("prompt", "chosen", "rejected")
+PERCENTILES = (50, 90, 99)
+
+
+def _lengths(batch: pa.Table) -> pa.Table:
+    """Kept rows only -> one int32 column of lengths per part; the driver never sees the ids."""
+    kept = batch.filter(pc.equal(batch["drop_reason"], ""))
+    return pa.table({part: pc.list_value_length(kept[f"{part}_ids"]).cast(pa.int32()) for part in PARTS})
+
+
+def length_stats(tokenized) -> dict[str, dict[str, int | None]]:
+    """``{part: {p50, p90, p99, max}}`` in tokens over kept rows (None everywhere when none is kept)."""
+    columns = ["drop_reason", *(f"{p}_ids" for p in PARTS)]
+    lengths = tokenized.select_columns(columns).map_batches(_lengths, batch_format="pyarrow", batch_size=4096)
+    chunks: dict[str, list[np.ndarray]] = {p: [] for p in PARTS}
+    for batch in lengths.iter_batches(batch_format="numpy", batch_size=65536):
+        for p in PARTS:
+            chunks[p].append(np.asarray(batch[p], dtype=np.int64))
+    out: dict[str, dict[str, int | None]] = {}
+    for p in PARTS:
+        values = np.concatenate(chunks[p]) if chunks[p] else np.zeros(0, dtype=np.int64)
+        if values.size == 0:
+            out[p] = {**{f"p{q}": None for q in PERCENTILES}, "max": None}
+            continue
+        # inverted_cdf: each percentile is a length that occurs in the data.
+        qs = np.percentile(values, PERCENTILES, method="inverted_cdf")
+        out[p] = {**{f"p{q}": int(v) for q, v in zip(PERCENTILES, qs)}, "max": int(values.max())}
+    return out
+
+
+def check(
+    sources: list[str],
+    *,
+    model: str,
+    gguf_file: str | None,
+    max_length: int,
+    max_prompt_length: int,
+    truncation: str,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Run the pipeline on ``sources`` and return the report dict (``DataReport.to_dict()`` + lengths)."""
+    import ray
+    import ray.data
+
+    from raydpo.data.pipeline import build_report, tokenized_dataset
+    from raydpo.data.tokenize import TokenizeSettings
+
+    t0 = time.perf_counter()
+    # The tiny model's tokenizer is built in code by every worker (load_tokenizer("tiny")), so no
+    # model folder is written: a temp dir on the driver would not exist on a remote cluster's nodes.
+    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=not quiet)
+    ctx = ray.data.DataContext.get_current()
+    bars = ctx.enable_progress_bars
+    if quiet:
+        ctx.enable_progress_bars = False
+    try:
+        settings = TokenizeSettings(max_length, max_prompt_length, truncation)
+        tokenized = tokenized_dataset(sources, [], model_path=model, gguf_file=gguf_file, settings=settings,
+                                      eval_fraction=0.0, seed=0).materialize()
+        report = build_report(tokenized)
+        lengths = length_stats(tokenized)
+    finally:
+        ctx.enable_progress_bars = bars
+    out = report.to_dict()
+    out["lengths"] = lengths
+    out["settings"] = {"model": model, "gguf_file": gguf_file, "max_length": max_length,
+                       "max_prompt_length": max_prompt_length, "truncation": truncation}
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    out["_summary"] = report.summary()
+    return out
+
+
+def render(result: dict[str, Any]) -> str:
+    """The human-readable report."""
+    lines = [result["_summary"]]
+    for source, c in result["sources"].items():
+        dropped = ", ".join(f"{k} {v}" for k, v in sorted(c["dropped"].items())) or "none"
+        lines.append(f"  source {source}: read {c['read']}, kept {c['kept']}, truncated {c['truncated']}, "
+                     f"dropped: {dropped}")
+    lines.append("  token lengths over kept rows (p50 / p90 / p99 / max):")
+    for part, s in result["lengths"].items():
+        lines.append(f"    {part:<8} " + " / ".join("-" if s[k] is None else str(s[k]) for k in ("p50", "p90", "p99", "max")))
+    lines.append(f"  ({result['seconds']:.1f}s)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="raydpo data-check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sources", nargs="+", metavar="SOURCE", help="JSONL files (.gz too), globs or URIs")
+    parser.add_argument("--model", default="tiny", help="tokenizer: 'tiny' (default), HF hub id or local folder")
+    parser.add_argument("--gguf-file", default=None)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-prompt-length", type=int, default=256)
+    parser.add_argument("--truncation", choices=["keep_end", "keep_start"], default="keep_end")
+    parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    ns = parser.parse_args(argv)
+
+    from raydpo.data.pipeline import expand_sources
+
+    if not 0 < ns.max_prompt_length < ns.max_length:
+        print("raydpo data-check: need 0 < --max-prompt-length < --max-length", file=sys.stderr)
+        return 2
+    try:
+        expand_sources(ns.sources)  # fails before Ray starts
+    except FileNotFoundError as e:
+        print(f"raydpo data-check: {e}", file=sys.stderr)
+        return 2
+
+    stdout = sys.stdout
+    # With --json nothing but the JSON object reaches stdout: anything printed meanwhile goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if ns.json else contextlib.nullcontext():
+        result = check(ns.sources, model=ns.model, gguf_file=ns.gguf_file, max_length=ns.max_length,
+                       max_prompt_length=ns.max_prompt_length, truncation=ns.truncation, quiet=ns.json)
+    if ns.json:
+        result.pop("_summary")
+        stdout.write(json.dumps(result) + "\n")
+    else:
+        stdout.write(render(result) + "\n")
+    stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
