@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from raydpo.logprobs import collate
 from raydpo.losses import LossParams
 from raydpo.metrics import SUM_FIELDS, all_reduce_sum, reduce_sums, zeros
 from raydpo.models import build_tiny_model, build_tiny_tokenizer

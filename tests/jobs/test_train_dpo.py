@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 

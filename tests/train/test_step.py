@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from raydpo.losses import LossParams, PairLogps, bco_pair
+from raydpo.losses import LossParams
 from raydpo.models import build_tiny_model, build_tiny_tokenizer
 from raydpo.train.step import LossSpec, RunningMean, pair_forward
 
