@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,6 +79,12 @@ class _Tracker:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]  # TRL names are valid keys
         self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+
+
+def _say(message: str) -> None:
+    """One progress line. Ray Train patches ``print`` to tee into its logger whenever another
+    library has wrapped ``sys.stdout``, which printed every line twice; the raw stream does not."""
+    print(message, file=sys.__stdout__, flush=True)
 
 
 def _rank() -> int:
@@ -184,7 +191,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     bco = RunningMean()
     start_step = _restore(engine, bco)
     if rank == 0 and start_step:
-        print(f"[raydpo] resumed at step {start_step}/{args.total_steps}", flush=True)
+        _say(f"[raydpo] resumed at step {start_step}/{args.total_steps}")
 
     train_shard = ray.train.get_dataset_shard("train")  # ray
     eval_shard = ray.train.get_dataset_shard("eval") if args.has_eval else None  # ray
@@ -218,19 +225,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 t_last, pairs_last = now, 0
                 tracker.log(metrics, step)
                 if rank == 0:
-                    print(
+                    _say(
                         f"[raydpo] step {step}/{args.total_steps} loss {metrics['loss']:.4f} "
                         f"acc {metrics['rewards/accuracies']:.3f} margin {metrics['rewards/margins']:.3f} "
-                        f"lr {metrics['learning_rate']:.2e} pairs/s {metrics['pairs_per_s']:.1f}",
-                        flush=True,
+                        f"lr {metrics['learning_rate']:.2e} pairs/s {metrics['pairs_per_s']:.1f}"
                     )
             if eval_shard is not None and ((args.eval_every and step % args.eval_every == 0) or last):
                 eval_metrics = _evaluate(engine, eval_shard, spec, tokenizer.pad_token_id, args.micro_batch_size)
                 tracker.log(eval_metrics, step)
                 metrics |= eval_metrics
                 if rank == 0:
-                    print(f"[raydpo] eval step {step}: loss {eval_metrics['eval_loss']:.4f} "
-                          f"acc {eval_metrics['eval_rewards/accuracies']:.3f}", flush=True)
+                    _say(f"[raydpo] eval step {step}: loss {eval_metrics['eval_loss']:.4f} "
+                         f"acc {eval_metrics['eval_rewards/accuracies']:.3f}")
             if (args.checkpoint_every and step % args.checkpoint_every == 0) or last:
                 _save_checkpoint(engine, args, step, {**metrics, "step": step}, bco)
             if args.fail_at_step == step:
