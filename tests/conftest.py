@@ -15,7 +15,8 @@ def ray_local():
     """A real local Ray with 2 CPUs (what CI has), stopped at the end of the session."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=True)
+    # address="local": always a new instance, even where another Ray head runs on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=True)
     yield ray
     ray.shutdown()
 
