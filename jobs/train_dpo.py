@@ -96,7 +96,7 @@ def run(cfg: Config, config_path: str | None = None) -> Outcome:
     settings = TokenizeSettings(d.max_length, d.max_prompt_length, d.truncation)
     tokenized = tokenized_dataset(sources, d.eval, model_path=model_path, gguf_file=None,
                                   settings=settings, eval_fraction=d.eval_fraction, seed=d.seed,
-                                  limit=d.limit).materialize()
+                                  limit=d.limit, columns=d.columns, fmt=d.format).materialize()
     report = build_report(tokenized)
     print(report.summary(), flush=True)
     tracking.log_report(client, run_id, report.to_dict())

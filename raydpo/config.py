@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -50,6 +50,21 @@ class DataConfig(_Strict):
     truncation: Literal["keep_end", "keep_start"] = "keep_end"
     max_drop_fraction: float = Field(0.1, ge=0.0, le=1.0)
     seed: int = 0
+    # Row shape: "auto" detects it per row; a fixed one drops rows of any other shape.
+    format: Literal["auto", "standard", "conversational", "implicit_prompt", "sharegpt"] = "auto"
+    # Rename fields before normalising: target field -> the rows' column, e.g. {prompt: question}.
+    columns: dict[str, str] | None = None
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, columns: dict[str, str] | None) -> dict[str, str] | None:
+        from raydpo.data.formats import COLUMN_TARGETS
+
+        bad = sorted(set(columns or {}) - set(COLUMN_TARGETS))
+        if bad:
+            raise ValueError(f"data.columns: unknown field(s) {', '.join(map(repr, bad))}; "
+                             f"known: {', '.join(COLUMN_TARGETS)}")
+        return columns
 
     @model_validator(mode="after")
     def _has_sources(self) -> "DataConfig":

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import ray
 import ray.data
 
-from raydpo.data.formats import UNPARSEABLE, normalise
+from raydpo.data.formats import FORMATS, UNPARSEABLE, normalise
 from raydpo.data.tokenize import TokenizeSettings, tokenize_pair
 from raydpo.models import load_tokenizer
 
@@ -133,8 +133,11 @@ def tokenize_batch(
     settings: TokenizeSettings,
     eval_fraction: float,
     seed: int,
+    columns: dict[str, str] | None = None,
+    fmt: str = "auto",
 ) -> pa.Table:
-    """Normalise and tokenize a batch of raw lines; every input row gives one output row."""
+    """Normalise and tokenize a batch of raw lines; every input row gives one output row.
+    ``columns`` and ``fmt`` go to ``normalise`` (field renames; ``"auto"`` or a fixed row shape)."""
     tok = _tokenizer(model_path, gguf_file)
     out: dict[str, list] = {name: [] for name in TOKENIZED_SCHEMA.names}
     for source, row_id, split, text in zip(*(batch[c].to_pylist() for c in ("source", "row_id", "split", "text"))):
@@ -142,7 +145,7 @@ def tokenize_batch(
             row = json.loads(text)
         except ValueError:
             row = None
-        pair, reason = normalise(row) if row is not None else (None, UNPARSEABLE)
+        pair, reason = normalise(row, fmt, columns) if row is not None else (None, UNPARSEABLE)
         tokenized = None
         if pair is not None:
             tokenized = tokenize_pair(tok, pair["prompt"], pair["chosen"], pair["rejected"], settings)
@@ -173,9 +176,14 @@ def tokenized_dataset(
     eval_fraction: float,
     seed: int,
     limit: int | None = None,
+    columns: dict[str, str] | None = None,
+    fmt: str = "auto",
 ) -> ray.data.Dataset:
     """All rows of all sources, normalised and tokenized, dropped rows included (with reasons).
-    ``limit`` keeps the first rows of the train sources and of the eval sources, each."""
+    ``limit`` keeps the first rows of the train sources and of the eval sources, each.
+    ``columns`` renames fields and ``fmt`` fixes the row shape (see ``formats.normalise``)."""
+    if fmt != "auto" and fmt not in FORMATS:  # fail here, not in every Ray task
+        raise ValueError(f"unknown format {fmt!r}; known: auto, {', '.join(FORMATS)}")
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same order every run
 
     def lines(paths: list[str], split: str) -> ray.data.Dataset:
@@ -197,6 +205,8 @@ def tokenized_dataset(
                 settings=settings,
                 eval_fraction=eval_fraction if not eval_sources else 0.0,
                 seed=seed,
+                columns=dict(columns) if columns else None,
+                fmt=fmt,
             ),
         )
     )

@@ -1,0 +1,320 @@
+"""Tests of the newer row handling in ``raydpo.data.formats``: ShareGPT rows, column mapping,
+``detect_format``, and a fixed ``fmt`` that drops rows of other shapes. No Ray."""
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from raydpo.config import ConfigError, DataConfig, load_config
+from raydpo.data.formats import (
+    COLUMN_TARGETS,
+    EMPTY,
+    FORMATS,
+    MISSING_FIELD,
+    REASONS,
+    UNPARSEABLE,
+    apply_columns,
+    detect_format,
+    normalise,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+
+
+def msg(role: str, text: str) -> dict[str, str]:
+    return {"role": role, "content": text}
+
+
+def sg(frm: str, text: str) -> dict[str, str]:
+    return {"from": frm, "value": text}
+
+
+HH = "\n\nHuman: Name a fruit.\n\nAssistant:"
+ROWS = {
+    "standard": {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+    "conversational": {"prompt": [msg("user", "2+2?")], "chosen": [msg("assistant", "4")], "rejected": [msg("assistant", "5")]},
+    "implicit_prompt": {"chosen": HH + " Banana.", "rejected": HH + " No."},
+    "sharegpt": {"conversations": [sg("human", "2+2?")], "chosen": sg("gpt", "4"), "rejected": sg("gpt", "5")},
+}
+
+
+# --- ShareGPT ---------------------------------------------------------------------------------
+
+
+def test_sharegpt_single_turn() -> None:
+    assert normalise(ROWS["sharegpt"]) == (
+        {"prompt": [msg("user", "2+2?")], "chosen": [msg("assistant", "4")], "rejected": [msg("assistant", "5")]},
+        "",
+    )
+
+
+def test_sharegpt_system_becomes_a_leading_message() -> None:
+    row = dict(ROWS["sharegpt"], system="Be brief.")
+    out, reason = normalise(row)
+    assert reason == ""
+    assert out["prompt"] == [msg("system", "Be brief."), msg("user", "2+2?")]
+
+
+@pytest.mark.parametrize("system", ["", "   ", None])
+def test_sharegpt_blank_system_adds_nothing(system: str | None) -> None:
+    out, _ = normalise(dict(ROWS["sharegpt"], system=system))
+    assert out["prompt"] == [msg("user", "2+2?")]
+
+
+def test_sharegpt_multi_turn_and_role_names() -> None:
+    row = {
+        "conversations": [sg("system", "S"), sg("human", "a"), sg("gpt", "b"), sg("user", "c"), sg("model", "d"), sg("Human", "e")],
+        "chosen": sg("assistant", "good"),
+        "rejected": sg("model", "bad"),
+    }
+    out, reason = normalise(row)
+    assert reason == ""
+    assert out == {
+        "prompt": [msg("system", "S"), msg("user", "a"), msg("assistant", "b"), msg("user", "c"),
+                   msg("assistant", "d"), msg("user", "e")],
+        "chosen": [msg("assistant", "good")],
+        "rejected": [msg("assistant", "bad")],
+    }
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        # Unknown roles, in the prompt or in a completion.
+        dict(ROWS["sharegpt"], conversations=[sg("observation", "x")]),
+        dict(ROWS["sharegpt"], conversations=[sg("function_call", "x")]),
+        dict(ROWS["sharegpt"], chosen=sg("robot", "4")),
+        # A completion must be an assistant turn.
+        dict(ROWS["sharegpt"], rejected=sg("human", "5")),
+        # Wrong types.
+        dict(ROWS["sharegpt"], conversations="2+2?"),
+        dict(ROWS["sharegpt"], conversations=[{"from": "human"}]),
+        dict(ROWS["sharegpt"], conversations=[{"role": "user", "content": "x"}]),
+        dict(ROWS["sharegpt"], conversations=[sg("human", "a"), 3]),
+        dict(ROWS["sharegpt"], chosen={"from": "gpt", "value": 4}),
+        dict(ROWS["sharegpt"], system=["Be brief."]),
+    ],
+)
+def test_sharegpt_unparseable(row: dict) -> None:
+    assert normalise(row) == (None, UNPARSEABLE)
+    assert normalise(row, "sharegpt") == (None, UNPARSEABLE)
+
+
+def test_sharegpt_empty_conversations_is_empty() -> None:
+    assert normalise(dict(ROWS["sharegpt"], conversations=[])) == (None, EMPTY)
+
+
+def test_sharegpt_missing_completion() -> None:
+    row = {k: v for k, v in ROWS["sharegpt"].items() if k != "rejected"}
+    assert normalise(row) == (None, MISSING_FIELD)
+    assert normalise(row, "sharegpt") == (None, MISSING_FIELD)
+
+
+# --- column mapping ---------------------------------------------------------------------------
+
+SE_COLUMNS = {"prompt": "question", "chosen": "response_j", "rejected": "response_k"}
+
+
+def test_columns_rename_stack_exchange_style() -> None:
+    row = {"qid": 1, "question": "2+2?", "response_j": "4", "response_k": "5"}
+    assert apply_columns(row, SE_COLUMNS) == {"qid": 1, "prompt": "2+2?", "chosen": "4", "rejected": "5"}
+    assert normalise(row, columns=SE_COLUMNS) == normalise(ROWS["standard"])
+    assert normalise(row) == (None, MISSING_FIELD)  # without the mapping
+
+
+def test_columns_for_sharegpt_fields() -> None:
+    columns = {"conversations": "messages", "system": "sys", "chosen": "good", "rejected": "bad"}
+    row = {"messages": [sg("human", "q")], "sys": "S", "good": sg("gpt", "a"), "bad": sg("gpt", "b")}
+    out, reason = normalise(row, "sharegpt", columns)
+    assert reason == ""
+    assert out["prompt"] == [msg("system", "S"), msg("user", "q")]
+
+
+def test_columns_swap_and_absent_source() -> None:
+    swap = {"chosen": "rejected", "rejected": "chosen"}
+    out, _ = normalise(ROWS["standard"], columns=swap)
+    assert out["chosen"] == [msg("assistant", "5")] and out["rejected"] == [msg("assistant", "4")]
+    # A mapped field comes only from its source column: an unmapped "prompt" left in the row is not used.
+    row = dict(ROWS["standard"], response_j="4", response_k="5")
+    assert apply_columns(row, SE_COLUMNS) == {"chosen": "4", "rejected": "5"}
+    assert normalise(row, "standard", SE_COLUMNS) == (None, MISSING_FIELD)
+
+
+def test_columns_leave_non_dict_rows_alone() -> None:
+    assert apply_columns([1, 2], SE_COLUMNS) == [1, 2]
+    assert normalise("text", columns=SE_COLUMNS) == (None, UNPARSEABLE)
+    assert apply_columns(ROWS["standard"], None) is ROWS["standard"]
+
+
+# --- detect_format and a fixed format ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_detect_format_known_shapes(fmt: str) -> None:
+    assert detect_format(ROWS[fmt]) == fmt
+    assert normalise(ROWS[fmt], fmt)[1] == ""
+    assert normalise(ROWS[fmt], fmt) == normalise(ROWS[fmt], "auto")
+
+
+def test_detect_format_ultrafeedback_and_mixed_are_conversational() -> None:
+    row = {"prompt": "q", "chosen": [msg("user", "q"), msg("assistant", "a")], "rejected": [msg("user", "q"), msg("assistant", "b")]}
+    assert detect_format(row) == "conversational"
+
+
+@pytest.mark.parametrize(
+    "row",
+    [None, 42, "text", [1], {}, {"question": "q"}, {"prompt": "q", "chosen": "a"}, {"prompt": 5, "chosen": "a", "rejected": "b"},
+     {"chosen": 3, "rejected": 4}, {"chosen": [msg("assistant", "a")], "rejected": [msg("assistant", "b")]},
+     {"conversations": [sg("human", "q")], "chosen": "a", "rejected": None},
+     {"conversations": [sg("human", "q")], "chosen": sg("gpt", "a"), "rejected": [sg("gpt", "b")]}],
+)
+def test_detect_format_junk(row: object) -> None:
+    assert detect_format(row) is None
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("other", FORMATS)
+def test_fixed_format_drops_other_shapes(fmt: str, other: str) -> None:
+    out, reason = normalise(ROWS[other], fmt)
+    if fmt == other:
+        assert reason == ""
+        return
+    assert out is None
+    # A field the format needs is absent: missing_field; all present but the wrong shape: unparseable.
+    expected = {
+        ("standard", "conversational"): UNPARSEABLE,
+        ("standard", "implicit_prompt"): MISSING_FIELD,
+        ("standard", "sharegpt"): MISSING_FIELD,
+        ("conversational", "standard"): UNPARSEABLE,
+        ("conversational", "implicit_prompt"): MISSING_FIELD,
+        ("conversational", "sharegpt"): MISSING_FIELD,
+        ("implicit_prompt", "standard"): UNPARSEABLE,  # a prompt beside the strings is another shape
+        ("implicit_prompt", "conversational"): UNPARSEABLE,
+        ("implicit_prompt", "sharegpt"): UNPARSEABLE,
+        ("sharegpt", "standard"): MISSING_FIELD,
+        ("sharegpt", "conversational"): MISSING_FIELD,
+        ("sharegpt", "implicit_prompt"): MISSING_FIELD,
+    }[(fmt, other)]
+    assert reason == expected
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fixed_format_wrong_types_and_non_dicts(fmt: str) -> None:
+    assert normalise(None, fmt) == (None, UNPARSEABLE)
+    assert normalise([ROWS[fmt]], fmt) == (None, UNPARSEABLE)
+    assert normalise({"prompt": 1, "chosen": 2, "rejected": 3, "conversations": 4}, fmt) == (None, UNPARSEABLE)
+
+
+def test_unknown_fmt_is_a_caller_error() -> None:
+    with pytest.raises(ValueError, match="unknown format"):
+        normalise(ROWS["standard"], "jsonl")
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+def _write(tmp_path: Path, **data: object) -> Path:
+    tree = yaml.safe_load(QUICKSTART.read_text())
+    tree["data"].update(data)
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    return p
+
+
+def test_config_format_literal_matches_formats() -> None:
+    assert typing.get_args(DataConfig.model_fields["format"].annotation) == ("auto", *FORMATS)
+
+
+def test_config_columns_and_format_load(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, columns=SE_COLUMNS, format="standard"))
+    assert cfg.data.columns == SE_COLUMNS and cfg.data.format == "standard"
+    defaults = load_config(QUICKSTART)
+    assert defaults.data.columns is None and defaults.data.format == "auto"
+
+
+def test_config_unknown_column_target_names_data_columns(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, columns={"bogus": "x"}))
+    assert "data.columns" in str(e.value) and "bogus" in str(e.value)
+    for target in COLUMN_TARGETS:
+        load_config(_write(tmp_path, columns={target: "x"}))
+
+
+def test_config_unknown_format_names_data_format(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path), ["data.format=jsonl"])
+    assert "data.format" in str(e.value)
+
+
+# --- fuzzing ----------------------------------------------------------------------------------
+
+_KEYS = st.sampled_from(["prompt", "chosen", "rejected", "conversations", "system", "from", "value", "role", "content",
+                         "question", "response_j", "response_k"])
+_TEXT = st.one_of(st.text(max_size=20), st.sampled_from(["human", "gpt", "system", "model", "robot", "\n\nHuman: q\n\nAssistant:", ""]))
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), _TEXT)
+_JSON = st.recursive(
+    _SCALARS,
+    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(_KEYS | st.text(max_size=4), children, max_size=4)),
+    max_leaves=15,
+)
+_SG = st.fixed_dictionaries({"from": st.one_of(_TEXT, _JSON), "value": st.one_of(_TEXT, _JSON)})
+_FIELD = st.one_of(_JSON, _SG, st.lists(_SG, max_size=3))
+_ROWS = st.one_of(
+    _JSON,
+    st.dictionaries(_KEYS, _FIELD, max_size=5),
+    st.fixed_dictionaries({"conversations": st.lists(_SG, max_size=3), "chosen": _SG, "rejected": _SG},
+                          optional={"system": st.one_of(_TEXT, _JSON)}),
+)
+_COLUMNS = st.one_of(st.none(), st.dictionaries(st.sampled_from(COLUMN_TARGETS), _KEYS, max_size=3))
+
+
+def _is_messages(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and set(m) == {"role", "content"} and isinstance(m["role"], str) and isinstance(m["content"], str)
+        for m in value
+    )
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(_ROWS, st.sampled_from(("auto", *FORMATS)), _COLUMNS)
+def test_fuzz_never_raises_for_every_format(row: object, fmt: str, columns: dict[str, str] | None) -> None:
+    out, reason = normalise(row, fmt, columns)
+    if out is None:
+        assert reason in REASONS
+    else:
+        assert reason == ""
+        assert set(out) == {"prompt", "chosen", "rejected"}
+        assert all(_is_messages(out[k]) for k in out)
+        assert out["chosen"] != out["rejected"]
+        if fmt != "auto":
+            assert detect_format(apply_columns(row, columns)) == fmt
+
+
+# --- plumbing: tokenize_batch passes columns and fmt to normalise (no Ray started) -------------
+
+
+def test_tokenize_batch_applies_columns_and_format(tmp_path: Path) -> None:
+    import json
+
+    import pyarrow as pa
+
+    from raydpo.data.pipeline import tokenize_batch
+    from raydpo.data.tokenize import TokenizeSettings
+    from raydpo.models import write_tiny
+
+    model_dir = write_tiny(tmp_path / "m")
+    rows = [{"question": "2+2?", "response_j": "4", "response_k": "5"}, ROWS["sharegpt"], ROWS["implicit_prompt"]]
+    batch = pa.table({"source": ["s"] * 3, "row_id": [1, 2, 3], "split": ["train"] * 3, "text": [json.dumps(r) for r in rows]})
+    kw = dict(model_path=str(model_dir), gguf_file=None, settings=TokenizeSettings(64, 32), eval_fraction=0.0, seed=0)
+    reasons = lambda **more: tokenize_batch(batch, **kw, **more)["drop_reason"].to_pylist()  # noqa: E731
+    assert reasons() == [MISSING_FIELD, "", ""]
+    # A mapped field comes only from its source: rows without response_j/response_k lose chosen/rejected.
+    assert reasons(columns=SE_COLUMNS) == ["", MISSING_FIELD, MISSING_FIELD]
+    assert reasons(columns=SE_COLUMNS, fmt="standard") == ["", MISSING_FIELD, MISSING_FIELD]
+    assert reasons(fmt="sharegpt") == [MISSING_FIELD, "", MISSING_FIELD]
