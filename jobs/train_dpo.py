@@ -37,8 +37,9 @@ class FixedShards:
             def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
                 out = [{} for _ in range(world_size)]
                 for name, ds in datasets.items():
-                    # Train shards must be equal (one batch per worker per step); eval need not be.
-                    for i, shard in enumerate(ds.split(world_size, equal=(name == "train"))):
+                    # Equal shards: every worker runs the same number of forwards, which ZeRO-3
+                    # needs (its forward gathers parameters collectively). Eval loses < world rows.
+                    for i, shard in enumerate(ds.split(world_size, equal=True)):
                         # Workers print one line per step; a bar per worker per pass is noise.
                         shard.context.enable_progress_bars = False
                         out[i][name] = shard.iterator()
