@@ -19,6 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raydpo.data.formats import COLUMN_TARGETS, FORMATS
+
 PARTS = ("prompt", "chosen", "rejected")
 PERCENTILES = (50, 90, 99)
 
@@ -58,6 +60,8 @@ def check(
     max_prompt_length: int,
     truncation: str,
     quiet: bool = False,
+    fmt: str = "auto",
+    columns: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline on ``sources`` and return the report dict (``DataReport.to_dict()`` + lengths)."""
     import ray
@@ -77,7 +81,7 @@ def check(
     try:
         settings = TokenizeSettings(max_length, max_prompt_length, truncation)
         tokenized = tokenized_dataset(sources, [], model_path=model, gguf_file=gguf_file, settings=settings,
-                                      eval_fraction=0.0, seed=0).materialize()
+                                      eval_fraction=0.0, seed=0, columns=columns, fmt=fmt).materialize()
         report = build_report(tokenized)
         lengths = length_stats(tokenized)
     finally:
@@ -114,8 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--max-prompt-length", type=int, default=256)
     parser.add_argument("--truncation", choices=["keep_end", "keep_start"], default="keep_end")
+    parser.add_argument("--format", default="auto", choices=list(FORMATS), help="row shape (default: detected per row)")
+    parser.add_argument("--column", action="append", default=[], metavar="FIELD=NAME",
+                        help="read FIELD (prompt, chosen, ...) from column NAME; repeatable")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     ns = parser.parse_args(argv)
+    columns = dict(c.split("=", 1) for c in ns.column if "=" in c) or None
+    if len(ns.column) != len(columns or {}) or not set(columns or {}) <= set(COLUMN_TARGETS):
+        print(f"raydpo data-check: --column wants FIELD=NAME with FIELD in {', '.join(COLUMN_TARGETS)}", file=sys.stderr)
+        return 2
 
     from raydpo.data.pipeline import expand_sources
 
@@ -132,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     # With --json nothing but the JSON object reaches stdout: anything printed meanwhile goes to stderr.
     with contextlib.redirect_stdout(sys.stderr) if ns.json else contextlib.nullcontext():
         result = check(ns.sources, model=ns.model, gguf_file=ns.gguf_file, max_length=ns.max_length,
-                       max_prompt_length=ns.max_prompt_length, truncation=ns.truncation, quiet=ns.json)
+                       max_prompt_length=ns.max_prompt_length, truncation=ns.truncation, quiet=ns.json,
+                       fmt=ns.format, columns=columns)
     if ns.json:
         result.pop("_summary")
         stdout.write(json.dumps(result) + "\n")
