@@ -40,7 +40,7 @@ class SyntheticData(_Strict):
 
 
 class DataConfig(_Strict):
-    train: list[str] = []  # JSONL files or globs (.jsonl, .jsonl.gz)
+    train: list[str] = []  # files or globs: .jsonl, .json (array), .csv (also .gz), .parquet
     eval: list[str] = []  # held-out sources; when empty, eval_fraction of train is held out
     synthetic: SyntheticData | None = None  # generate the task's shards instead of reading train
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)

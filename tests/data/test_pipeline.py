@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,38 @@ def test_real_hh_file(ray_local, tmp_path):
     print(json.dumps(report.to_dict()["dropped"]))
     assert report.dropped.get("identical", 0) > 0
     assert report.kept > 2200
+
+
+def test_parquet_csv_and_json_array_sources(ray_local, tmp_path):
+    """The same rows as Parquet, CSV (.csv.gz too) and a JSON array give the same pairs; a CSV
+    row with an extra cell is counted as unparseable, and a JSON file holding one object is one row."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    model_dir = write_tiny(tmp_path / "m")
+    rows = [{"prompt": f"q{i}", "chosen": f"yes {i}", "rejected": "no"} for i in range(6)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet", row_group_size=4)
+    with open(tmp_path / "b.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["prompt", "chosen", "rejected"])
+        w.writeheader()
+        w.writerows(rows)
+        f.write("q,a,b,EXTRA\n")
+    with gzip.open(tmp_path / "c.csv.gz", "wt", newline="") as f:
+        f.write((tmp_path / "b.csv").read_text())
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    (tmp_path / "e.json").write_text('{"not": "an array"}')
+    paths = [tmp_path / n for n in ("a.parquet", "b.csv", "c.csv.gz", "d.json", "e.json")]
+    ds = _tokenized(model_dir, paths)
+    report = build_report(ds)
+    assert report.read == 6 + 7 + 7 + 6 + 1
+    assert report.kept == 24
+    assert report.dropped == {"unparseable": 2, "missing_field": 1}  # e.json: one object, one row
+    assert report.examples["unparseable"][0] == f"{tmp_path / 'b.csv'}:7"
+    by_source = {Path(s).name: c["kept"] for s, c in report.sources.items()}
+    assert by_source == {"a.parquet": 6, "b.csv": 6, "c.csv.gz": 6, "d.json": 6, "e.json": 0}
+    chosen = {}
+    for r in kept_rows(ds).take_all():
+        chosen.setdefault(Path(r["source"]).name, []).append(list(r["chosen_ids"]))
+    assert chosen["a.parquet"] == chosen["b.csv"] == chosen["c.csv.gz"] == chosen["d.json"]
