@@ -25,29 +25,6 @@ class Outcome:
     seconds: float
 
 
-class FixedShards:
-    """Ray Train DataConfig that gives each worker the same rows on every run: ``split`` of a
-    materialized dataset in its (preserved) order, where the default streaming split hands blocks to
-    whichever worker asks first. Determinism is what makes resume reproduce the loss curve."""
-
-    def __new__(cls):
-        from ray.train import DataConfig
-
-        class _FixedShards(DataConfig):
-            def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-                out = [{} for _ in range(world_size)]
-                for name, ds in datasets.items():
-                    # Equal shards: every worker runs the same number of forwards, which ZeRO-3
-                    # needs (its forward gathers parameters collectively). Eval loses < world rows.
-                    for i, shard in enumerate(ds.split(world_size, equal=True)):
-                        # Workers print one line per step; a bar per worker per pass is noise.
-                        shard.context.enable_progress_bars = False
-                        out[i][name] = shard.iterator()
-                return out
-
-        return _FixedShards()
-
-
 def setup(cfg: Config) -> tuple[Path, str, list[str]]:
     """Absolute output dir, the model path every actor loads, and the train sources. The tiny
     model is built, and a GGUF model de-quantized, once into ``{output_dir}/initial``."""
@@ -79,7 +56,7 @@ def run(cfg: Config, config_path: str | None = None) -> Outcome:
     from raydpo.data.pipeline import TRAIN_COLUMNS, DataError, build_report, kept_rows, tokenized_dataset, with_reference
     from raydpo.data.tokenize import TokenizeSettings
     from raydpo.losses import REFERENCE_FREE_LOSSES
-    from raydpo.train.loop import LoopArgs, train_loop_per_worker
+    from raydpo.train.loop import FixedShards, LoopArgs, train_loop_per_worker
 
     t0 = time.perf_counter()
     out, model_path, sources = setup(cfg)

@@ -11,11 +11,11 @@ from raydpo.data.formats import (
     IDENTICAL,
     MISSING_FIELD,
     NO_COMMON_PREFIX,
-    REASONS,
     UNPARSEABLE,
     hh_transcript,
     normalise,
 )
+from tests.data.checks import assert_normalised
 
 
 def user(text: str) -> dict[str, str]:
@@ -242,24 +242,14 @@ _ROWS = st.one_of(
 )
 
 
-def _is_messages(value: object) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(m, dict) and set(m) == {"role", "content"} and isinstance(m["role"], str) and isinstance(m["content"], str)
-        for m in value
-    )
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(_ROWS)
 def test_fuzz_never_raises(row: object) -> None:
     out, reason = normalise(row)
-    if out is None:
-        assert reason in REASONS
-    else:
-        assert reason == ""
-        assert set(out) == {"prompt", "chosen", "rejected"}
-        assert all(_is_messages(out[k]) for k in out)
-        assert out["chosen"] != out["rejected"]
+    assert_normalised(out, reason)
+    if out is not None:
         assert all(any(m["content"].strip() for m in out[k]) for k in out)
 
 

@@ -16,12 +16,12 @@ from raydpo.data.formats import (
     EMPTY,
     FORMATS,
     MISSING_FIELD,
-    REASONS,
     UNPARSEABLE,
     apply_columns,
     detect_format,
     normalise,
 )
+from tests.data.checks import assert_normalised
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -274,24 +274,14 @@ _ROWS = st.one_of(
 _COLUMNS = st.one_of(st.none(), st.dictionaries(st.sampled_from(COLUMN_TARGETS), _KEYS, max_size=3))
 
 
-def _is_messages(value: object) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(m, dict) and set(m) == {"role", "content"} and isinstance(m["role"], str) and isinstance(m["content"], str)
-        for m in value
-    )
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(_ROWS, st.sampled_from(("auto", *FORMATS)), _COLUMNS)
 def test_fuzz_never_raises_for_every_format(row: object, fmt: str, columns: dict[str, str] | None) -> None:
     out, reason = normalise(row, fmt, columns)
-    if out is None:
-        assert reason in REASONS
-    else:
-        assert reason == ""
-        assert set(out) == {"prompt", "chosen", "rejected"}
-        assert all(_is_messages(out[k]) for k in out)
-        assert out["chosen"] != out["rejected"]
+    assert_normalised(out, reason)
+    if out is not None:
         if fmt != "auto":
             assert detect_format(apply_columns(row, columns)) == fmt
 

@@ -16,12 +16,11 @@ import torch
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from jobs.train_dpo import FixedShards
 from raydpo.data.synthetic import max_rows
 from raydpo.data.tokenize import TokenizeSettings, tokenize_pair
 from raydpo.logprobs import model_sequence_logps, pair_batch
 from raydpo.models import build_tiny_tokenizer, load_model, write_tiny
-from raydpo.train.loop import LoopArgs, train_loop_per_worker
+from raydpo.train.loop import FixedShards, LoopArgs, train_loop_per_worker
 
 GLOBAL_BATCH = 8
 
