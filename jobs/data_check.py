@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raydpo data-check: --column wants FIELD=NAME with FIELD in {', '.join(COLUMN_TARGETS)}", file=sys.stderr)
         return 2
 
-    from raydpo.data.pipeline import expand_sources
+    from raydpo.data.sources import expand_sources
 
     if not 0 < ns.max_prompt_length < ns.max_length:
         print("raydpo data-check: need 0 < --max-prompt-length < --max-length", file=sys.stderr)
