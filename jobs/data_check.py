@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,9 @@ def check(
     quiet: bool = False,
     fmt: str = "auto",
     columns: dict[str, str] | None = None,
+    chat_template: str | None = None,
+    ranked_pairs: str = "best_worst",
+    min_score_margin: float = 0.0,
 ) -> dict[str, Any]:
     """Run the pipeline on ``sources`` and return the report dict (``DataReport.to_dict()`` + lengths)."""
     import ray
@@ -81,7 +85,8 @@ def check(
     try:
         settings = TokenizeSettings(max_length, max_prompt_length, truncation)
         tokenized = tokenized_dataset(sources, [], model_path=model, gguf_file=gguf_file, settings=settings,
-                                      eval_fraction=0.0, seed=0, columns=columns, fmt=fmt).materialize()
+                                      eval_fraction=0.0, seed=0, columns=columns, fmt=fmt, chat_template=chat_template,
+                                      ranked_pairs=ranked_pairs, min_score_margin=min_score_margin).materialize()
         report = build_report(tokenized)
         lengths = length_stats(tokenized)
     finally:
@@ -118,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--max-prompt-length", type=int, default=256)
     parser.add_argument("--truncation", choices=["keep_end", "keep_start"], default="keep_end")
-    parser.add_argument("--format", default="auto", choices=list(FORMATS), help="row shape (default: detected per row)")
+    parser.add_argument("--format", default="auto", choices=list(FORMATS), help="row shape (default: detected per source)")
+    parser.add_argument("--ranked-pairs", choices=["best_worst", "all_margin"], default="best_worst",
+                        help="ranked rows -> pairs: best vs worst, or every pair with a score gap >= --min-score-margin")
+    parser.add_argument("--min-score-margin", type=float, default=0.0)
+    parser.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template file (default: the tokenizer's, else plain)")
     parser.add_argument("--column", action="append", default=[], metavar="FIELD=NAME",
                         help="read FIELD (prompt, chosen, ...) from column NAME; repeatable")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
@@ -135,16 +144,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         expand_sources(ns.sources)  # fails before Ray starts
-    except FileNotFoundError as e:
+        chat_template = Path(ns.chat_template).read_text() if ns.chat_template else None
+    except (FileNotFoundError, ValueError) as e:
         print(f"raydpo data-check: {e}", file=sys.stderr)
         return 2
+    from raydpo.data.pipeline import DataError
 
     stdout = sys.stdout
     # With --json nothing but the JSON object reaches stdout: anything printed meanwhile goes to stderr.
     with contextlib.redirect_stdout(sys.stderr) if ns.json else contextlib.nullcontext():
-        result = check(ns.sources, model=ns.model, gguf_file=ns.gguf_file, max_length=ns.max_length,
-                       max_prompt_length=ns.max_prompt_length, truncation=ns.truncation, quiet=ns.json,
-                       fmt=ns.format, columns=columns)
+        try:
+            result = check(ns.sources, model=ns.model, gguf_file=ns.gguf_file, max_length=ns.max_length,
+                           max_prompt_length=ns.max_prompt_length, truncation=ns.truncation, quiet=ns.json,
+                           fmt=ns.format, columns=columns, chat_template=chat_template,
+                           ranked_pairs=ns.ranked_pairs, min_score_margin=ns.min_score_margin)
+        except DataError as e:  # a source of unknown or ambiguous row shape
+            print(f"raydpo data-check: {e}", file=sys.stderr)
+            return 2
     if ns.json:
         result.pop("_summary")
         stdout.write(json.dumps(result) + "\n")

@@ -47,14 +47,32 @@ def setup(cfg: Config) -> tuple[Path, str, list[str]]:
     return out, model_path, sources
 
 
+def tokenize(cfg: Config, model_path: str, sources: list[str]):
+    """Every row of the config's sources, normalised and tokenized (dropped rows too, with their
+    reasons), materialized. ``train`` and ``precompute`` share it, so they see the same pairs."""
+    from raydpo.data.pipeline import tokenized_dataset
+    from raydpo.data.tokenize import TokenizeSettings
+
+    d = cfg.data
+    settings = TokenizeSettings(d.max_length, d.max_prompt_length, d.truncation)
+    tokenized = tokenized_dataset(sources, d.eval, model_path=model_path, gguf_file=None,
+                                  settings=settings, eval_fraction=d.eval_fraction, seed=d.seed,
+                                  limit=d.limit, columns=d.columns, fmt=d.format, chat_template=d.chat_template,
+                                  ranked_pairs=d.ranked_pairs, min_score_margin=d.min_score_margin).materialize()
+    return tokenized
+
+
 def run(cfg: Config, config_path: str | None = None) -> Outcome:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raydpo import tracking
-    from raydpo.data.pipeline import TRAIN_COLUMNS, DataError, build_report, kept_rows, tokenized_dataset, with_reference
-    from raydpo.data.tokenize import TokenizeSettings
+    from jobs.precompute import cache_for, reference_stage
+    from jobs.precompute import log_stats as log_ref_stats
+    from jobs.precompute import summary as ref_summary
+    from raydpo.data.pipeline import TRAIN_COLUMNS, DataError, build_report, kept_rows, mix_sources
+    from raydpo.data.sources import mixture_weights
     from raydpo.losses import REFERENCE_FREE_LOSSES
     from raydpo.train.loop import FixedShards, LoopArgs, train_loop_per_worker
 
@@ -71,10 +89,7 @@ def run(cfg: Config, config_path: str | None = None) -> Outcome:
 
     # Data: every row read is kept or counted by reason.
     d = cfg.data
-    settings = TokenizeSettings(d.max_length, d.max_prompt_length, d.truncation)
-    tokenized = tokenized_dataset(sources, d.eval, model_path=model_path, gguf_file=None,
-                                  settings=settings, eval_fraction=d.eval_fraction, seed=d.seed,
-                                  limit=d.limit, columns=d.columns, fmt=d.format).materialize()
+    tokenized = tokenize(cfg, model_path, sources)
     report = build_report(tokenized)
     print(report.summary(), flush=True)
     tracking.log_report(client, run_id, report.to_dict())
@@ -85,12 +100,21 @@ def run(cfg: Config, config_path: str | None = None) -> Outcome:
 
     # Reference log-probs, once per pair, in actors of their own.
     kept = kept_rows(tokenized)
+    mixture = mixture_weights(sources)  # (entry -> weight, source -> entry); None without weights
+    if mixture is not None:
+        kept, mix_counts = mix_sources(kept, mixture[0], d.seed, groups=mixture[1])
+        print("[raydpo] mixture (train pairs used / available): " + ", ".join(
+            f"{k} {c['used']}/{c['available']}" for k, c in mix_counts.items()), flush=True)
     weights = cfg.loss.weights or {cfg.loss.type: 1.0}
     reference_free = cfg.loss.reference_free or set(weights) <= REFERENCE_FREE_LOSSES
     if not reference_free:
         r = cfg.reference
-        kept = with_reference(kept, model_path=model_path, gguf_file=None, dtype=r.dtype,
-                              num_actors=r.num_actors, num_cpus=r.num_cpus, num_gpus=r.num_gpus, batch_size=r.batch_size)
+        kept, ref_stats = reference_stage(
+            kept, cache_for(cfg, model_path, None), model_path=model_path, gguf_file=None, dtype=r.dtype,
+            num_actors=r.num_actors, num_cpus=r.num_cpus, num_gpus=r.num_gpus, batch_tokens=r.batch_tokens,
+            window=r.window, fail_after_blocks=r.fail_after_blocks)
+        print(ref_summary(ref_stats), flush=True)
+        log_ref_stats(client, run_id, ref_stats)
     kept = kept.materialize()
     columns = TRAIN_COLUMNS if not reference_free else TRAIN_COLUMNS[:3]
     train_ds = kept_rows(kept, "train").select_columns(columns).materialize()

@@ -1,4 +1,4 @@
-"""The ``raydpo`` command: ``raydpo train CONFIG [--set key=value ...]``."""
+"""The ``raydpo`` command: ``train``, ``precompute`` (reference log-probs) and ``data-check``."""
 from __future__ import annotations
 
 import sys
@@ -6,9 +6,10 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": "jobs.train_dpo", "data-check": "jobs.data_check"}
+    commands = {"train": "jobs.train_dpo", "precompute": "jobs.precompute", "data-check": "jobs.data_check"}
     if not argv or argv[0] not in commands:
-        print("usage: raydpo {train} CONFIG [--set dotted.key=value ...] | raydpo data-check SOURCE... [--json]", file=sys.stderr)
+        print("usage: raydpo {train|precompute} CONFIG [--set dotted.key=value ...] [--json]\n"
+              "       raydpo data-check SOURCE... [--json]", file=sys.stderr)
         return 2
     import importlib
 

@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WrapSerializer,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
 
 
 class _Strict(BaseModel):
@@ -39,9 +48,40 @@ class SyntheticData(_Strict):
     seed: int = 0
 
 
+class SourceSpec(_Strict):
+    """One data source as a mapping; a plain string is the same as ``{path: STRING}``."""
+
+    path: str | None = None  # file, glob, URI (s3://, gs://, file://) or a save_to_disk folder
+    hf: str | None = None  # a Hugging Face dataset name for datasets.load_dataset
+    subset: str | None = None  # hf only: the dataset's config name
+    split: str | None = None  # hf (default "train"), or a saved DatasetDict's split
+    revision: str | None = None  # hf only
+    weight: float | None = Field(None, gt=0)  # relative share of the training mixture (default 1)
+
+    @model_validator(mode="after")
+    def _one_place(self) -> SourceSpec:
+        if (self.path is None) == (self.hf is None):
+            raise ValueError("give exactly one of path or hf")
+        for key in ("subset", "revision"):
+            if getattr(self, key) is not None and self.hf is None:
+                raise ValueError(f"{key} is for hf sources only")
+        return self
+
+
+# A source entry given as a str stays one; a mapping becomes a SourceSpec, whose errors name their
+# own key path (data.train.0.weight) and whose dump leaves out unset keys (MLflow params read as written).
+Source = Annotated[
+    SourceSpec,
+    WrapValidator(lambda v, handler: v if isinstance(v, str) else handler(v)),
+    WrapSerializer(lambda v, handler: v if isinstance(v, str) else {k: x for k, x in handler(v).items() if x is not None}),
+]
+
+
 class DataConfig(_Strict):
-    train: list[str] = []  # files or globs: .jsonl, .json (array), .csv (also .gz), .parquet
-    eval: list[str] = []  # held-out sources; when empty, eval_fraction of train is held out
+    # Files, globs, URIs, save_to_disk folders: .jsonl, .json (array), .csv (also .gz), .parquet;
+    # or mappings (SourceSpec), e.g. {hf: NAME, split: train, weight: 2}.
+    train: list[Source] = []
+    eval: list[Source] = []  # held-out sources; when empty, eval_fraction of train is held out
     synthetic: SyntheticData | None = None  # generate the task's shards instead of reading train
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     limit: int | None = Field(None, gt=0)  # read only the first rows of each split (smoke runs)
@@ -50,10 +90,18 @@ class DataConfig(_Strict):
     truncation: Literal["keep_end", "keep_start"] = "keep_end"
     max_drop_fraction: float = Field(0.1, ge=0.0, le=1.0)
     seed: int = 0
-    # Row shape: "auto" detects it per row; a fixed one drops rows of any other shape.
-    format: Literal["auto", "standard", "conversational", "implicit_prompt", "sharegpt"] = "auto"
+    # Row shape: "auto" detects one per source from its first rows (an unknown or ambiguous source
+    # fails before any work); a fixed one skips detection. Either way rows of another shape are dropped.
+    format: Literal["auto", "standard", "conversational", "implicit_prompt", "sharegpt", "ranked"] = "auto"
     # Rename fields before normalising: target field -> the rows' column, e.g. {prompt: question}.
     columns: dict[str, str] | None = None
+    # Ranked rows {prompt, completions, scores} -> pairs: the best vs the worst completion, or every
+    # pair whose score gap is at least min_score_margin (ties never pair).
+    ranked_pairs: Literal["best_worst", "all_margin"] = "best_worst"
+    min_score_margin: float = Field(0.0, ge=0.0)
+    # A Jinja chat template: overrides the tokenizer's own; without either, a plain built-in one
+    # ("User: ...\n\nAssistant: ...") serves base models (see raydpo.data.tokenize).
+    chat_template: str | None = None
 
     @field_validator("columns")
     @classmethod
@@ -72,6 +120,9 @@ class DataConfig(_Strict):
             raise ValueError("give data.train (files) or data.synthetic")
         if self.max_prompt_length >= self.max_length:
             raise ValueError("data.max_prompt_length must be below data.max_length")
+        for i, entry in enumerate(self.eval):
+            if isinstance(entry, SourceSpec) and entry.weight is not None:
+                raise ValueError(f"data.eval.{i}.weight: weights mix training sources only")
         return self
 
 
@@ -79,8 +130,12 @@ class ReferenceConfig(_Strict):
     num_actors: int = Field(1, gt=0)
     num_cpus: float = Field(1.0, ge=0)  # per actor
     num_gpus: float = Field(0.0, ge=0)  # per actor
-    batch_size: int = Field(64, gt=0)  # pairs per forward
+    batch_tokens: int = Field(8192, gt=0)  # tokens per forward, padding included
+    window: int = Field(1024, gt=0)  # sequences sorted by length together; one cache block each
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    cache_dir: str = "~/.cache/raydpo/ref"  # a local path or any pyarrow URI (s3://, gs://, file://)
+    # Fault injection, for testing resume: each actor raises after writing this many blocks.
+    fail_after_blocks: int | None = Field(None, gt=0)
 
 
 class LossConfig(_Strict):

@@ -68,3 +68,39 @@ def model_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> tu
         use_cache=False,
     )
     return sequence_logps(out.logits, batch["input_ids"], batch["completion_mask"]), out.logits
+
+
+def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices into ``lengths``, longest first, cut into batches of at most ``batch_tokens`` padded
+    tokens (rows x the batch's longest); a sequence longer than the budget is a batch of its own.
+    Sorting first keeps each batch's lengths close, so little of what is computed is padding."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(i)  # the batch's first row is its longest
+        else:
+            batches.append([i])
+    return batches
+
+
+@torch.no_grad()
+def budgeted_logps(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_id: int,
+    batch_tokens: int,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, int]:
+    """Summed completion log-probs of N sequences, forwarded in length-sorted batches under a token
+    budget. Returns ``(logps (N,) float32 in input order, padded tokens forwarded)``."""
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    out = np.zeros(len(lengths), dtype=np.float32)
+    padded = 0
+    for idx in length_batches(lengths, batch_tokens):
+        batch = collate([prompts[i] for i in idx], [completions[i] for i in idx], pad_id)
+        logps, _ = model_sequence_logps(model, {k: v.to(device) for k, v in batch.items()})
+        out[idx] = logps.float().cpu().numpy()
+        padded += batch["input_ids"].numel()
+    return out, padded

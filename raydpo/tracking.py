@@ -31,11 +31,12 @@ def resolve_uri(uri: str | None) -> str:
     return uri
 
 
-def start_run(uri: str, experiment: str, run_name: str | None, output_dir: Path) -> tuple[MlflowClient, str, bool]:
-    """Create the run, or reopen the one this ``output_dir`` started. Returns (client, run_id, resumed)."""
+def start_run(uri: str, experiment: str, run_name: str | None, output_dir: Path | None) -> tuple[MlflowClient, str, bool]:
+    """Create the run, or reopen the one this ``output_dir`` started (``None``: always a new run).
+    Returns (client, run_id, resumed)."""
     client = MlflowClient(uri)
-    id_file = output_dir / RUN_ID_FILE
-    if id_file.exists():
+    id_file = output_dir / RUN_ID_FILE if output_dir is not None else None
+    if id_file is not None and id_file.exists():
         run_id = id_file.read_text().strip()
         try:
             client.get_run(run_id)
@@ -46,8 +47,9 @@ def start_run(uri: str, experiment: str, run_name: str | None, output_dir: Path)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
     run = client.create_run(exp_id, run_name=run_name)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run.info.run_id)
+    if id_file is not None:
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run.info.run_id)
     return client, run.info.run_id, False
 
 

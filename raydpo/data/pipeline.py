@@ -12,23 +12,34 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.data
 
-from raydpo.data.formats import FORMATS, UNPARSEABLE, normalise
-from raydpo.data.sources import expand_sources, read_rows
-from raydpo.data.tokenize import TokenizeSettings, tokenize_pair
+from raydpo.data.formats import (
+    FORMATS,
+    RANKED_PAIRS,
+    UNPARSEABLE,
+    normalise_pairs,
+    source_format,
+)
+from raydpo.data.sources import read_rows, source_items
+from raydpo.data.tokenize import TokenizedPair, TokenizeSettings, tokenize_pair
 from raydpo.models import load_tokenizer
 
 TOKENIZED_SCHEMA = pa.schema(
     [
         ("source", pa.string()),
         ("row_id", pa.int64()),
+        # The k-th kept pair of an input row (a ranked row can give several); 0 on a dropped row,
+        # so each input row has exactly one output row with pair_index 0.
+        ("pair_index", pa.int32()),
         ("split", pa.string()),  # "train" | "eval"
         ("drop_reason", pa.string()),  # "" when kept
         ("truncated", pa.bool_()),
+        ("boundary_fixed", pa.bool_()),  # the prompt/completion token boundary was re-located
         ("prompt_ids", pa.list_(pa.int32())),
         ("chosen_ids", pa.list_(pa.int32())),
         ("rejected_ids", pa.list_(pa.int32())),
@@ -41,15 +52,20 @@ TRAIN_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps",
 
 @dataclass
 class DataReport:
-    """What happened to every row read."""
+    """What happened to every row read. ``read``, ``kept`` and ``dropped`` count input rows
+    (``kept + sum(dropped) == read``); ``pairs`` counts the kept pairs (a ranked row may give
+    several); ``truncated`` and ``boundary_fixed`` count output rows (pairs, or a dropped row);
+    ``splits`` counts kept pairs per split. ``sources`` holds the same counts per source."""
 
     read: int = 0
     kept: int = 0
+    pairs: int = 0
     truncated: int = 0
+    boundary_fixed: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first 3 "source:row_id"
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
-    splits: dict[str, int] = field(default_factory=dict)  # kept rows per split
+    splits: dict[str, int] = field(default_factory=dict)  # kept pairs per split
 
     @property
     def drop_fraction(self) -> float:
@@ -59,15 +75,18 @@ class DataReport:
         return {
             "read": self.read,
             "kept": self.kept,
+            "pairs": self.pairs,
             "dropped": dict(self.dropped),
             "truncated": self.truncated,
+            "boundary_fixed": self.boundary_fixed,
             "examples": self.examples,
             "sources": self.sources,
             "splits": self.splits,
         }
 
     def summary(self) -> str:
-        lines = [f"data: read {self.read}, kept {self.kept}, truncated {self.truncated}"]
+        lines = [f"data: read {self.read}, kept {self.kept}, truncated {self.truncated}, pairs {self.pairs}, "
+                 f"boundary re-located {self.boundary_fixed}"]
         lines.append("  splits: " + ", ".join(f"{k} {v}" for k, v in sorted(self.splits.items())))
         for reason, n in sorted(self.dropped.items()):
             lines.append(f"  dropped {reason}: {n} (e.g. {', '.join(self.examples.get(reason, []))})")
@@ -99,35 +118,94 @@ def tokenize_batch(
     seed: int,
     columns: dict[str, str] | None = None,
     fmt: str = "auto",
+    formats: dict[str, str] | None = None,
+    chat_template: str | None = None,
+    ranked_pairs: str = "best_worst",
+    min_score_margin: float = 0.0,
 ) -> pa.Table:
-    """Normalise and tokenize a batch of raw lines; every input row gives one output row.
-    ``columns`` and ``fmt`` go to ``normalise`` (field renames; ``"auto"`` or a fixed row shape)."""
+    """Normalise and tokenize a batch of raw lines (``source, row_id, split, text``).
+
+    An input row gives one output row per kept pair (``pair_index`` 0, 1, ...; ``drop_reason ""``),
+    or, with none kept, one row carrying the first reason of its pairs. ``columns``, ``fmt``,
+    ``ranked_pairs`` and ``min_score_margin`` go to ``normalise_pairs``; ``formats`` (source ->
+    format, from ``tokenized_dataset``'s detection) overrides ``fmt`` per source. ``chat_template``
+    goes to ``tokenize_pair`` (None: the tokenizer's own, else the plain one)."""
     tok = _tokenizer(model_path, gguf_file)
+    formats = formats or {}
     out: dict[str, list] = {name: [] for name in TOKENIZED_SCHEMA.names}
+
+    def emit(source: str, row_id: int, index: int, split: str, reason: str, t: TokenizedPair | None) -> None:
+        kept = t is not None and not reason
+        out["source"].append(source)
+        out["row_id"].append(row_id)
+        out["pair_index"].append(index)
+        out["split"].append(split)
+        out["drop_reason"].append(reason)
+        out["truncated"].append(bool(t and t.truncated))
+        out["boundary_fixed"].append(bool(t and t.boundary_fixed))
+        out["prompt_ids"].append(t.prompt_ids if kept else [])
+        out["chosen_ids"].append(t.chosen_ids if kept else [])
+        out["rejected_ids"].append(t.rejected_ids if kept else [])
+        out["chosen_tokens"].append(len(t.chosen_ids) if kept else 0)
+        out["rejected_tokens"].append(len(t.rejected_ids) if kept else 0)
+
     for source, row_id, split, text in zip(*(batch[c].to_pylist() for c in ("source", "row_id", "split", "text"))):
         try:
             row = json.loads(text)
         except ValueError:
             row = None
-        pair, reason = normalise(row, fmt, columns) if row is not None else (None, UNPARSEABLE)
-        tokenized = None
-        if pair is not None:
-            tokenized = tokenize_pair(tok, pair["prompt"], pair["chosen"], pair["rejected"], settings)
-            reason = tokenized.drop_reason
-            if split == "train" and eval_fraction > 0 and _held_out(pair["prompt"], seed, eval_fraction):
-                split = "eval"
-        kept = tokenized is not None and not reason
-        out["source"].append(source)
-        out["row_id"].append(row_id)
-        out["split"].append(split)
-        out["drop_reason"].append(reason)
-        out["truncated"].append(bool(tokenized and tokenized.truncated))
-        out["prompt_ids"].append(tokenized.prompt_ids if kept else [])
-        out["chosen_ids"].append(tokenized.chosen_ids if kept else [])
-        out["rejected_ids"].append(tokenized.rejected_ids if kept else [])
-        out["chosen_tokens"].append(len(tokenized.chosen_ids) if kept else 0)
-        out["rejected_tokens"].append(len(tokenized.rejected_ids) if kept else 0)
+        candidates = (normalise_pairs(row, formats.get(source, fmt), columns, ranked_pairs=ranked_pairs,
+                                      min_score_margin=min_score_margin)
+                      if row is not None else [(None, UNPARSEABLE)])
+        # All pairs of a row share its prompt, so they share its split too.
+        prompt = next((pair["prompt"] for pair, _ in candidates if pair is not None), None)
+        if prompt is not None and split == "train" and eval_fraction > 0 and _held_out(prompt, seed, eval_fraction):
+            split = "eval"
+        first: tuple[str, TokenizedPair | None] | None = None  # the first dropped pair, if none is kept
+        n_kept = 0
+        for pair, reason in candidates:
+            t = None
+            if pair is not None:
+                t = tokenize_pair(tok, pair["prompt"], pair["chosen"], pair["rejected"], settings, chat_template)
+                reason = t.drop_reason
+            if not reason:
+                emit(source, row_id, n_kept, split, "", t)
+                n_kept += 1
+            elif first is None:
+                first = (reason, t)
+        if n_kept == 0:
+            assert first is not None  # normalise_pairs never returns an empty list
+            emit(source, row_id, 0, split, first[0], first[1])
     return pa.table(out, schema=TOKENIZED_SCHEMA)
+
+
+def _detect_formats(entries: list, split: str, columns: dict[str, str] | None, sample: int) -> dict[str, str]:
+    """Source id -> its row shape, from its first ``sample`` records that parse as JSON; raises
+    ``DataError`` naming the source when none has a known shape or they are ambiguous. A source
+    without a parseable record is left out (its rows, if any, are counted as unparseable)."""
+    by_source: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for item in source_items(entries, split):
+        by_source[item["source"]].append(item)
+    found: dict[str, str] = {}
+    for source, items in by_source.items():
+        rows: list[Any] = []
+        for item in items:
+            for record in read_rows(item):
+                try:
+                    rows.append(json.loads(record["text"]))
+                except ValueError:
+                    continue
+                if len(rows) >= sample:
+                    break
+            if len(rows) >= sample:
+                break
+        if not rows:
+            continue
+        try:
+            found[source] = source_format(rows, columns)
+        except ValueError as e:
+            raise DataError(f"data source {source}: {e}") from None
+    return found
 
 
 def tokenized_dataset(
@@ -142,16 +220,32 @@ def tokenized_dataset(
     limit: int | None = None,
     columns: dict[str, str] | None = None,
     fmt: str = "auto",
+    chat_template: str | None = None,
+    ranked_pairs: str = "best_worst",
+    min_score_margin: float = 0.0,
+    detect_rows: int = 64,
 ) -> ray.data.Dataset:
-    """All rows of all sources, normalised and tokenized, dropped rows included (with reasons).
+    """All rows of all sources, normalised and tokenized, dropped rows included (with reasons);
+    a ranked row gives one output row per kept pair (see ``tokenize_batch``).
     ``limit`` keeps the first rows of the train sources and of the eval sources, each.
-    ``columns`` renames fields and ``fmt`` fixes the row shape (see ``formats.normalise``)."""
+    ``columns`` renames fields and ``fmt`` fixes the row shape (see ``formats.normalise_pairs``).
+    With ``fmt="auto"`` each source's shape is detected here, on the driver, from its first
+    ``detect_rows`` records, so a source of unknown or ambiguous shape fails (``DataError``, naming
+    the source and the keys seen) before any Ray work; its other rows' shapes are then dropped.
+    ``chat_template``: see ``tokenize.chat_template_for``."""
     if fmt != "auto" and fmt not in FORMATS:  # fail here, not in every Ray task
         raise ValueError(f"unknown format {fmt!r}; known: auto, {', '.join(FORMATS)}")
+    if ranked_pairs not in RANKED_PAIRS:
+        raise ValueError(f"unknown ranked_pairs {ranked_pairs!r}; known: {', '.join(RANKED_PAIRS)}")
+    formats: dict[str, str] = {}
+    if fmt == "auto":
+        formats = _detect_formats(list(train_sources), "train", columns, detect_rows)
+        formats |= _detect_formats(list(eval_sources), "eval", columns, detect_rows)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same order every run
 
-    def lines(paths: list[str], split: str) -> ray.data.Dataset:
-        items = [{"path": p, "split": split} for p in expand_sources(paths)]
+    def lines(entries: list, split: str) -> ray.data.Dataset:
+        # One read task per file, saved-dataset row range or HF split (entries: see sources.py).
+        items = source_items(entries, split)
         ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_rows)
         return ds.limit(limit) if limit else ds
 
@@ -171,25 +265,30 @@ def tokenized_dataset(
                 seed=seed,
                 columns=dict(columns) if columns else None,
                 fmt=fmt,
+                formats=formats,
+                chat_template=chat_template,
+                ranked_pairs=ranked_pairs,
+                min_score_margin=min_score_margin,
             ),
         )
     )
 
 
 def build_report(tokenized: ray.data.Dataset) -> DataReport:
-    """Tally the small columns of a (materialized) tokenized dataset on the driver."""
+    """Tally the small columns of a (materialized) tokenized dataset on the driver. Each input row
+    is counted once, on its output row with ``pair_index`` 0 (see ``DataReport``)."""
     report = DataReport()
     per_source: dict[str, Counter] = defaultdict(Counter)
     dropped: Counter = Counter()
     splits: Counter = Counter()
-    columns = ["source", "row_id", "split", "drop_reason", "truncated"]
+    columns = ["source", "row_id", "pair_index", "split", "drop_reason", "truncated", "boundary_fixed"]
     for batch in tokenized.select_columns(columns).iter_batches(batch_format="pyarrow", batch_size=4096):
-        for source, row_id, split, reason, truncated in zip(*(batch[c].to_pylist() for c in columns)):
-            report.read += 1
-            report.truncated += bool(truncated)
+        for source, row_id, index, split, reason, truncated, fixed in zip(*(batch[c].to_pylist() for c in columns)):
             counts = per_source[source]
-            counts["read"] += 1
+            report.truncated += bool(truncated)
+            report.boundary_fixed += bool(fixed)
             counts["truncated"] += bool(truncated)
+            counts["boundary_fixed"] += bool(fixed)
             if reason:
                 dropped[reason] += 1
                 counts[f"dropped/{reason}"] += 1
@@ -197,16 +296,24 @@ def build_report(tokenized: ray.data.Dataset) -> DataReport:
                 if len(examples) < 3:
                     examples.append(f"{source}:{row_id}")
             else:
-                report.kept += 1
-                counts["kept"] += 1
+                report.pairs += 1
+                counts["pairs"] += 1
                 splits[split] += 1
+            if index == 0:  # the first output row of its input row
+                report.read += 1
+                counts["read"] += 1
+                if not reason:
+                    report.kept += 1
+                    counts["kept"] += 1
     report.dropped = dict(dropped)
     report.splits = dict(splits)
     for source, counts in per_source.items():
         report.sources[source] = {
             "read": counts["read"],
             "kept": counts["kept"],
+            "pairs": counts["pairs"],
             "truncated": counts["truncated"],
+            "boundary_fixed": counts["boundary_fixed"],
             "dropped": {k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("dropped/")},
         }
     return report
@@ -223,26 +330,137 @@ def kept_rows(tokenized: ray.data.Dataset, split: str | None = None) -> ray.data
     return tokenized.map_batches(_keep, batch_format="pyarrow", fn_kwargs={"split": split})
 
 
-def with_reference(
-    kept: ray.data.Dataset,
-    *,
-    model_path: str,
-    gguf_file: str | None,
-    dtype: str,
-    num_actors: int,
-    num_cpus: float,
-    num_gpus: float,
-    batch_size: int,
-) -> ray.data.Dataset:
-    """Add ``ref_chosen_logps`` / ``ref_rejected_logps`` from an actor pool of reference models."""
-    from actors.reference import ReferenceLogps
+# Mixing sources by weight. Rule (documented in README): the mixture has N pairs, N = all kept
+# train rows together. Weights are relative: each mixture entry's weight over the sum of weights of
+# the entries that have kept train rows. Entry g gets n_g of N by largest remainder (the floors of
+# N * w_g, then +1 for the largest fractions; ties to the first label in sorted order), so the n_g
+# sum to exactly N. With a_g kept rows, n_g = q * a_g + r: every row is used q times and r rows
+# once more, the r rows of smallest seeded hash of (source, row_id[, pair_index]). So
+# downsampling (q = 0) is a seeded sample without replacement, upsampling repeats whole copies
+# plus a sample. Every row is judged by its own hash in map_batches; the driver sees only counts
+# per (entry, hash bucket) and the hashes of one bucket per entry. Eval rows pass unchanged.
+_MIX_BUCKET_BITS = 8  # 256 hash buckets per entry for finding the r-th smallest hash
 
-    return kept.map_batches(
-        ReferenceLogps,
-        fn_constructor_kwargs=dict(model_path=model_path, gguf_file=gguf_file, dtype=dtype),
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-    )
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A bijective 64-bit mixer (SplitMix64's finaliser); uint64 arithmetic wraps, as intended."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _mix_keys(batch: pa.Table, groups: dict[str, str], seed: int) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """Per row: index into the returned entry labels, a seeded 64-bit hash of (source, row_id
+    [, pair_index]), and whether it is a train row. Vectorised: one blake2b per distinct source."""
+    encoded = pc.dictionary_encode(batch["source"].combine_chunks())
+    names = encoded.dictionary.to_pylist()
+    source_hash = np.array([int.from_bytes(hashlib.blake2b(f"{seed}\x1f{s}".encode(), digest_size=8).digest(), "big")
+                            for s in names], dtype=np.uint64)
+    labels = sorted({groups.get(s, s) for s in names})
+    label_of_source = np.array([labels.index(groups.get(s, s)) for s in names], dtype=np.int64)
+    index = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    with np.errstate(over="ignore"):
+        h = _splitmix64(source_hash[index] ^ _splitmix64(batch["row_id"].to_numpy().astype(np.uint64)))
+        if "pair_index" in batch.column_names:
+            h = _splitmix64(h ^ _splitmix64(batch["pair_index"].to_numpy().astype(np.uint64) + np.uint64(1)))
+    train = pc.equal(batch["split"], "train").to_numpy(zero_copy_only=False).astype(bool)
+    return label_of_source[index], labels, h, train
+
+
+def _mix_histogram(batch: pa.Table, groups: dict[str, str], seed: int) -> pa.Table:
+    """Train rows per (entry label, hash bucket) of one batch."""
+    label, labels, h, train = _mix_keys(batch, groups, seed)
+    key = label[train] * (1 << _MIX_BUCKET_BITS) + (h[train] >> np.uint64(64 - _MIX_BUCKET_BITS)).astype(np.int64)
+    keys, n = np.unique(key, return_counts=True)
+    return pa.table({"label": pa.array([labels[k >> _MIX_BUCKET_BITS] for k in keys.tolist()], pa.string()),
+                     "bucket": pa.array(keys & ((1 << _MIX_BUCKET_BITS) - 1), pa.int64()),
+                     "n": pa.array(n, pa.int64())})
+
+
+def _mix_boundary(batch: pa.Table, groups: dict[str, str], seed: int, buckets: dict[str, int]) -> pa.Table:
+    """The hashes of the train rows in the one bucket per entry where its cut falls."""
+    label, labels, h, train = _mix_keys(batch, groups, seed)
+    wanted = np.array([buckets.get(lab, -1) for lab in labels], dtype=np.int64)[label]
+    mask = train & ((h >> np.uint64(64 - _MIX_BUCKET_BITS)).astype(np.int64) == wanted)
+    return pa.table({"label": pa.array([labels[i] for i in label[mask].tolist()], pa.string()),
+                     "hash": pa.array(h[mask], pa.uint64())})
+
+
+def _mix_select(batch: pa.Table, groups: dict[str, str], seed: int, plan: dict[str, tuple[int, int | None]]) -> pa.Table:
+    """Each train row repeated ``q`` times, plus once more when its hash is <= the entry's cut."""
+    label, labels, h, train = _mix_keys(batch, groups, seed)
+    q = np.array([plan.get(lab, (1, None))[0] for lab in labels], dtype=np.int64)[label]
+    has_cut = np.array([plan.get(lab, (1, None))[1] is not None for lab in labels], dtype=bool)[label]
+    cut = np.array([plan.get(lab, (1, None))[1] or 0 for lab in labels], dtype=np.uint64)[label]
+    copies = np.where(train, q + (has_cut & (h <= cut)), 1)  # eval rows: once
+    return batch.take(pa.array(np.repeat(np.arange(len(label)), copies)))
+
+
+def _largest_remainder(total: int, weights: dict[str, float]) -> dict[str, int]:
+    """``total`` split in proportion to ``weights``; the parts sum to ``total`` exactly."""
+    norm = sum(weights.values())
+    exact = {k: total * w / norm for k, w in weights.items()}
+    parts = {k: int(v) for k, v in exact.items()}
+    by_fraction = sorted(weights, key=lambda k: (-(exact[k] - parts[k]), k))
+    for k in by_fraction[: total - sum(parts.values())]:
+        parts[k] += 1
+    return parts
+
+
+def mix_sources(
+    kept: ray.data.Dataset,
+    weights: dict[str, float],
+    seed: int,
+    groups: dict[str, str] | None = None,
+) -> tuple[ray.data.Dataset, dict[str, dict[str, float]]]:
+    """Kept rows -> the train rows mixed by ``weights`` (rule above), eval rows unchanged.
+
+    ``weights``: mixture entry -> relative weight > 0 (an entry with none: 1.0); ``groups``: source
+    id (the ``source`` column) -> entry, where several sources share one weight (default: each
+    source is its own entry). Returns the lazy mixed dataset and ``{entry: {"available": a,
+    "used": n, "weight": normalised weight}}``. Deterministic for a seed, whatever the block order.
+    """
+    bad = {k: w for k, w in weights.items() if not w > 0}
+    if bad:
+        raise ValueError(f"mixture weights must be > 0: {bad}")
+    groups = dict(groups or {})
+    buckets: dict[str, Counter] = defaultdict(Counter)
+    # batch_size=None: whole blocks, so the driver gets at most 256 counts per entry and block.
+    hist = kept.map_batches(_mix_histogram, batch_format="pyarrow", batch_size=None,
+                            fn_kwargs={"groups": groups, "seed": seed})
+    for table in hist.iter_batches(batch_format="pyarrow", batch_size=None):
+        for lab, b, n in zip(*(table[c].to_pylist() for c in ("label", "bucket", "n"))):
+            buckets[lab][b] += n
+    available = {lab: sum(c.values()) for lab, c in buckets.items()}
+    present = {lab: weights.get(lab, 1.0) for lab in available}  # entries with kept train rows
+    used = _largest_remainder(sum(available.values()), present) if present else {}
+    norm = sum(present.values())
+
+    # The cut of each entry: its r-th smallest hash, found in the bucket where the count reaches r.
+    plan: dict[str, tuple[int, int | None]] = {}
+    boundary: dict[str, tuple[int, int]] = {}  # label -> (bucket, rank within it)
+    for lab, a in available.items():
+        q, r = divmod(used[lab], a)
+        plan[lab] = (q, None)
+        below = 0
+        for b in sorted(buckets[lab]) if r else ():
+            if below + buckets[lab][b] >= r:
+                boundary[lab] = (b, r - below)
+                break
+            below += buckets[lab][b]
+    if boundary:
+        found: dict[str, list[int]] = defaultdict(list)
+        edge = kept.map_batches(_mix_boundary, batch_format="pyarrow", batch_size=None,
+                                fn_kwargs={"groups": groups, "seed": seed, "buckets": {k: b for k, (b, _) in boundary.items()}})
+        for table in edge.iter_batches(batch_format="pyarrow", batch_size=None):
+            for lab, h in zip(table["label"].to_pylist(), table["hash"].to_pylist()):
+                found[lab].append(h)
+        for lab, (_, rank) in boundary.items():
+            plan[lab] = (plan[lab][0], int(np.sort(np.asarray(found[lab], dtype=np.uint64))[rank - 1]))
+    mixed = kept.map_batches(_mix_select, batch_format="pyarrow",
+                             fn_kwargs={"groups": groups, "seed": seed, "plan": plan})
+    counts = {lab: {"available": available.get(lab, 0), "used": used.get(lab, 0),
+                    "weight": present[lab] / norm if lab in present else 0.0}
+              for lab in sorted(set(weights) | set(available))}
+    return mixed, counts

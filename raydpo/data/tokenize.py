@@ -1,9 +1,20 @@
-"""Tokenize normalised pairs with the model's chat template. Pure functions over rows.
+"""Tokenize normalised pairs with a chat template. Pure functions over rows.
 
 A tokenized row holds ``prompt_ids`` once and the completion ids of ``chosen`` and ``rejected``
 (see ../shared/ARCHITECTURE.md). The completion ids are the suffix of the templated
 prompt + completion after the templated prompt (with the generation prompt), so whatever the
 template puts around an assistant turn is trained on exactly as the model will generate it.
+
+The template (``chat_template_for``): the configured one (``data.chat_template``) when given, else
+the tokenizer's own, else ``PLAIN_CHAT_TEMPLATE`` for a base model that has none.
+
+The boundary: usually the templated prompt, tokenized alone, is a token prefix of the templated
+whole. Where it is not (a BPE merge across the seam, e.g. a prompt ending in a space before
+``" Yes"``), but the prompt *text* is a character prefix of the whole text, the whole is split at
+that character position with the tokenizer's offsets: a token that straddles it belongs to the
+completion, so ``prompt_ids + completion_ids`` is exactly the whole's ids. Such a pair is flagged
+``boundary_fixed``. Where even the text is not a prefix (a template that renders the prompt
+differently when it is alone), the pair is dropped as ``template_mismatch``.
 """
 from __future__ import annotations
 
@@ -12,6 +23,19 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 Message = dict[str, str]
+
+# For a base model without a chat template: plain text turns, the completion after "Assistant:"
+# (its leading space included), each assistant turn closed by EOS. E.g. user "hi", assistant "Yes":
+# "User: hi\n\nAssistant: Yes<eos>\n\n"; the generation prompt is "User: hi\n\nAssistant:".
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] }}{{ eos_token }}\n\n"
+    "{% else %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -28,28 +52,79 @@ class TokenizedPair:
     rejected_ids: list[int]
     truncated: bool
     drop_reason: str  # "" when the pair is kept
+    boundary_fixed: bool = False  # the prompt/completion boundary was re-located (see the module doc)
+
+
+def chat_template_for(tok: PreTrainedTokenizerBase, configured: str | None = None) -> str | None:
+    """The ``chat_template`` argument for ``apply_chat_template``: ``configured`` when given, None
+    (the tokenizer's own) when the tokenizer has one, else ``PLAIN_CHAT_TEMPLATE``."""
+    if configured:
+        return configured
+    return None if tok.chat_template else PLAIN_CHAT_TEMPLATE
 
 
 def _ids(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
-def completion_ids(tok: PreTrainedTokenizerBase, prompt: list[Message], completion: list[Message]) -> tuple[list[int], list[int]] | None:
-    """Template ``prompt`` (with the generation prompt) and ``prompt + completion``; return
-    ``(prompt_ids, completion_ids)``, the completion ending in exactly one EOS, or None where the
-    templated prompt is not a token prefix of the templated whole."""
-    prompt_ids = _ids(tok, tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
-    full_ids = _ids(tok, tok.apply_chat_template(prompt + completion, tokenize=False))
-    if full_ids[: len(prompt_ids)] != prompt_ids:
+@dataclass(frozen=True)
+class _Whole:
+    """The templated prompt + completion as tokens, and where its prompt ends."""
+
+    ids: list[int]
+    prompt_len: int  # the leading tokens that lie wholly inside the templated prompt text
+    exact: bool  # the templated prompt tokenized alone is a token prefix of ``ids``
+
+
+def _whole(tok: PreTrainedTokenizerBase, prompt: list[Message], completion: list[Message], template: str | None) -> _Whole | None:
+    """Template and tokenize ``prompt + completion``; None where the templated prompt (with the
+    generation prompt) is not even a character prefix of the templated whole, or a token boundary
+    is needed from a tokenizer without offsets (a slow one)."""
+    prompt_text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, chat_template=template)
+    whole_text = tok.apply_chat_template(prompt + completion, tokenize=False, chat_template=template)
+    prompt_ids, whole_ids = _ids(tok, prompt_text), _ids(tok, whole_text)
+    if whole_ids[: len(prompt_ids)] == prompt_ids:
+        return _Whole(whole_ids, len(prompt_ids), True)
+    if not whole_text.startswith(prompt_text):
         return None
-    comp = full_ids[len(prompt_ids) :]
-    eos = tok.eos_token_id
+    try:
+        enc = tok(whole_text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:  # slow (Python) tokenizers have no offsets
+        return None
+    boundary = len(prompt_text)
+    offsets = enc["offset_mapping"]
+    # The first token reaching past the boundary starts the completion (a straddling one included).
+    k = next((i for i, (_, end) in enumerate(offsets) if end > boundary), len(offsets))
+    return _Whole(list(enc["input_ids"]), k, False)
+
+
+def _completion(ids: list[int], start: int, eos: int) -> list[int]:
+    """``ids[start:]`` ending in exactly one EOS: cut after its last EOS, or one appended."""
+    comp = ids[start:]
     if eos in comp:
         # Templates often close a turn with EOS then a newline; generation stops at EOS.
-        comp = comp[: len(comp) - comp[::-1].index(eos)]
-    else:
-        comp = comp + [eos]
-    return prompt_ids, comp
+        return comp[: len(comp) - comp[::-1].index(eos)]
+    return comp + [eos]
+
+
+def completion_ids(
+    tok: PreTrainedTokenizerBase, prompt: list[Message], completion: list[Message], chat_template: str | None = None
+) -> tuple[list[int], list[int]] | None:
+    """Template ``prompt`` (with the generation prompt) and ``prompt + completion``; return
+    ``(prompt_ids, completion_ids)``, the completion ending in exactly one EOS, or None where the
+    templated prompt is not a character prefix of the templated whole (``template_mismatch``).
+    ``prompt_ids`` are the whole's tokens before the boundary (see the module doc)."""
+    whole = _whole(tok, prompt, completion, chat_template_for(tok, chat_template))
+    if whole is None:
+        return None
+    return whole.ids[: whole.prompt_len], _completion(whole.ids, whole.prompt_len, tok.eos_token_id)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def tokenize_pair(
@@ -58,13 +133,29 @@ def tokenize_pair(
     chosen: list[Message],
     rejected: list[Message],
     settings: TokenizeSettings,
+    chat_template: str | None = None,
 ) -> TokenizedPair:
-    c = completion_ids(tok, prompt, chosen)
-    r = completion_ids(tok, prompt, rejected)
+    """One normalised pair -> ``prompt_ids`` once, ``chosen_ids``, ``rejected_ids`` (each ending in
+    one EOS unless cut to the length budget), or a drop reason (``template_mismatch``, ``too_long``).
+
+    ``chat_template`` is the configured template (see ``chat_template_for``). The prompt is stored
+    once, so it is the longest token prefix the two wholes share within the prompt text; a token
+    of the prompt text past it (only where a boundary was re-located and the two wholes differ
+    before it) leads both completions, so ``prompt_ids + chosen_ids`` is the chosen whole's ids."""
+    template = chat_template_for(tok, chat_template)
+    c = _whole(tok, prompt, chosen, template)
+    r = _whole(tok, prompt, rejected, template)
     if c is None or r is None:
         return TokenizedPair([], [], [], False, "template_mismatch")
-    prompt_ids, chosen_ids = c
-    _, rejected_ids = r
+    n = min(c.prompt_len, r.prompt_len)
+    n = _common_prefix(c.ids[:n], r.ids[:n])
+    if n == 0:  # no prompt token to condition on
+        return TokenizedPair([], [], [], False, "template_mismatch")
+    eos = tok.eos_token_id
+    prompt_ids = c.ids[:n]
+    chosen_ids = c.ids[n : c.prompt_len] + _completion(c.ids, c.prompt_len, eos)
+    rejected_ids = r.ids[n : r.prompt_len] + _completion(r.ids, r.prompt_len, eos)
+    boundary_fixed = not (c.exact and r.exact)
     truncated = False
     if len(prompt_ids) > settings.max_prompt_length:
         truncated = True
@@ -76,5 +167,5 @@ def tokenize_pair(
         chosen_ids, rejected_ids = chosen_ids[: max(budget, 0)], rejected_ids[: max(budget, 0)]
     if not chosen_ids or not rejected_ids:
         # An empty completion has no tokens to score: its log-prob is 0 and DPO's gradient NaN.
-        return TokenizedPair([], [], [], truncated, "too_long")
-    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids, truncated, "")
+        return TokenizedPair([], [], [], truncated, "too_long", boundary_fixed)
+    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids, truncated, "", boundary_fixed)

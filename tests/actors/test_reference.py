@@ -1,4 +1,4 @@
-"""The reference actor pool's columns equal log-probs computed inline, checked against float64."""
+"""The reference stage's columns equal log-probs computed inline, checked against float64."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,9 @@ import math
 import numpy as np
 import torch
 
-from raydpo.data.pipeline import kept_rows, tokenized_dataset, with_reference
+from jobs.precompute import reference_stage
+from raydpo.data.pipeline import kept_rows, tokenized_dataset
+from raydpo.data.refcache import Cache, CacheKey, model_identity
 from raydpo.data.synthetic import write_shards
 from raydpo.data.tokenize import TokenizeSettings
 from raydpo.models import load_model, write_tiny
@@ -24,19 +26,23 @@ def _float64_logp(model, prompt: list[int], completion: list[int]) -> float:
 
 
 def test_reference_columns_equal_inline(ray_local, tmp_path):
+    """Two actors, small windows and a small token budget (many sorted batches): every cached value
+    equals the float64 loop on the unpadded sequence."""
     model_dir = write_tiny(tmp_path / "model", seed=3)
     sources = write_shards(tmp_path / "data", rows=60, shards=2)
     tokenized = tokenized_dataset(sources, [], model_path=str(model_dir), gguf_file=None,
                                   settings=TokenizeSettings(64, 32), eval_fraction=0.0, seed=0)
-    ds = with_reference(kept_rows(tokenized), model_path=str(model_dir), gguf_file=None, dtype="float32",
-                        num_actors=2, num_cpus=0.5, num_gpus=0, batch_size=7)
+    cache = Cache(str(tmp_path / "cache"), CacheKey(model_identity(str(model_dir)), "tiny", {}, "float32"))
+    ds, stats = reference_stage(kept_rows(tokenized), cache, model_path=str(model_dir), gguf_file=None,
+                                dtype="float32", num_actors=2, num_cpus=0.5, num_gpus=0, batch_tokens=64, window=16)
     rows = ds.take_all()
-    assert len(rows) == 60
+    assert len(rows) == 60 and stats.rows == 60 and stats.misses == 60 and stats.model_loads == 2
+    assert stats.padding_waste < 1.5
     model = load_model(str(model_dir)).eval()
     for row in rows[:20]:
         prompt = [int(x) for x in row["prompt_ids"]]
         for side in ("chosen", "rejected"):
             want = _float64_logp(model, prompt, [int(x) for x in row[f"{side}_ids"]])
-            got = float(row[f"ref_{side}_logps"])
-            assert isinstance(row[f"ref_{side}_logps"], (np.floating, float))
-            assert math.isclose(got, want, rel_tol=1e-5), (side, got, want)
+            got = row[f"ref_{side}_logps"]
+            assert isinstance(got, (np.floating, float))
+            assert math.isclose(float(got), want, rel_tol=1e-5), (side, got, want)

@@ -1,5 +1,6 @@
 """Tests of the newer row handling in ``raydpo.data.formats``: ShareGPT rows, column mapping,
-``detect_format``, and a fixed ``fmt`` that drops rows of other shapes. No Ray."""
+``detect_format``, and a fixed ``fmt`` that drops rows of other shapes. No Ray. (Ranked rows:
+test_ranked.py.)"""
 from __future__ import annotations
 
 import typing
@@ -16,10 +17,13 @@ from raydpo.data.formats import (
     EMPTY,
     FORMATS,
     MISSING_FIELD,
+    RANKED_PAIRS,
     UNPARSEABLE,
     apply_columns,
     detect_format,
+    detect_formats,
     normalise,
+    normalise_pairs,
 )
 from tests.data.checks import assert_normalised
 
@@ -41,6 +45,7 @@ ROWS = {
     "conversational": {"prompt": [msg("user", "2+2?")], "chosen": [msg("assistant", "4")], "rejected": [msg("assistant", "5")]},
     "implicit_prompt": {"chosen": HH + " Banana.", "rejected": HH + " No."},
     "sharegpt": {"conversations": [sg("human", "2+2?")], "chosen": sg("gpt", "4"), "rejected": sg("gpt", "5")},
+    "ranked": {"prompt": "2+2?", "completions": ["5", "4", "22"], "scores": [3, 9, 1]},
 }
 
 
@@ -200,6 +205,9 @@ def test_fixed_format_drops_other_shapes(fmt: str, other: str) -> None:
         ("sharegpt", "standard"): MISSING_FIELD,
         ("sharegpt", "conversational"): MISSING_FIELD,
         ("sharegpt", "implicit_prompt"): MISSING_FIELD,
+        # Ranked rows lack chosen/rejected; pair rows lack completions/scores.
+        **{(f, "ranked"): MISSING_FIELD for f in FORMATS},
+        **{("ranked", f): MISSING_FIELD for f in FORMATS},
     }[(fmt, other)]
     assert reason == expected
 
@@ -208,7 +216,8 @@ def test_fixed_format_drops_other_shapes(fmt: str, other: str) -> None:
 def test_fixed_format_wrong_types_and_non_dicts(fmt: str) -> None:
     assert normalise(None, fmt) == (None, UNPARSEABLE)
     assert normalise([ROWS[fmt]], fmt) == (None, UNPARSEABLE)
-    assert normalise({"prompt": 1, "chosen": 2, "rejected": 3, "conversations": 4}, fmt) == (None, UNPARSEABLE)
+    wrong = {"prompt": 1, "chosen": 2, "rejected": 3, "conversations": 4, "completions": 5, "scores": 6}
+    assert normalise(wrong, fmt) == (None, UNPARSEABLE)
 
 
 def test_unknown_fmt_is_a_caller_error() -> None:
@@ -255,7 +264,7 @@ def test_config_unknown_format_names_data_format(tmp_path: Path) -> None:
 # --- fuzzing ----------------------------------------------------------------------------------
 
 _KEYS = st.sampled_from(["prompt", "chosen", "rejected", "conversations", "system", "from", "value", "role", "content",
-                         "question", "response_j", "response_k"])
+                         "question", "response_j", "response_k", "completions", "responses", "scores", "ratings"])
 _TEXT = st.one_of(st.text(max_size=20), st.sampled_from(["human", "gpt", "system", "model", "robot", "\n\nHuman: q\n\nAssistant:", ""]))
 _SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), _TEXT)
 _JSON = st.recursive(
@@ -265,25 +274,47 @@ _JSON = st.recursive(
 )
 _SG = st.fixed_dictionaries({"from": st.one_of(_TEXT, _JSON), "value": st.one_of(_TEXT, _JSON)})
 _FIELD = st.one_of(_JSON, _SG, st.lists(_SG, max_size=3))
+_MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]), "content": _TEXT}),
+                     max_size=3)
+_SCORE = st.one_of(st.integers(), st.floats(allow_nan=True, allow_infinity=True), st.none(), st.booleans(), _TEXT)
 _ROWS = st.one_of(
     _JSON,
     st.dictionaries(_KEYS, _FIELD, max_size=5),
     st.fixed_dictionaries({"conversations": st.lists(_SG, max_size=3), "chosen": _SG, "rejected": _SG},
                           optional={"system": st.one_of(_TEXT, _JSON)}),
+    # Ranked rows: mostly well-typed, with junk completions, bad scores, length mismatches, extra fields.
+    st.builds(
+        lambda prompt, comp_key, comps, score_key, scores, extra: {"prompt": prompt, comp_key: comps, score_key: scores, **extra},
+        st.one_of(_TEXT, _MESSAGES, _JSON),
+        st.sampled_from(["completions", "responses"]),
+        st.lists(st.one_of(_TEXT, _TEXT, _MESSAGES, _JSON), max_size=5),
+        st.sampled_from(["scores", "ratings"]),
+        st.lists(st.one_of(st.integers(-3, 3), st.integers(-3, 3), _SCORE), max_size=5),
+        st.dictionaries(st.sampled_from(["chosen", "rejected", "completions", "scores"]), _FIELD, max_size=2),
+    ),
 )
 _COLUMNS = st.one_of(st.none(), st.dictionaries(st.sampled_from(COLUMN_TARGETS), _KEYS, max_size=3))
+_RANKED = st.tuples(st.sampled_from(RANKED_PAIRS), st.sampled_from([0.0, 0.5, 2.0]))
 
 
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(_ROWS, st.sampled_from(("auto", *FORMATS)), _COLUMNS)
-def test_fuzz_never_raises_for_every_format(row: object, fmt: str, columns: dict[str, str] | None) -> None:
-    out, reason = normalise(row, fmt, columns)
-    assert_normalised(out, reason)
-    if out is not None:
-        if fmt != "auto":
-            assert detect_format(apply_columns(row, columns)) == fmt
+@given(_ROWS, st.sampled_from(("auto", *FORMATS)), _COLUMNS, _RANKED)
+def test_fuzz_never_raises_for_every_format(row: object, fmt: str, columns: dict[str, str] | None,
+                                            ranked: tuple[str, float]) -> None:
+    mode, margin = ranked
+    candidates = normalise_pairs(row, fmt, columns, ranked_pairs=mode, min_score_margin=margin)
+    assert candidates
+    for out, reason in candidates:
+        assert_normalised(out, reason)
+    shapes = detect_formats(apply_columns(row, columns))
+    if any(out is not None for out, _ in candidates):
+        assert fmt in shapes if fmt != "auto" else len(shapes) == 1
+    if len(candidates) > 1:  # only ranked rows with all_margin give several pairs
+        assert mode == "all_margin" and "ranked" in shapes
+    assert normalise(row, fmt, columns, ranked_pairs=mode, min_score_margin=margin) == next(
+        (c for c in candidates if c[0] is not None), candidates[0])
 
 
 # --- plumbing: tokenize_batch passes columns and fmt to normalise (no Ray started) -------------
@@ -302,7 +333,7 @@ def test_tokenize_batch_applies_columns_and_format(tmp_path: Path) -> None:
     rows = [{"question": "2+2?", "response_j": "4", "response_k": "5"}, ROWS["sharegpt"], ROWS["implicit_prompt"]]
     batch = pa.table({"source": ["s"] * 3, "row_id": [1, 2, 3], "split": ["train"] * 3, "text": [json.dumps(r) for r in rows]})
     kw = dict(model_path=str(model_dir), gguf_file=None, settings=TokenizeSettings(64, 32), eval_fraction=0.0, seed=0)
-    reasons = lambda **more: tokenize_batch(batch, **kw, **more)["drop_reason"].to_pylist()  # noqa: E731
+    reasons = lambda **more: tokenize_batch(batch, **kw, **more)["drop_reason"].to_pylist()
     assert reasons() == [MISSING_FIELD, "", ""]
     # A mapped field comes only from its source: rows without response_j/response_k lose chosen/rejected.
     assert reasons(columns=SE_COLUMNS) == ["", MISSING_FIELD, MISSING_FIELD]

@@ -15,9 +15,9 @@ from tests.conftest import SHARED
 HH = SHARED / "data/hh-rlhf/helpful-base/test.jsonl.gz"
 
 
-def _tokenized(model_dir, train, eval_=(), fraction=0.0, limit=None):
+def _tokenized(model_dir, train, eval_=(), fraction=0.0, limit=None, fmt="auto"):
     return tokenized_dataset(list(map(str, train)), list(map(str, eval_)), model_path=str(model_dir), gguf_file=None,
-                             settings=TokenizeSettings(64, 32), eval_fraction=fraction, seed=0, limit=limit).materialize()
+                             settings=TokenizeSettings(64, 32), eval_fraction=fraction, seed=0, limit=limit, fmt=fmt).materialize()
 
 
 def test_every_row_is_accounted_for(ray_local, tmp_path):
@@ -88,7 +88,7 @@ def test_parquet_csv_and_json_array_sources(ray_local, tmp_path):
     (tmp_path / "d.json").write_text(json.dumps(rows))
     (tmp_path / "e.json").write_text('{"not": "an array"}')
     paths = [tmp_path / n for n in ("a.parquet", "b.csv", "c.csv.gz", "d.json", "e.json")]
-    ds = _tokenized(model_dir, paths)
+    ds = _tokenized(model_dir, paths, fmt="standard")  # fixed: e.json alone would fail shape detection
     report = build_report(ds)
     assert report.read == 6 + 7 + 7 + 6 + 1
     assert report.kept == 24

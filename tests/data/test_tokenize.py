@@ -6,6 +6,9 @@ With the tiny ChatML-like template, prompt ``[user "hi"]`` and completion ``[ass
     prompt (with generation prompt) = "<|user|>hi<|end|><|assistant|>"      -> [4, h, i, 2, 5]
     prompt + completion             = "<|user|>hi<|end|><|assistant|>Yes<|end|>"
     completion ids                  = [Y, e, s, 2]  (the suffix; ends in exactly one EOS)
+
+Template choice and the BPE boundary use small byte-level BPE tokenizers built in the test
+(``tests.data.checks.bpe_tokenizer``), so every expected token is known.
 """
 from __future__ import annotations
 
@@ -13,8 +16,15 @@ import copy
 
 import pytest
 
-from raydpo.data.tokenize import TokenizeSettings, completion_ids, tokenize_pair
+from raydpo.data.tokenize import (
+    PLAIN_CHAT_TEMPLATE,
+    TokenizeSettings,
+    chat_template_for,
+    completion_ids,
+    tokenize_pair,
+)
 from raydpo.models import build_tiny_tokenizer
+from tests.data.checks import bpe_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +185,126 @@ def test_completion_left_empty_is_too_long(tok) -> None:
     assert out.drop_reason == "too_long"
     assert out.truncated is True
     assert (out.prompt_ids, out.chosen_ids, out.rejected_ids) == ([], [], [])
+
+
+# --- chat template choice: configured, the tokenizer's own, or the plain built-in one -----------
+
+
+def test_plain_template_for_a_tokenizer_without_one(tok) -> None:
+    """No chat template: the plain one. "User: hi\\n\\nAssistant:" is the prompt; the completion is
+    " Yes" (its leading space included) and the EOS that closes the assistant turn."""
+    bare = with_template(tok, None)
+    assert chat_template_for(bare) == PLAIN_CHAT_TEMPLATE and chat_template_for(tok) is None
+    out = tokenize_pair(bare, [user("hi")], [assistant("Yes")], [assistant("No")], WIDE)
+    assert out.drop_reason == "" and out.boundary_fixed is False
+    assert out.prompt_ids == ids(tok, "User: hi\n\nAssistant:")
+    assert out.chosen_ids == ids(tok, " Yes") + [EOS]
+    assert out.rejected_ids == ids(tok, " No") + [EOS]
+
+
+def test_plain_template_multi_turn_and_system(tok) -> None:
+    bare = with_template(tok, None)
+    prompt = [{"role": "system", "content": "Be brief."}, user("a"), assistant("b"), user("c")]
+    out = tokenize_pair(bare, prompt, [assistant("good")], [assistant("bad")], WIDE)
+    assert out.prompt_ids == ids(tok, "Be brief.\n\nUser: a\n\nAssistant: b<|end|>\n\nUser: c\n\nAssistant:")
+    assert out.chosen_ids == ids(tok, " good") + [EOS]
+
+
+def test_configured_template_overrides_the_tokenizers_own(tok) -> None:
+    """The tiny tokenizer has a ChatML-like template; a configured one wins, and is used by a
+    tokenizer without any template too."""
+    configured = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}<|end|>{% endfor %}"
+                  "{% if add_generation_prompt %}[assistant]{% endif %}")
+    for t in (tok, with_template(tok, None)):
+        out = tokenize_pair(t, [user("hi")], [assistant("Yes")], [assistant("No")], WIDE, chat_template=configured)
+        assert out.prompt_ids == ids(tok, "[user]hi<|end|>[assistant]")
+        assert out.chosen_ids == ids(tok, "Yes") + [EOS]
+    assert completion_ids(tok, [user("hi")], [assistant("Yes")], configured) == (
+        ids(tok, "[user]hi<|end|>[assistant]"), ids(tok, "Yes") + [EOS])
+
+
+def test_default_system_prompt_appears_once(tok) -> None:
+    """TRL PR 1930: a template that inserts a default system prompt when the conversation has
+    none. Prompt and whole are each templated once, so it is in the prompt once and never in a
+    completion."""
+    t = with_template(
+        tok,
+        "{% if messages[0]['role'] != 'system' %}<|system|>Be nice.<|end|>{% endif %}"
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}",
+    )
+    out = tokenize_pair(t, [user("hi")], [assistant("Yes")], [assistant("No")], WIDE)
+    assert out.drop_reason == "" and out.boundary_fixed is False
+    assert out.prompt_ids == ids(t, "<|system|>Be nice.<|end|><|user|>hi<|end|><|assistant|>")
+    assert out.prompt_ids.count(3) == 1  # <|system|>
+    assert out.chosen_ids == ids(t, "Yes") + [EOS]
+    assert out.rejected_ids == ids(t, "No") + [EOS]
+    # An explicit system message replaces the default.
+    out = tokenize_pair(t, [{"role": "system", "content": "S"}, user("hi")], [assistant("Yes")], [assistant("No")], WIDE)
+    assert out.prompt_ids == ids(t, "<|system|>S<|end|><|user|>hi<|end|><|assistant|>")
+
+
+# --- BPE merges across the prompt/completion boundary -----------------------------------------
+
+# A template whose generation prompt ends in a space: "Q: hi\nA: " + "Yes" is "Q: hi\nA: Yes".
+SPACE_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n"
+                  "{% else %}A: {{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+                  "{% if add_generation_prompt %}A: {% endif %}")
+
+
+def test_bpe_merge_across_the_boundary_is_relocated() -> None:
+    """GPT-2 style byte-level BPE splits " Yes" as one word: the prompt alone ends in a lone "Ġ"
+    token, the whole has "ĠYes". The prompt ids are the whole's tokens before "ĠYes"; the
+    completion is ["ĠYes", EOS], and prompt + completion is exactly the whole's ids."""
+    t = bpe_tokenizer(corpus=["Q: hi", "A: Yes", "A: No"] * 10, chat_template=SPACE_TEMPLATE)
+    tid = t.convert_tokens_to_ids
+    prompt_alone = t(t.apply_chat_template([user("hi")], tokenize=False, add_generation_prompt=True),
+                     add_special_tokens=False)["input_ids"]
+    assert t.convert_ids_to_tokens(prompt_alone) == ["Q", ":", "Ġhi", "Ċ", "A", ":", "Ġ"]
+    out = tokenize_pair(t, [user("hi")], [assistant("Yes")], [assistant("No")], WIDE)
+    assert out.drop_reason == "" and out.boundary_fixed is True
+    assert out.prompt_ids == tid(["Q", ":", "Ġhi", "Ċ", "A", ":"])
+    assert out.chosen_ids == tid(["ĠYes", "<eos>"])
+    assert out.rejected_ids == tid(["ĠNo", "<eos>"])
+    whole = t.apply_chat_template([user("hi"), assistant("Yes")], tokenize=False)
+    assert out.prompt_ids + out.chosen_ids + tid(["Ċ"]) == t(whole, add_special_tokens=False)["input_ids"]
+
+
+def test_bpe_merge_straddling_the_boundary_differently_per_completion() -> None:
+    """No pre-tokenizer, merges ("Ġ","Y"), (":","ĠY"), ("e","s"). Chosen whole "Q: hi\\nA: Yes":
+    [Q : Ġ h i Ċ A :ĠY es <eos>], where ":ĠY" straddles the boundary (after "A: ") and so belongs
+    to the completion. Rejected whole "Q: hi\\nA: No": [Q : Ġ h i Ċ A : Ġ N o <eos>], an exact
+    prefix split. The prompt is stored once: the shared tokens [Q : Ġ h i Ċ A]; the rejected
+    completion then starts with the prompt's remaining [: Ġ], so each prompt + completion is
+    exactly its whole's ids."""
+    template = SPACE_TEMPLATE.replace("{{ eos_token }}\n", "{{ eos_token }}")
+    t = bpe_tokenizer([("Ġ", "Y"), (":", "ĠY"), ("e", "s")], use_regex=False, chat_template=template)
+    tid = t.convert_tokens_to_ids
+    out = tokenize_pair(t, [user("hi")], [assistant("Yes")], [assistant("No")], WIDE)
+    assert out.drop_reason == "" and out.boundary_fixed is True
+    assert out.prompt_ids == tid(["Q", ":", "Ġ", "h", "i", "Ċ", "A"])
+    assert out.chosen_ids == tid([":ĠY", "es", "<eos>"])
+    assert out.rejected_ids == tid([":", "Ġ", "N", "o", "<eos>"])
+    for completion, comp_ids in (("Yes", out.chosen_ids), ("No", out.rejected_ids)):
+        whole = t.apply_chat_template([user("hi"), assistant(completion)], tokenize=False)
+        assert out.prompt_ids + comp_ids == t(whole, add_special_tokens=False)["input_ids"]
+    # One completion alone: its own boundary, the straddling token first.
+    assert completion_ids(t, [user("hi")], [assistant("Yes")]) == (
+        tid(["Q", ":", "Ġ", "h", "i", "Ċ", "A"]), tid([":ĠY", "es", "<eos>"]))
+
+
+def test_bpe_without_a_merge_across_the_boundary_is_not_flagged() -> None:
+    t = bpe_tokenizer(corpus=["Q: hi", "A: Yes", "A: No"] * 10,
+                      chat_template=SPACE_TEMPLATE.replace("A: {% endif %}", "A:{% endif %}"))
+    out = tokenize_pair(t, [user("hi")], [assistant("Yes")], [assistant("No")], WIDE)
+    assert out.drop_reason == "" and out.boundary_fixed is False
+    assert out.chosen_ids == t.convert_tokens_to_ids(["ĠYes", "<eos>"])
+
+
+def test_relocated_boundary_still_truncates() -> None:
+    """The re-located prompt (6 tokens) is cut to max_prompt_length 4, keeping its end."""
+    t = bpe_tokenizer(corpus=["Q: hi", "A: Yes", "A: No"] * 10, chat_template=SPACE_TEMPLATE)
+    out = tokenize_pair(t, [user("hi")], [assistant("Yes")], [assistant("No")], TokenizeSettings(8, 4))
+    assert out.drop_reason == "" and out.truncated is True and out.boundary_fixed is True
+    assert out.prompt_ids == t.convert_tokens_to_ids(["Ġhi", "Ċ", "A", ":"])
+    assert out.chosen_ids == t.convert_tokens_to_ids(["ĠYes", "<eos>"])

@@ -46,9 +46,10 @@ def test_json_report_accounts_for_every_row(ray_local, tmp_path, capsys):
 
     sources = out["sources"]
     assert set(sources) == {str(plain), str(packed)}
-    assert sources[str(plain)] == {"read": 11, "kept": 7, "truncated": 1,
+    assert sources[str(plain)] == {"read": 11, "kept": 7, "pairs": 7, "truncated": 1, "boundary_fixed": 0,
                                    "dropped": {"unparseable": 1, "missing_field": 1, "identical": 1, "empty": 1}}
-    assert sources[str(packed)] == {"read": 4, "kept": 3, "truncated": 0, "dropped": {"identical": 1}}
+    assert sources[str(packed)] == {"read": 4, "kept": 3, "pairs": 3, "truncated": 0, "boundary_fixed": 0,
+                                    "dropped": {"identical": 1}}
 
     lengths = out["lengths"]
     assert set(lengths) == {"prompt", "chosen", "rejected"}

@@ -21,7 +21,8 @@ def quick(tmp_path: Path, uri: str, *overrides: str):
     """The quickstart config, shrunk, writing under tmp_path."""
     return load_config(
         ROOT / "configs/quickstart.yaml",
-        [f"output_dir={tmp_path / 'out'}", f"tracking.uri={uri}", "tracking.experiment=test", *overrides],
+        [f"output_dir={tmp_path / 'out'}", f"tracking.uri={uri}", "tracking.experiment=test",
+         f"reference.cache_dir={tmp_path / 'ref-cache'}", *overrides],
     )
 
 

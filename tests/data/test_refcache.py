@@ -1,0 +1,127 @@
+"""The reference cache's pieces without Ray: keys, identities, atomic blocks, corruption, batching."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from raydpo.data.refcache import BLOCK_SCHEMA, Cache, CacheKey, key_sum, missing_sequences, model_identity, sequence_keys, tokenizer_identity
+from raydpo.logprobs import budgeted_logps, collate, length_batches, model_sequence_logps
+from raydpo.models import build_tiny_tokenizer, load_model, write_tiny
+
+KEY = CacheKey(model="files:abc", tokenizer="tok", settings={"max_length": 32}, dtype="float32")
+
+
+def ids(rows: list[list[int]]) -> pa.Array:
+    return pa.array(rows, pa.list_(pa.int32()))
+
+
+def test_sequence_keys_depend_on_the_boundary_and_every_id():
+    """The same concatenated ids with another prompt/completion split are other sequences."""
+    keys = sequence_keys(ids([[1, 2], [1], [1, 2], [1, 2]]), ids([[3], [2, 3], [3], [4]])).to_pylist()
+    assert keys[0] == keys[2]  # identical rows, identical keys
+    assert len({keys[0], keys[1], keys[3]}) == 3
+    assert all(len(k) == 16 for k in keys)
+
+
+def test_key_sum_is_order_free_and_counts_multiplicity():
+    keys = sequence_keys(ids([[1], [2], [3]]), ids([[4], [5], [6]]))
+    assert key_sum(keys) == key_sum(pa.array(keys.to_pylist()[::-1], keys.type))
+    assert key_sum(keys) != key_sum(keys.slice(0, 2))
+
+
+def test_cache_key_changes_with_each_input():
+    base = KEY.dir_key
+    for other in (
+        CacheKey("files:abd", "tok", {"max_length": 32}, "float32"),
+        CacheKey("files:abc", "tok2", {"max_length": 32}, "float32"),
+        CacheKey("files:abc", "tok", {"max_length": 33}, "float32"),
+        CacheKey("files:abc", "tok", {"max_length": 32}, "bfloat16"),
+    ):
+        assert other.dir_key != base
+    assert CacheKey("files:abc", "tok", {"max_length": 32}, "float32").dir_key == base
+
+
+def test_model_identity_is_the_weights_content(tmp_path):
+    a = write_tiny(tmp_path / "a", seed=0)
+    b = write_tiny(tmp_path / "b", seed=0)
+    c = write_tiny(tmp_path / "c", seed=1)
+    assert model_identity(str(a)) == model_identity(str(b))  # same bytes, other folder
+    assert model_identity(str(a)) != model_identity(str(c))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no weight files"):
+        model_identity(str(tmp_path / "empty"))
+
+
+def test_tokenizer_identity_sees_the_chat_template():
+    tok = build_tiny_tokenizer()
+    before = tokenizer_identity(tok)
+    assert tokenizer_identity(build_tiny_tokenizer()) == before
+    tok.chat_template = tok.chat_template + " "
+    assert tokenizer_identity(tok) != before
+
+
+def test_blocks_round_trip_and_corrupt_ones_are_deleted(tmp_path):
+    cache = Cache(str(tmp_path), KEY)
+    cache.init()
+    keys = sequence_keys(ids([[1], [2], [3]]), ids([[4], [5], [6]]))
+    first = cache.write_block(keys.slice(0, 2), np.array([-1.5, -2.5]), np.array([2, 2]))
+    cache.write_block(keys.slice(2), np.array([-3.5]), np.array([2]))
+    (tmp_path / cache.path.split("/")[-1] / "blocks" / ".tmp-deadbeef").write_bytes(b"half a write")
+    index, corrupt = cache.read_index()
+    assert corrupt == 0 and index.schema.equals(BLOCK_SCHEMA)
+    assert sorted(index["logp"].to_pylist()) == [-3.5, -2.5, -1.5]
+
+    path = tmp_path / cache.path.split("/")[-1] / "blocks" / first
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit-group in the middle of the file
+    path.write_bytes(bytes(data))
+    index, corrupt = cache.read_index()
+    assert corrupt == 1 and index["logp"].to_pylist() == [-3.5]
+    assert not path.exists()
+
+
+def test_missing_sequences_are_unique_and_only_the_uncached(tmp_path):
+    prompt = ids([[1, 2], [1, 2], [7]])
+    chosen, rejected = ids([[3], [3], [8]]), ids([[4], [5], [3]])
+    batch = pa.table({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
+    batch = batch.append_column("chosen_key", sequence_keys(prompt, chosen))
+    batch = batch.append_column("rejected_key", sequence_keys(prompt, rejected))
+    cached = pa.table({"key": sequence_keys(ids([[1, 2]]), ids([[4]]))})  # (1,2)+4 is cached
+
+    import raydpo.data.refcache as refcache
+
+    refcache._INDEXES.clear()
+    refcache._INDEXES["x"] = cached
+
+    class Ref:
+        def hex(self) -> str:
+            return "x"
+
+    out = missing_sequences(batch, Ref())
+    got = sorted(zip(out["prompt_ids"].to_pylist(), out["completion_ids"].to_pylist()))
+    assert got == [([1, 2], [3]), ([1, 2], [5]), ([7], [3]), ([7], [8])]  # (1,2)+3 once, not twice
+
+
+def test_length_batches_respect_the_budget_and_cover_every_index():
+    lengths = [5, 17, 3, 9, 9, 40, 1, 12]
+    batches = length_batches(lengths, batch_tokens=24)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 24
+        assert lengths[b[0]] == max(lengths[i] for i in b)
+
+
+def test_budgeted_logps_equal_one_padded_batch(tmp_path):
+    """Sorted, budgeted batches give each sequence the value of a plain padded batch (float32 noise)."""
+    model = load_model(str(write_tiny(tmp_path / "m", seed=2))).eval()
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(10, 90, size=rng.integers(1, 9)).tolist() for _ in range(13)]
+    completions = [rng.integers(10, 90, size=rng.integers(1, 9)).tolist() for _ in range(13)]
+    got, padded = budgeted_logps(model, prompts, completions, pad_id=0, batch_tokens=30)
+    with torch.no_grad():
+        want, _ = model_sequence_logps(model, collate(prompts, completions, 0))
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+    real = sum(len(p) + len(c) for p, c in zip(prompts, completions))
+    assert real <= padded < 13 * max(len(p) + len(c) for p, c in zip(prompts, completions))

@@ -1,0 +1,162 @@
+"""``raydpo precompute`` on a real local Ray: hits, misses, resume, corruption, and the JSON it prints."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from raydpo.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def overrides(out: Path, cache: Path, *more: str, uri: str | None = None) -> list[str]:
+    """The quickstart config on 150 pairs, with its own output dir and cache."""
+    return [f"output_dir={out}", f"reference.cache_dir={cache}", "data.synthetic.rows=150", "reference.window=64",
+            "tracking.experiment=test-precompute", *([f"tracking.uri={uri}"] if uri else []), *more]
+
+
+def config(out: Path, cache: Path, *more: str, uri: str | None = None):
+    return load_config(ROOT / "configs/quickstart.yaml", overrides(out, cache, *more, uri=uri))
+
+
+def values(cache_path: str) -> dict[bytes, float]:
+    """Every cached log-prob of one cache key's directory (``RefStats.cache_dir``)."""
+    import pyarrow.fs as pafs
+
+    from raydpo.data.refcache import Cache
+
+    cache = Cache.__new__(Cache)  # open the directory as it is, whatever key made it
+    cache.fs, cache.path = pafs.LocalFileSystem(), cache_path
+    table, corrupt = cache.read_index()
+    assert corrupt == 0
+    return dict(zip(table["key"].to_pylist(), table["logp"].to_pylist()))
+
+
+@pytest.fixture(scope="module")
+def clean(ray_local, tmp_path_factory):
+    """One uninterrupted precompute: its stats and every cached value."""
+    from jobs.precompute import run
+
+    tmp = tmp_path_factory.mktemp("clean")
+    stats = run(config(tmp / "out", tmp / "cache", uri=f"sqlite:///{tmp / 'mlflow.db'}"))
+    return stats, values(stats.cache_dir)
+
+
+def test_second_run_is_a_hit_and_loads_no_model(clean, tmp_path, capsys, mlflow_uri):
+    """Run twice through the CLI entry point: the second computes nothing and no actor loads the
+    model (each load leaves a record in the cache's ``loads/``), and stdout is one JSON object."""
+    from jobs.precompute import main
+
+    args = ["configs/quickstart.yaml", "--json", "--set", f"output_dir={tmp_path / 'out'}",
+            "--set", f"reference.cache_dir={tmp_path / 'cache'}", "--set", "data.synthetic.rows=150",
+            "--set", f"tracking.uri={mlflow_uri}", "--set", "tracking.experiment=t"]
+    outputs = []
+    for _ in range(2):
+        assert main([str(ROOT / args[0]), *args[1:]]) == 0
+        stdout = capsys.readouterr().out
+        assert stdout.count("\n") == 1
+        outputs.append(json.loads(stdout))
+    first, second = outputs
+    for key in ("cache_key", "rows", "hits", "misses", "seconds", "tokens_per_s"):
+        assert key in first and key in second
+    assert first["rows"] == second["rows"] == clean[0].rows > 100
+    assert (first["hits"], first["misses"], first["model_loads"]) == (0, first["rows"], 1)
+    assert (second["hits"], second["misses"], second["model_loads"]) == (second["rows"], 0, 0)
+    assert second["sequences_computed"] == 0 and second["cache_key"] == first["cache_key"]
+    loads = list(Path(first["cache_dir"], "loads").iterdir())
+    assert len(loads) == 1  # the first run's one actor; the second loaded nothing
+    assert first["padding_waste"] <= 1.05
+    runs = MlflowClient(mlflow_uri).search_runs([MlflowClient(mlflow_uri).get_experiment_by_name("t").experiment_id])
+    assert sorted(r.data.metrics["reference/hits"] for r in runs) == [0, second["rows"]]
+    assert values(first["cache_dir"]).keys() == clean[1].keys()
+
+
+def test_new_pairs_miss_and_unchanged_pairs_hit(clean, tmp_path):
+    """150 pairs cached, then 200 pairs of the same generator: the first 150 hit, 50 are computed."""
+    import shutil
+
+    from jobs.precompute import run
+
+    stats, _ = clean
+    cache = tmp_path / "cache"
+    shutil.copytree(Path(stats.cache_dir).parent, cache)
+    more = run(config(tmp_path / "out", cache, "data.synthetic.rows=200", uri=f"sqlite:///{tmp_path / 'm.db'}"))
+    assert more.cache_dir.endswith(Path(stats.cache_dir).name)  # same model, tokenizer, settings
+    assert more.rows == 200 and more.hits == stats.rows and more.misses == 200 - stats.rows
+    assert more.cache_key != stats.cache_key  # the data's fingerprint is part of it
+    assert more.model_loads == 1
+
+
+@pytest.mark.parametrize("override", ["model.tiny.seed=1", "data.max_length=40", "data.max_prompt_length=20",
+                                      "data.truncation=keep_start", "reference.dtype=bfloat16"])
+def test_any_change_of_model_settings_or_dtype_is_another_key(tmp_path, override):
+    from jobs.precompute import cache_for
+    from jobs.train_dpo import setup
+
+    keys = []
+    for i, extra in enumerate(([], [override])):
+        cfg = config(tmp_path / f"out{i}", tmp_path / "cache", *extra)
+        _, model_path, _ = setup(cfg)
+        keys.append(cache_for(cfg, model_path, None).path)
+    assert keys[0] != keys[1]
+
+
+def test_same_inputs_in_another_output_dir_are_the_same_key(tmp_path):
+    from jobs.precompute import cache_for
+    from jobs.train_dpo import setup
+
+    paths = {cache_for(cfg, setup(cfg)[1], None).path
+             for cfg in (config(tmp_path / "a", tmp_path / "c"), config(tmp_path / "b", tmp_path / "c"))}
+    assert len(paths) == 1
+
+
+def test_interrupted_precompute_resumes_to_the_clean_values(clean, tmp_path):
+    """The actor dies after 2 of 5 blocks; the re-run keeps them, computes the rest, and every
+    value equals the uninterrupted run's."""
+    from jobs.precompute import run
+
+    stats, want = clean
+    import os
+    import subprocess
+    import sys
+
+    import ray
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    args = overrides(tmp_path / "out", tmp_path / "cache", "reference.fail_after_blocks=2", uri=uri)
+    # A job of its own on this cluster, so its failure ends its process and its actors, as for a user.
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.run([sys.executable, "-m", "jobs.precompute", str(ROOT / "configs/quickstart.yaml"),
+                           *(a for kv in args for a in ("--set", kv))],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0 and "fault injection" in proc.stderr + proc.stdout
+    cfg = config(tmp_path / "out", tmp_path / "cache", uri=uri)
+    partial = values(stats.cache_dir.replace(str(Path(stats.cache_dir).parent), str(tmp_path / "cache")))
+    assert 0 < len(partial) < len(want)
+    resumed = run(cfg)
+    assert 0 < resumed.hits < resumed.rows and resumed.misses > 0
+    assert resumed.sequences_computed == len(want) - len(partial)
+    got = values(resumed.cache_dir)
+    assert got.keys() == want.keys()
+    np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-5)
+
+
+def test_a_corrupt_block_is_recomputed_not_read(clean, tmp_path):
+    import shutil
+
+    from jobs.precompute import run
+
+    stats, want = clean
+    cache = tmp_path / "cache"
+    shutil.copytree(Path(stats.cache_dir).parent, cache)
+    blocks = sorted((cache / Path(stats.cache_dir).name / "blocks").glob("*.parquet"))
+    blocks[0].write_bytes(blocks[0].read_bytes()[:-100])  # torn: the footer is gone
+    again = run(config(tmp_path / "out", cache, uri=f"sqlite:///{tmp_path / 'm.db'}"))
+    assert again.corrupt_blocks == 1 and again.misses > 0 and again.model_loads == 1
+    got = values(again.cache_dir)
+    assert got.keys() == want.keys()
+    np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-5)
