@@ -16,40 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from raydpo.data.formats import COLUMN_TARGETS, FORMATS
-
-PARTS = ("prompt", "chosen", "rejected")
-PERCENTILES = (50, 90, 99)
-
-
-def _lengths(batch: pa.Table) -> pa.Table:
-    """Kept rows only -> one int32 column of lengths per part; the driver never sees the ids."""
-    kept = batch.filter(pc.equal(batch["drop_reason"], ""))
-    return pa.table({part: pc.list_value_length(kept[f"{part}_ids"]).cast(pa.int32()) for part in PARTS})
-
-
-def length_stats(tokenized) -> dict[str, dict[str, int | None]]:
-    """``{part: {p50, p90, p99, max}}`` in tokens over kept rows (None everywhere when none is kept)."""
-    columns = ["drop_reason", *(f"{p}_ids" for p in PARTS)]
-    lengths = tokenized.select_columns(columns).map_batches(_lengths, batch_format="pyarrow", batch_size=4096)
-    chunks: dict[str, list[np.ndarray]] = {p: [] for p in PARTS}
-    for batch in lengths.iter_batches(batch_format="numpy", batch_size=65536):
-        for p in PARTS:
-            chunks[p].append(np.asarray(batch[p], dtype=np.int64))
-    out: dict[str, dict[str, int | None]] = {}
-    for p in PARTS:
-        values = np.concatenate(chunks[p]) if chunks[p] else np.zeros(0, dtype=np.int64)
-        if values.size == 0:
-            out[p] = {**{f"p{q}": None for q in PERCENTILES}, "max": None}
-            continue
-        # inverted_cdf: each percentile is a length that occurs in the data.
-        qs = np.percentile(values, PERCENTILES, method="inverted_cdf")
-        out[p] = {**{f"p{q}": int(v) for q, v in zip(PERCENTILES, qs)}, "max": int(values.max())}
-    return out
 
 
 def check(
@@ -67,11 +34,11 @@ def check(
     ranked_pairs: str = "best_worst",
     min_score_margin: float = 0.0,
 ) -> dict[str, Any]:
-    """Run the pipeline on ``sources`` and return the report dict (``DataReport.to_dict()`` + lengths)."""
+    """Run the pipeline on ``sources`` and return the report dict (``DataReport.to_dict()``, lengths included, + settings)."""
     import ray
     import ray.data
 
-    from raydpo.data.pipeline import build_report, tokenized_dataset
+    from raydpo.data.pipeline import build_report, length_stats, tokenized_dataset
     from raydpo.data.tokenize import TokenizeSettings
 
     t0 = time.perf_counter()
@@ -88,11 +55,10 @@ def check(
                                       eval_fraction=0.0, seed=0, columns=columns, fmt=fmt, chat_template=chat_template,
                                       ranked_pairs=ranked_pairs, min_score_margin=min_score_margin).materialize()
         report = build_report(tokenized)
-        lengths = length_stats(tokenized)
+        report.lengths = length_stats(tokenized)
     finally:
         ctx.enable_progress_bars = bars
     out = report.to_dict()
-    out["lengths"] = lengths
     out["settings"] = {"model": model, "gguf_file": gguf_file, "max_length": max_length,
                        "max_prompt_length": max_prompt_length, "truncation": truncation}
     out["seconds"] = round(time.perf_counter() - t0, 2)

@@ -22,11 +22,14 @@ from raydpo.data.refcache import Cache, CacheKey, RefStats, add_keys, count_hits
 
 def cache_for(cfg: Config, model_path: str, gguf_file: str | None) -> Cache:
     """The cache directory for this config's reference model, tokenizer, tokenization and dtype."""
+    from raydpo.data.tokenize import chat_template_for
     from raydpo.models import load_tokenizer
 
     d = cfg.data
+    tok = load_tokenizer(model_path, gguf_file)
     settings = {"max_length": d.max_length, "max_prompt_length": d.max_prompt_length, "truncation": d.truncation}
-    key = CacheKey(model=model_identity(model_path, gguf_file), tokenizer=tokenizer_identity(load_tokenizer(model_path, gguf_file)),
+    key = CacheKey(model=model_identity(model_path, gguf_file),
+                   tokenizer=tokenizer_identity(tok, chat_template_for(tok, d.chat_template)),
                    settings=settings, dtype=cfg.reference.dtype)
     return Cache(os.path.expanduser(cfg.reference.cache_dir), key)
 
@@ -65,7 +68,8 @@ def reference_stage(
     n_missing = missing.count()
     if n_missing:
         # One block per window, so every actor of the pool gets work (a materialized dataset may be one block).
-        missing = missing.repartition(max(num_actors, -(-n_missing // window)))
+        # Materialized before the pool starts: a pool holding every CPU (num_cpus = the cluster's) would starve it.
+        missing = missing.repartition(max(num_actors, -(-n_missing // window))).materialize()
         loads_before = cache.loads()
         t1 = time.perf_counter()
         computed = missing.map_batches(

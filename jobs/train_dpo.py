@@ -28,6 +28,7 @@ class Outcome:
 def setup(cfg: Config) -> tuple[Path, str, list[str]]:
     """Absolute output dir, the model path every actor loads, and the train sources. The tiny
     model is built, and a GGUF model de-quantized, once into ``{output_dir}/initial``."""
+    from raydpo.data.sources import mixture_weights
     from raydpo.data.synthetic import write_shards
     from raydpo.models import TINY, write_plain, write_tiny
 
@@ -41,6 +42,7 @@ def setup(cfg: Config) -> tuple[Path, str, list[str]]:
     elif cfg.model.gguf_file:
         model_path = str(write_plain(model_path, cfg.model.gguf_file, out / "initial", cfg.model.dtype))
     sources = list(cfg.data.train)
+    mixture_weights(sources)  # a source in two weighted entries fails here, before Ray starts
     if cfg.data.synthetic is not None:
         s = cfg.data.synthetic
         sources += write_shards(out / "data", task=s.task, rows=s.rows, seed=s.seed)
@@ -92,6 +94,9 @@ def run(cfg: Config, config_path: str | None = None) -> Outcome:
     tokenized = tokenize(cfg, model_path, sources)
     report = build_report(tokenized)
     print(report.summary(), flush=True)
+    from raydpo.data.pipeline import length_stats
+
+    report.lengths = length_stats(tokenized)  # token-length percentiles, logged with the report
     tracking.log_report(client, run_id, report.to_dict())
     if report.drop_fraction > d.max_drop_fraction:
         client.set_terminated(run_id, status="FAILED")
@@ -105,6 +110,7 @@ def run(cfg: Config, config_path: str | None = None) -> Outcome:
         kept, mix_counts = mix_sources(kept, mixture[0], d.seed, groups=mixture[1])
         print("[raydpo] mixture (train pairs used / available): " + ", ".join(
             f"{k} {c['used']}/{c['available']}" for k, c in mix_counts.items()), flush=True)
+        tracking.log_mixture(client, run_id, mix_counts)
     weights = cfg.loss.weights or {cfg.loss.type: 1.0}
     reference_free = cfg.loss.reference_free or set(weights) <= REFERENCE_FREE_LOSSES
     if not reference_free:

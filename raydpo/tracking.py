@@ -67,15 +67,45 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], st
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
+def _log_columns(client: MlflowClient, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
+    """Rows of one table -> ``client.log_table``: columns in first-seen order, a missing cell 0."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    client.log_table(run_id, data={k: [r.get(k, 0) for r in rows] for k in columns}, artifact_file=artifact_file)
+
+
 def log_report(client: MlflowClient, run_id: str, report: dict[str, Any]) -> None:
-    """The data report as JSON and as a table, and ``data/dropped_<reason>`` metrics."""
+    """The data report (``DataReport.to_dict()``) as JSON and as tables, plus metrics.
+
+    Artifacts: ``data_report.json`` (the whole dict); ``data_report_table.json`` (a row per source:
+    read, kept, truncated, ``dropped_<reason>``); ``data_lengths_table.json`` (a row per part:
+    prompt/chosen/rejected, p50/p90/p99/max tokens over kept pairs) when the report has ``lengths``;
+    the mixture tables (``log_mixture``) when it has ``mixture``. Metrics: ``data/read``,
+    ``data/kept``, ``data/truncated``, ``data/dropped_<reason>``, ``data/<part>_tokens_<stat>``."""
     client.log_dict(run_id, report, "data_report.json")
     rows = [
-        {"source": s, "read": c["read"], "kept": c["kept"], "truncated": c["truncated"], **{f"dropped_{k}": v for k, v in c["dropped"].items()}}
+        {"source": s, "read": c["read"], "kept": c["kept"], "truncated": c["truncated"],
+         **{f"dropped_{k}": v for k, v in sorted(c["dropped"].items())}}
         for s, c in report["sources"].items()
     ]
     if rows:
-        client.log_table(run_id, data={k: [r.get(k, 0) for r in rows] for k in {k for r in rows for k in r}}, artifact_file="data_report_table.json")
+        _log_columns(client, run_id, rows, "data_report_table.json")
     metrics = {"data/read": report["read"], "data/kept": report["kept"], "data/truncated": report["truncated"]}
     metrics |= {f"data/dropped_{reason}": n for reason, n in report["dropped"].items()}
+    lengths = report.get("lengths") or {}
+    if lengths:
+        _log_columns(client, run_id, [{"part": part, **stats} for part, stats in lengths.items()], "data_lengths_table.json")
+        metrics |= {f"data/{part}_tokens_{stat}": v for part, stats in lengths.items()
+                    for stat, v in stats.items() if v is not None}  # None: no kept pair
     log_metrics(client, run_id, metrics)
+    if report.get("mixture"):
+        log_mixture(client, run_id, report["mixture"])
+
+
+def log_mixture(client: MlflowClient, run_id: str, mixture: dict[str, dict[str, Any]]) -> None:
+    """The weighted mixture (``pipeline.mix_sources``' counts: entry -> {available, used, weight})
+    as ``data_mixture.json`` and ``data_mixture_table.json`` (a row per entry)."""
+    client.log_dict(run_id, mixture, "data_mixture.json")
+    rows = [{"entry": label, "weight": c["weight"], "available": c["available"], "used": c["used"]}
+            for label, c in mixture.items()]
+    if rows:
+        _log_columns(client, run_id, rows, "data_mixture_table.json")

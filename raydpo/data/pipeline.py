@@ -47,6 +47,7 @@ TOKENIZED_SCHEMA = pa.schema(
         ("rejected_tokens", pa.int32()),
     ]
 )
+READ_BLOCK_ROWS = 1024  # raw rows per tokenize task (see tokenized_dataset)
 TRAIN_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
 
 
@@ -66,6 +67,8 @@ class DataReport:
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first 3 "source:row_id"
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)  # kept pairs per split
+    # part -> {p50, p90, p99, max} token lengths over kept pairs; set from ``length_stats``, not by build_report.
+    lengths: dict[str, dict[str, int | None]] = field(default_factory=dict)
 
     @property
     def drop_fraction(self) -> float:
@@ -82,6 +85,7 @@ class DataReport:
             "examples": self.examples,
             "sources": self.sources,
             "splits": self.splits,
+            "lengths": self.lengths,
         }
 
     def summary(self) -> str:
@@ -247,7 +251,10 @@ def tokenized_dataset(
         # One read task per file, saved-dataset row range or HF split (entries: see sources.py).
         items = source_items(entries, split)
         ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_rows)
-        return ds.limit(limit) if limit else ds
+        ds = ds.limit(limit) if limit else ds
+        # A file's rows come out as one block, and one block is one tokenize task: split them, so a
+        # single big file is tokenized by every worker (streaming: no barrier, order kept).
+        return ds.repartition(target_num_rows_per_block=READ_BLOCK_ROWS)
 
     raw = lines(train_sources, "train")
     if eval_sources:
@@ -276,35 +283,46 @@ def tokenized_dataset(
 
 def build_report(tokenized: ray.data.Dataset) -> DataReport:
     """Tally the small columns of a (materialized) tokenized dataset on the driver. Each input row
-    is counted once, on its output row with ``pair_index`` 0 (see ``DataReport``)."""
+    is counted once, on its output row with ``pair_index`` 0 (see ``DataReport``).
+
+    Vectorised: each batch is grouped by (source, split, drop_reason) in Arrow, so the driver's
+    Python work is per group, not per row. Groups come in order of first appearance
+    (``use_threads=False``), so every dict in the report keeps the order in which its keys first
+    occur in the data."""
     report = DataReport()
     per_source: dict[str, Counter] = defaultdict(Counter)
     dropped: Counter = Counter()
     splits: Counter = Counter()
     columns = ["source", "row_id", "pair_index", "split", "drop_reason", "truncated", "boundary_fixed"]
-    for batch in tokenized.select_columns(columns).iter_batches(batch_format="pyarrow", batch_size=4096):
-        for source, row_id, index, split, reason, truncated, fixed in zip(*(batch[c].to_pylist() for c in columns)):
+    keys = ["source", "split", "drop_reason"]
+    for batch in tokenized.select_columns(columns).iter_batches(batch_format="pyarrow", batch_size=65536):
+        counted = pa.table({
+            **{k: batch[k] for k in keys},
+            "first": pc.equal(batch["pair_index"], 0).cast(pa.int64()),  # the first output row of its input row
+            "truncated": batch["truncated"].cast(pa.int64()),
+            "boundary_fixed": batch["boundary_fixed"].cast(pa.int64()),
+        })
+        groups = counted.group_by(keys, use_threads=False).aggregate(
+            [("first", "count"), ("first", "sum"), ("truncated", "sum"), ("boundary_fixed", "sum")])
+        for source, split, reason, rows, first, truncated, fixed in zip(*(groups[c].to_pylist() for c in (
+                *keys, "first_count", "first_sum", "truncated_sum", "boundary_fixed_sum"))):
             counts = per_source[source]
-            report.truncated += bool(truncated)
-            report.boundary_fixed += bool(fixed)
-            counts["truncated"] += bool(truncated)
-            counts["boundary_fixed"] += bool(fixed)
+            report.truncated += truncated
+            report.boundary_fixed += fixed
+            counts["truncated"] += truncated
+            counts["boundary_fixed"] += fixed
+            report.read += first
+            counts["read"] += first
             if reason:
-                dropped[reason] += 1
-                counts[f"dropped/{reason}"] += 1
-                examples = report.examples.setdefault(reason, [])
-                if len(examples) < 3:
-                    examples.append(f"{source}:{row_id}")
+                dropped[reason] += rows
+                counts[f"dropped/{reason}"] += rows
             else:
-                report.pairs += 1
-                counts["pairs"] += 1
-                splits[split] += 1
-            if index == 0:  # the first output row of its input row
-                report.read += 1
-                counts["read"] += 1
-                if not reason:
-                    report.kept += 1
-                    counts["kept"] += 1
+                report.pairs += rows
+                counts["pairs"] += rows
+                splits[split] += rows
+                report.kept += first
+                counts["kept"] += first
+        _add_examples(report.examples, batch)
     report.dropped = dict(dropped)
     report.splits = dict(splits)
     for source, counts in per_source.items():
@@ -317,6 +335,49 @@ def build_report(tokenized: ray.data.Dataset) -> DataReport:
             "dropped": {k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("dropped/")},
         }
     return report
+
+
+def _add_examples(examples: dict[str, list[str]], batch: pa.Table, n: int = 3) -> None:
+    """Add ``"source:row_id"`` of the first dropped rows of ``batch`` to ``examples`` (reason ->
+    at most ``n``, in data order); only the rows of reasons still short of ``n`` reach Python."""
+    dropped = batch.filter(pc.not_equal(batch["drop_reason"], ""))
+    for reason in pc.unique(dropped["drop_reason"]).to_pylist():
+        have = examples.get(reason, [])
+        if len(have) >= n:
+            continue
+        rows = dropped.filter(pc.equal(dropped["drop_reason"], reason)).slice(0, n - len(have))
+        examples[reason] = have + [f"{s}:{r}" for s, r in zip(rows["source"].to_pylist(), rows["row_id"].to_pylist())]
+
+
+LENGTH_PARTS = ("prompt", "chosen", "rejected")
+LENGTH_PERCENTILES = (50, 90, 99)
+
+
+def _lengths(batch: pa.Table) -> pa.Table:
+    """Kept rows only -> one int32 column of lengths per part; the driver never sees the ids."""
+    kept = batch.filter(pc.equal(batch["drop_reason"], ""))
+    return pa.table({part: pc.list_value_length(kept[f"{part}_ids"]).cast(pa.int32()) for part in LENGTH_PARTS})
+
+
+def length_stats(tokenized: ray.data.Dataset) -> dict[str, dict[str, int | None]]:
+    """``{part: {p50, p90, p99, max}}`` in tokens over the kept output rows of a tokenized dataset
+    (None everywhere when none is kept). Workers compute the lengths; the driver holds only those."""
+    columns = ["drop_reason", *(f"{p}_ids" for p in LENGTH_PARTS)]
+    lengths = tokenized.select_columns(columns).map_batches(_lengths, batch_format="pyarrow", batch_size=4096)
+    chunks: dict[str, list[np.ndarray]] = {p: [] for p in LENGTH_PARTS}
+    for batch in lengths.iter_batches(batch_format="numpy", batch_size=65536):
+        for p in LENGTH_PARTS:
+            chunks[p].append(np.asarray(batch[p], dtype=np.int64))
+    out: dict[str, dict[str, int | None]] = {}
+    for p in LENGTH_PARTS:
+        values = np.concatenate(chunks[p]) if chunks[p] else np.zeros(0, dtype=np.int64)
+        if values.size == 0:
+            out[p] = {**{f"p{q}": None for q in LENGTH_PERCENTILES}, "max": None}
+            continue
+        # inverted_cdf: each percentile is a length that occurs in the data.
+        qs = np.percentile(values, LENGTH_PERCENTILES, method="inverted_cdf")
+        out[p] = {**{f"p{q}": int(v) for q, v in zip(LENGTH_PERCENTILES, qs)}, "max": int(values.max())}
+    return out
 
 
 def _keep(batch: pa.Table, split: str | None = None) -> pa.Table:

@@ -95,13 +95,14 @@ def _hub_commit(repo_id: str) -> str:
                                 f"on the hub or in the local Hugging Face cache ({e})") from None
 
 
-def tokenizer_identity(tokenizer: Any) -> str:
-    """Hash of the vocabulary and merges, the special tokens and the chat template in use."""
+def tokenizer_identity(tokenizer: Any, chat_template: str | None = None) -> str:
+    """Hash of the vocabulary and merges, the special tokens and the chat template in use
+    (``chat_template`` where the config overrides the tokenizer's own)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     specials = json.dumps({"eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id,
                            "bos": tokenizer.bos_token_id}, sort_keys=True)
-    return _digest(vocab.encode(), specials.encode(), (tokenizer.chat_template or "").encode())
+    return _digest(vocab.encode(), specials.encode(), (chat_template or tokenizer.chat_template or "").encode())
 
 
 @dataclass(frozen=True)

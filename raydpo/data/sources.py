@@ -25,6 +25,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -234,10 +235,16 @@ def _records(path: str) -> Iterator[tuple[int, str]]:
     """
     kind = _kind(path)
     if kind == "jsonl":
+        line_no = 0
         with _open_text(path) as f:
-            for line_no, line in enumerate(f, start=1):
-                if line.strip():
-                    yield line_no, line
+            try:
+                for line_no, line in enumerate(f, start=1):
+                    if line.strip():
+                        yield line_no, line
+            except (EOFError, zlib.error, gzip.BadGzipFile):
+                # A truncated or corrupt .gz: the lines before the damage are rows; the rest is one
+                # unparseable row (at the next line number), so the report shows it, not a crash.
+                yield line_no + 1, ""
     elif kind == "parquet":
         import pyarrow.parquet as pq
 

@@ -36,7 +36,8 @@ def test_reference_columns_equal_inline(ray_local, tmp_path):
     ds, stats = reference_stage(kept_rows(tokenized), cache, model_path=str(model_dir), gguf_file=None,
                                 dtype="float32", num_actors=2, num_cpus=0.5, num_gpus=0, batch_tokens=64, window=16)
     rows = ds.take_all()
-    assert len(rows) == 60 and stats.rows == 60 and stats.misses == 60 and stats.model_loads == 2
+    assert len(rows) == 60 and stats.rows == 60 and stats.misses == 60
+    assert 1 <= stats.model_loads <= 2  # an actor that got no window may be stopped before it loads
     assert stats.padding_waste < 1.5
     model = load_model(str(model_dir)).eval()
     for row in rows[:20]:

@@ -125,3 +125,15 @@ def test_budgeted_logps_equal_one_padded_batch(tmp_path):
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
     real = sum(len(p) + len(c) for p, c in zip(prompts, completions))
     assert real <= padded < 13 * max(len(p) + len(c) for p, c in zip(prompts, completions))
+
+
+def test_cache_dir_may_be_a_uri(tmp_path):
+    """A ``file://`` URI goes through the same pyarrow filesystem calls as s3:// or gs:// would."""
+    cache = Cache(f"file://{tmp_path}/uri-cache", KEY)
+    cache.init()
+    keys = sequence_keys(ids([[1]]), ids([[2]]))
+    cache.write_block(keys, np.array([-0.25]), np.array([2]))
+    cache.record_load()
+    index, corrupt = cache.read_index()
+    assert (index["logp"].to_pylist(), corrupt, cache.loads()) == ([-0.25], 0, 1)
+    assert (tmp_path / "uri-cache" / f"v1-{KEY.dir_key}" / "key.json").exists()

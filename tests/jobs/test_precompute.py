@@ -92,7 +92,8 @@ def test_new_pairs_miss_and_unchanged_pairs_hit(clean, tmp_path):
 
 
 @pytest.mark.parametrize("override", ["model.tiny.seed=1", "data.max_length=40", "data.max_prompt_length=20",
-                                      "data.truncation=keep_start", "reference.dtype=bfloat16"])
+                                      "data.truncation=keep_start", "reference.dtype=bfloat16",
+                                      "data.chat_template='{{ messages[0].content }}'"])
 def test_any_change_of_model_settings_or_dtype_is_another_key(tmp_path, override):
     from jobs.precompute import cache_for
     from jobs.train_dpo import setup

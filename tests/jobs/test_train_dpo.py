@@ -47,7 +47,8 @@ def test_quickstart_learns_and_is_tracked(ray_local, tmp_path, mlflow_uri):
     run_data = client.get_run(outcome.run_id).data
     for name in TRL_NAMES:
         assert name in run_data.metrics, name
-    for name in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "data/read", "data/kept"):
+    for name in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "data/read", "data/kept",
+                 "reference/rows", "reference/misses", "reference/tokens_per_s"):
         assert name in run_data.metrics, name
     assert run_data.params["loss.beta"] == "0.5"
     assert run_data.params["train.engine"] == "ddp"
