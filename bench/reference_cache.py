@@ -1,6 +1,6 @@
 """Benchmark the reference log-prob cache (issue 4): SmolLM2-135M-Instruct on HH helpful-base pairs.
 
-    python bench/reference_cache.py [--pairs 128] [--batch-pairs 8] [--skip-trl] [--set key=value ...]
+    python bench/reference_cache.py [--pairs 64] [--batch-pairs 8] [--skip-trl] [--set key=value ...]
 
 Measures, on the machine's CPUs (the reference actor gets ``reference.num_cpus`` = 2, the other
 forwards run with ``torch.set_num_threads(2)``):
@@ -85,7 +85,7 @@ def plain_loop(model_path: str, rows: list[dict], batch_pairs: int) -> dict:
     pad = load_tokenizer(model_path).pad_token_id
     real = padded = 0
     chosen, rejected = [], []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for i in range(0, len(rows), batch_pairs):
             part = rows[i : i + batch_pairs]
@@ -97,10 +97,32 @@ def plain_loop(model_path: str, rows: list[dict], batch_pairs: int) -> dict:
             rejected += logps[n:].tolist()
             real += int(batch["attention_mask"].sum())
             padded += batch["input_ids"].numel()
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "tokens": real, "padded_tokens": padded, "tokens_per_s": real / seconds,
-            "pairs_per_s": len(rows) / seconds, "padding_waste": padded / real,
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": seconds, "cpu_seconds": cpu, "tokens": real, "padded_tokens": padded, "tokens_per_s": real / seconds,
+            "tokens_per_cpu_s": real / cpu, "pairs_per_s": len(rows) / seconds, "padding_waste": padded / real,
             "chosen": np.asarray(chosen, dtype=np.float32), "rejected": np.asarray(rejected, dtype=np.float32)}
+
+
+def budgeted_loop(model_path: str, rows: list[dict], batch_tokens: int) -> dict:
+    """What one reference actor call does, in this process: every sequence, length-sorted batches
+    under ``batch_tokens`` (``raydpo.logprobs.budgeted_logps``); model load not timed."""
+    import torch
+
+    from raydpo.logprobs import budgeted_logps
+    from raydpo.models import load_model, load_tokenizer
+
+    torch.set_num_threads(THREADS)
+    model = load_model(model_path).eval()
+    pad = load_tokenizer(model_path).pad_token_id
+    prompts = [list(r["prompt_ids"]) for r in rows for _ in ("chosen", "rejected")]
+    completions = [list(r[f"{side}_ids"]) for r in rows for side in ("chosen", "rejected")]
+    t0, c0 = time.perf_counter(), time.process_time()
+    _, padded = budgeted_logps(model, prompts, completions, pad, batch_tokens)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    real = sum(len(p) + len(c) for p, c in zip(prompts, completions))
+    return {"seconds": seconds, "cpu_seconds": cpu, "tokens": real, "padded_tokens": padded, "tokens_per_s": real / seconds,
+            "tokens_per_cpu_s": real / cpu,
+            "pairs_per_s": len(rows) / seconds, "padding_waste": padded / real}
 
 
 def cached_logps(cfg, model_path: str, rows: list[dict]):
@@ -159,10 +181,15 @@ def worker(mode: str, model_path: str, pairs_file: str) -> None:
     print(json.dumps({"mode": mode, "peak_rss_mib": peak_kib / 1024, "loss": float(loss)}))
 
 
-def worker_rss(model_path: str, rows: list[dict], batch_pairs: int, tmp: Path) -> dict:
+def worker_rss(model_path: str, rows: list[dict], ref_chosen, ref_rejected, batch_pairs: int, tmp: Path) -> dict:
+    """Peak RSS of each worker mode; ``ref_*`` are the cached log-probs of ``rows``, the columns a
+    raydpo training worker reads (the policy+ref worker computes its own instead)."""
     part = rows[:batch_pairs]
+    batch = {k: [list(map(int, r[k])) for r in part] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    batch["ref_chosen_logps"] = [float(x) for x in ref_chosen[:batch_pairs]]
+    batch["ref_rejected_logps"] = [float(x) for x in ref_rejected[:batch_pairs]]
     pairs_file = tmp / "worker_batch.json"
-    pairs_file.write_text(json.dumps({k: [list(map(int, r[k])) for r in part] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}))
+    pairs_file.write_text(json.dumps(batch))
     out = {}
     for mode in ("policy", "policy+ref"):
         proc = subprocess.run([sys.executable, __file__, "--worker", mode, "--model", model_path, "--pairs-file", str(pairs_file)],
@@ -209,32 +236,41 @@ def run_trl(python: str, model_path: str, rows: list[dict], cfg, tmp: Path, batc
 
 
 def table(r: dict) -> str:
+    """Markdown: one column per way of computing the reference log-probs, the goals beside."""
     first, second = r["precompute"]
-    plain, trl, rss = r["plain_loop"], r.get("trl", {}), r["worker_rss"]
+    budget, plain, rss = r["budgeted_loop"], r["plain_loop"], r["worker_rss"]
+    trl = r.get("trl") or {}
+    nan = float("nan")
     n = r["pairs"]
-    lines = [
-        "| measure | raydpo reference cache | plain loop (padded to batch max) | TRL `precompute_ref_log_probs` | goal |",
-        "|---|---|---|---|---|",
-        f"| real tokens/s of compute | {first['tokens_per_s']:.0f} | {plain['tokens_per_s']:.0f} | "
-        f"{trl.get('tokens_per_s', float('nan')):.0f} | faster than both |",
-        f"| pairs/s of compute | {n / first['compute_seconds']:.2f} | {plain['pairs_per_s']:.2f} | "
-        f"{trl.get('pairs_per_s', float('nan')):.2f} | |",
-        f"| padding waste (tokens computed / real) | {first['padding_waste']:.3f} | {plain['padding_waste']:.3f} | "
-        f"{trl.get('padding_waste', float('nan')):.3f} | <= 1.05 |",
-        f"| first run: reference stage / whole job | {first['seconds']:.1f} s / {first['job_s']:.1f} s "
-        f"(compute {first['compute_seconds']:.1f} s) | {plain['seconds']:.1f} s | {trl.get('seconds', float('nan')):.1f} s | |",
-        f"| second run: reference stage / whole job | {second['seconds']:.2f} s / {second['job_s']:.1f} s "
-        f"({second['hits']}/{second['rows']} pairs cached, {second['model_loads']} model loads) | - | - | |",
-        f"| second / first | stage {second['seconds'] / first['seconds']:.1%}, job {second['job_s'] / first['job_s']:.1%} | - | - | <= 2% |",
-        f"| peak RSS of a training worker | {rss['policy']['peak_rss_mib']:.0f} MiB (policy only) | - | "
-        f"{rss['policy+ref']['peak_rss_mib']:.0f} MiB (policy + reference) | reference costs 0 bytes |",
+    cols = ["raydpo precompute, 1st run (Ray actor)", "raydpo forward only (`budgeted_logps`)",
+            f"plain loop ({r['batch_pairs']} pairs, padded to batch max)", "TRL `precompute_ref_log_probs`", "goal"]
+    rows = [
+        ["real tokens/s", f"{first['tokens_per_s']:.0f} (over compute_s, model load included)", f"{budget['tokens_per_s']:.0f}",
+         f"{plain['tokens_per_s']:.0f}", f"{trl.get('tokens_per_s', nan):.0f}", "above plain loop and TRL"],
+        ["pairs/s", f"{n / first['compute_seconds']:.2f}", f"{budget['pairs_per_s']:.2f}", f"{plain['pairs_per_s']:.2f}",
+         f"{trl.get('pairs_per_s', nan):.2f}", ""],
+        ["padding waste (computed / real tokens)", f"{first['padding_waste']:.3f}", f"{budget['padding_waste']:.3f}",
+         f"{plain['padding_waste']:.3f}", f"{trl.get('padding_waste', nan):.3f}", "<= 1.05"],
+        ["seconds", f"compute {first['compute_seconds']:.1f}, stage {first['seconds']:.1f}, job {first['job_s']:.1f}",
+         f"{budget['seconds']:.1f}", f"{plain['seconds']:.1f}", f"{trl.get('seconds', nan):.1f}", ""],
+        ["2nd run (all cached): seconds", f"stage {second['seconds']:.2f}, job {second['job_s']:.1f} "
+         f"({second['hits']}/{second['rows']} pairs hit, {second['model_loads']} model loads)", "", "", "", ""],
+        ["2nd run / 1st run", f"stage {second['seconds'] / first['seconds']:.1%}, job {second['job_s'] / first['job_s']:.1%}",
+         "", "", "", "<= 2%"],
     ]
+    lines = ["| measure | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    pol, both = rss["policy"]["peak_rss_mib"], rss["policy+ref"]["peak_rss_mib"]
+    lines += ["", "| training-worker process (load, AdamW, one DPO step of "
+              f"{r['batch_pairs']} pairs) | peak RSS | goal |", "|---|---|---|",
+              f"| raydpo: policy only, reference log-probs read from the cache | {pol:.0f} MiB | reference costs 0 bytes |",
+              f"| TRL style: policy + reference model in the same process | {both:.0f} MiB (+{both - pol:.0f} MiB) | |"]
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairs", type=int, default=128, help="HH helpful-base test rows to read (data.limit)")
+    p.add_argument("--pairs", type=int, default=64, help="HH helpful-base test rows to read (data.limit)")
     p.add_argument("--batch-pairs", type=int, default=8, help="pairs per forward in the plain loop and TRL; the RSS worker's batch")
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument("--trl-python", default=str(BENCH_DIR / "trl-venv/bin/python"))
@@ -283,8 +319,10 @@ def main() -> None:
     result["max_abs_diff_plain_vs_cache"] = float(max(np.abs(plain.pop("chosen") - cached_c).max(),
                                                       np.abs(plain.pop("rejected") - cached_r).max()))
     result["plain_loop"] = plain
+    print("[bench] budgeted_logps in-process", flush=True)
+    result["budgeted_loop"] = budgeted_loop(model_path, rows, cfg.reference.batch_tokens)
     print("[bench] worker RSS", flush=True)
-    result["worker_rss"] = worker_rss(model_path, rows, ns.batch_pairs, tmp)
+    result["worker_rss"] = worker_rss(model_path, rows, cached_c, cached_r, ns.batch_pairs, tmp)
     if not ns.skip_trl:
         print("[bench] TRL", flush=True)
         result["trl"] = run_trl(ns.trl_python, model_path, rows, cfg, tmp, ns.batch_pairs)

@@ -26,6 +26,7 @@ import gzip
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -39,9 +40,9 @@ sys.path.insert(0, str(ROOT))
 HH = ROOT.parent / "shared/data/hh-rlhf/helpful-base/test.jsonl.gz"
 CACHE = Path(tempfile.gettempdir()) / "raydpo-bench"
 
-from raydpo.data.formats import normalise  # noqa: E402
-from raydpo.data.tokenize import TokenizeSettings, tokenize_pair  # noqa: E402
-from raydpo.models import TINY, load_tokenizer  # noqa: E402
+from raydpo.data.formats import normalise
+from raydpo.data.tokenize import TokenizeSettings, tokenize_pair
+from raydpo.models import TINY, load_tokenizer
 
 SETTINGS = TokenizeSettings(max_length=512, max_prompt_length=256)
 
@@ -166,9 +167,9 @@ def main() -> None:
     cold, out = datasets_run(path, tok, ns.workers)
     warm = [datasets_run(path, tok, ns.workers)[0] for _ in range(ns.repeat)]
     kept, tokens = datasets_counts(out)
-    result["datasets"] = dict(cold=cold, warm=min(warm), kept=kept, tokens=tokens,
-                              startup=f"tokenizer load {tok_load:.1f} s (parent, inherited by fork); "
-                                      f"pool per map call {pool:.1f} s (included in each run)")
+    result["datasets"] = {"cold": cold, "warm": min(warm), "kept": kept, "tokens": tokens,
+                          "startup": f"tokenizer load {tok_load:.1f} s (parent, inherited by fork); "
+                                     f"pool per map call {pool:.1f} s (included in each run)"}
 
     t0 = time.perf_counter()
     ray.init(address="local", num_cpus=ns.workers, include_dashboard=False, log_to_driver=False)
@@ -177,9 +178,10 @@ def main() -> None:
     cold, ds = ray_run(path, tok)
     warm = [ray_run(path, tok)[0] for _ in range(ns.repeat)]
     kept, tokens = ray_counts(ds)
-    result["ray"] = dict(cold=cold, warm=min(warm), kept=kept, tokens=tokens,
-                         startup=f"ray.init {ray_start:.1f} s; worker start + tokenizer load ~{cold - min(warm):.1f} s (cold - warm)")
+    result["ray"] = {"cold": cold, "warm": min(warm), "kept": kept, "tokens": tokens,
+                     "startup": f"ray.init {ray_start:.1f} s; worker start + tokenizer load ~{cold - min(warm):.1f} s (cold - warm)"}
     ray.shutdown()
+    shutil.rmtree(path.parent)
 
     same = (result["ray"]["kept"], result["ray"]["tokens"]) == (result["datasets"]["kept"], result["datasets"]["tokens"])
     print(f"\n{rows} rows (HH helpful-base test x{ns.copies}), tokenizer {ns.tokenizer}, {ns.workers} workers, "

@@ -26,6 +26,9 @@ def main() -> None:
     p.add_argument("--batch-pairs", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out-dir", default="/tmp/raydpo-bench/trl")
+    # TRL's default, bf16 autocast, is off: raydpo's reference runs in float32 (reference.dtype), and
+    # CPUs without bf16 matrix units run it many times slower.
+    p.add_argument("--bf16", action="store_true", help="TRL's default (bf16 autocast) instead of float32")
     ns = p.parse_args()
 
     import torch
@@ -41,7 +44,7 @@ def main() -> None:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(ns.model, dtype=torch.float32)
-    counts = {"seconds": 0.0, "tokens": 0, "padded_tokens": 0, "sequences": 0}
+    counts = {"seconds": 0.0, "cpu_seconds": 0.0, "tokens": 0, "padded_tokens": 0, "sequences": 0}
 
     class TimedDPOTrainer(DPOTrainer):
         def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -55,16 +58,17 @@ def main() -> None:
                 return batch
 
             self.data_collator = counting
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return super()._precompute_ref_logps(dataset, name, batch_size)
             finally:
                 counts["seconds"] += time.perf_counter() - t0
+                counts["cpu_seconds"] += time.process_time() - c0
                 self.data_collator = collate
 
     args = DPOConfig(
         output_dir=ns.out_dir, precompute_ref_log_probs=True, precompute_ref_batch_size=ns.batch_pairs,
-        per_device_train_batch_size=ns.batch_pairs, max_length=ns.max_length, use_cpu=True, report_to=[],
+        per_device_train_batch_size=ns.batch_pairs, max_length=ns.max_length, use_cpu=True, report_to=[], bf16=ns.bf16,
         dataloader_num_workers=0, dataloader_pin_memory=False, save_strategy="no", logging_strategy="no",
     )
     t0 = time.perf_counter()
@@ -76,9 +80,10 @@ def main() -> None:
         "trl": trl.__version__, "torch": torch.__version__, "pairs": len(ds), "pairs_in": len(rows),
         "seconds": s, "trainer_init_s": init_s, "tokens": counts["tokens"], "padded_tokens": counts["padded_tokens"],
         "sequences": counts["sequences"], "tokens_per_s": counts["tokens"] / s if s else 0.0,
+        "cpu_seconds": counts["cpu_seconds"], "tokens_per_cpu_s": counts["tokens"] / counts["cpu_seconds"] if counts["cpu_seconds"] else 0.0,
         "pairs_per_s": len(ds) / s if s else 0.0,
         "padding_waste": counts["padded_tokens"] / counts["tokens"] if counts["tokens"] else 1.0,
-        "max_length": ns.max_length, "max_prompt_length": ns.max_prompt_length, "batch_pairs": ns.batch_pairs,
+        "max_length": ns.max_length, "max_prompt_length": ns.max_prompt_length, "batch_pairs": ns.batch_pairs, "bf16": ns.bf16,
         "has_ref_columns": "ref_chosen_logps" in ds.column_names,
         "ref_chosen_logps_head": [float(x) for x in ds["ref_chosen_logps"][:4]] if "ref_chosen_logps" in ds.column_names else None,
     }))

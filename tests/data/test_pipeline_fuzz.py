@@ -92,13 +92,13 @@ def _files(draw_lines: bytes, draw_gz: bytes, cut: float, draw_csv: bytes, blank
     return expected
 
 
-_example = dict(
-    draw_lines=_lines,
-    draw_gz=_lines,
-    cut=st.floats(0.0, 1.0),
-    draw_csv=_csv,
-    blank=st.sampled_from([b"", b"\n", b"\n\n   \n\t\n", b" "]),
-)
+_example = {
+    "draw_lines": _lines,
+    "draw_gz": _lines,
+    "cut": st.floats(0.0, 1.0),
+    "draw_csv": _csv,
+    "blank": st.sampled_from([b"", b"\n", b"\n\n   \n\t\n", b" "]),
+}
 
 
 @settings(max_examples=100, deadline=None)

@@ -46,7 +46,7 @@ class _PeakRss:
         while not self._stop.wait(self.interval):
             self.peak = max(self.peak, _rss())
 
-    def __enter__(self) -> _PeakRss:
+    def __enter__(self) -> _PeakRss:  # noqa: PYI034
         self._thread.start()
         return self
 
