@@ -28,6 +28,7 @@ class ReferenceLogps:
         gguf_file: str | None = None,
         dtype: str = "float32",
         batch_tokens: int = 8192,
+        max_padding: float = 1.05,
         fail_after_blocks: int | None = None,
     ) -> None:
         self.cache = cache
@@ -36,6 +37,7 @@ class ReferenceLogps:
         self.model = load_model(model_path, dtype, gguf_file).to(self.device).eval()
         self.pad_id = load_tokenizer(model_path, gguf_file).pad_token_id
         self.batch_tokens = batch_tokens
+        self.max_padding = max_padding
         self.fail_after_blocks = fail_after_blocks  # fault injection, for testing resume
         self.blocks = 0
 
@@ -43,7 +45,8 @@ class ReferenceLogps:
         t0 = time.perf_counter()
         prompts = batch["prompt_ids"].to_pylist()
         completions = batch["completion_ids"].to_pylist()
-        logps, padded = budgeted_logps(self.model, prompts, completions, self.pad_id, self.batch_tokens, self.device)
+        logps, padded = budgeted_logps(self.model, prompts, completions, self.pad_id, self.batch_tokens,
+                                       self.device, self.max_padding)
         tokens = np.array([len(p) + len(c) for p, c in zip(prompts, completions)], dtype=np.int32)
         self.cache.write_block(batch["key"].combine_chunks(), logps, tokens)
         self.blocks += 1

@@ -46,6 +46,7 @@ def reference_stage(
     num_gpus: float,
     batch_tokens: int,
     window: int,
+    max_padding: float = 1.05,
     fail_after_blocks: int | None = None,
 ) -> tuple[ray.data.Dataset, RefStats]:
     """Add ``ref_chosen_logps`` / ``ref_rejected_logps`` to tokenized pairs, computing only what
@@ -75,7 +76,8 @@ def reference_stage(
         computed = missing.map_batches(
             ReferenceLogps,
             fn_constructor_kwargs={"cache": cache, "model_path": model_path, "gguf_file": gguf_file, "dtype": dtype,
-                                   "batch_tokens": batch_tokens, "fail_after_blocks": fail_after_blocks},
+                                   "batch_tokens": batch_tokens, "max_padding": max_padding,
+                                   "fail_after_blocks": fail_after_blocks},
             batch_size=window,  # sequences sorted by length together
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=num_actors),
@@ -123,7 +125,8 @@ def run(cfg: Config) -> RefStats:
     cache = cache_for(cfg, model_path, None)
     _, stats = reference_stage(kept_rows(tokenized), cache, model_path=model_path, gguf_file=None, dtype=r.dtype,
                                num_actors=r.num_actors, num_cpus=r.num_cpus, num_gpus=r.num_gpus,
-                               batch_tokens=r.batch_tokens, window=r.window, fail_after_blocks=r.fail_after_blocks)
+                               batch_tokens=r.batch_tokens, window=r.window, max_padding=r.max_padding,
+                               fail_after_blocks=r.fail_after_blocks)
     print(summary(stats), flush=True)
     client, run_id, _ = tracking.start_run(tracking.resolve_uri(cfg.tracking.uri), cfg.tracking.experiment,
                                            cfg.tracking.run_name or "precompute", None)

@@ -118,7 +118,7 @@ def run(cfg: Config, config_path: str | None = None) -> Outcome:
         kept, ref_stats = reference_stage(
             kept, cache_for(cfg, model_path, None), model_path=model_path, gguf_file=None, dtype=r.dtype,
             num_actors=r.num_actors, num_cpus=r.num_cpus, num_gpus=r.num_gpus, batch_tokens=r.batch_tokens,
-            window=r.window, fail_after_blocks=r.fail_after_blocks)
+            window=r.window, max_padding=r.max_padding, fail_after_blocks=r.fail_after_blocks)
         print(ref_summary(ref_stats), flush=True)
         log_ref_stats(client, run_id, ref_stats)
     kept = kept.materialize()

@@ -132,6 +132,7 @@ class ReferenceConfig(_Strict):
     num_gpus: float = Field(0.0, ge=0)  # per actor
     batch_tokens: int = Field(8192, gt=0)  # tokens per forward, padding included
     window: int = Field(1024, gt=0)  # sequences sorted by length together; one cache block each
+    max_padding: float = Field(1.05, ge=1.0)  # cap on tokens computed / real tokens, per batch
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     cache_dir: str = "~/.cache/raydpo/ref"  # a local path or any pyarrow URI (s3://, gs://, file://)
     # Fault injection, for testing resume: each actor raises after writing this many blocks.

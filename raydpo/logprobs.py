@@ -70,17 +70,27 @@ def model_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> tu
     return sequence_logps(out.logits, batch["input_ids"], batch["completion_mask"]), out.logits
 
 
-def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+def length_batches(lengths: list[int], batch_tokens: int, max_padding: float = 1.05) -> list[list[int]]:
     """Indices into ``lengths``, longest first, cut into batches of at most ``batch_tokens`` padded
-    tokens (rows x the batch's longest); a sequence longer than the budget is a batch of its own.
-    Sorting first keeps each batch's lengths close, so little of what is computed is padding."""
+    tokens (rows x the batch's longest) and at most ``max_padding`` padded tokens per real token;
+    a sequence longer than the budget is a batch of its own.
+
+    Sorting first keeps each batch's lengths close; the padding cap closes a batch where the next
+    (shorter) sequence would make it waste more than ``max_padding - 1`` of its compute, so the
+    whole input never computes more than ``max_padding`` x its real tokens.
+    """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
+    real = 0  # real tokens of the open batch
     for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
-            batches[-1].append(i)  # the batch's first row is its longest
-        else:
-            batches.append([i])
+        if batches:
+            rows, longest = len(batches[-1]) + 1, lengths[batches[-1][0]]  # the first row is the longest
+            if rows * longest <= batch_tokens and rows * longest <= max_padding * (real + lengths[i]):
+                batches[-1].append(i)
+                real += lengths[i]
+                continue
+        batches.append([i])
+        real = lengths[i]
     return batches
 
 
@@ -92,13 +102,15 @@ def budgeted_logps(
     pad_id: int,
     batch_tokens: int,
     device: torch.device | str = "cpu",
+    max_padding: float = 1.05,
 ) -> tuple[np.ndarray, int]:
     """Summed completion log-probs of N sequences, forwarded in length-sorted batches under a token
-    budget. Returns ``(logps (N,) float32 in input order, padded tokens forwarded)``."""
+    budget and a padding cap (``length_batches``). Returns ``(logps (N,) float32 in input order,
+    padded tokens forwarded)``."""
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     out = np.zeros(len(lengths), dtype=np.float32)
     padded = 0
-    for idx in length_batches(lengths, batch_tokens):
+    for idx in length_batches(lengths, batch_tokens, max_padding):
         batch = collate([prompts[i] for i in idx], [completions[i] for i in idx], pad_id)
         logps, _ = model_sequence_logps(model, {k: v.to(device) for k, v in batch.items()})
         out[idx] = logps.float().cpu().numpy()

@@ -106,11 +106,29 @@ def test_missing_sequences_are_unique_and_only_the_uncached(tmp_path):
 
 def test_length_batches_respect_the_budget_and_cover_every_index():
     lengths = [5, 17, 3, 9, 9, 40, 1, 12]
-    batches = length_batches(lengths, batch_tokens=24)
+    batches = length_batches(lengths, batch_tokens=24, max_padding=10.0)  # the budget alone binds
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 24
         assert lengths[b[0]] == max(lengths[i] for i in b)
+    assert [len(b) for b in batches] == [1, 1, 2, 2, 2]  # 40 | 17 | 12 9 | 9 5 | 3 1
+
+
+@pytest.mark.parametrize("max_padding", [1.0, 1.05, 1.3])
+def test_length_batches_cap_padding_per_batch(max_padding):
+    """Hand check: [10, 9, 9, 2] at 1.05 -> [10] alone? 2 x 10 = 20 > 1.05 x 19 = 19.95, so yes;
+    then 9 9 (no padding), then 2. With a cap of 1.0 only equal lengths share a batch."""
+    lengths = [10, 9, 9, 2]
+    batches = length_batches(lengths, batch_tokens=1000, max_padding=max_padding)
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) <= max_padding * sum(lengths[i] for i in b) + 1e-9
+    if max_padding == 1.05:
+        assert batches == [[0], [1, 2], [3]]
+    rng = np.random.default_rng(1)
+    many = rng.integers(1, 512, size=2000).tolist()
+    cut = length_batches(many, batch_tokens=8192, max_padding=max_padding)
+    padded = sum(len(b) * many[b[0]] for b in cut)
+    assert padded <= max_padding * sum(many) + 1e-6
 
 
 def test_budgeted_logps_equal_one_padded_batch(tmp_path):
