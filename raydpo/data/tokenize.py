@@ -76,13 +76,27 @@ class _Whole:
     exact: bool  # the templated prompt tokenized alone is a token prefix of ``ids``
 
 
-def _whole(tok: PreTrainedTokenizerBase, prompt: list[Message], completion: list[Message], template: str | None) -> _Whole | None:
+@dataclass(frozen=True)
+class _Prompt:
+    """The templated prompt (with the generation prompt) as text and tokens: made once per pair."""
+
+    messages: list[Message]
+    text: str
+    ids: list[int]
+
+
+def _prompt(tok: PreTrainedTokenizerBase, prompt: list[Message], template: str | None) -> _Prompt:
+    text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, chat_template=template)
+    return _Prompt(prompt, text, _ids(tok, text))
+
+
+def _whole(tok: PreTrainedTokenizerBase, p: _Prompt, completion: list[Message], template: str | None) -> _Whole | None:
     """Template and tokenize ``prompt + completion``; None where the templated prompt (with the
     generation prompt) is not even a character prefix of the templated whole, or a token boundary
     is needed from a tokenizer without offsets (a slow one)."""
-    prompt_text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, chat_template=template)
-    whole_text = tok.apply_chat_template(prompt + completion, tokenize=False, chat_template=template)
-    prompt_ids, whole_ids = _ids(tok, prompt_text), _ids(tok, whole_text)
+    prompt_text, prompt_ids = p.text, p.ids
+    whole_text = tok.apply_chat_template(p.messages + completion, tokenize=False, chat_template=template)
+    whole_ids = _ids(tok, whole_text)
     if whole_ids[: len(prompt_ids)] == prompt_ids:
         return _Whole(whole_ids, len(prompt_ids), True)
     if not whole_text.startswith(prompt_text):
@@ -114,7 +128,8 @@ def completion_ids(
     ``(prompt_ids, completion_ids)``, the completion ending in exactly one EOS, or None where the
     templated prompt is not a character prefix of the templated whole (``template_mismatch``).
     ``prompt_ids`` are the whole's tokens before the boundary (see the module doc)."""
-    whole = _whole(tok, prompt, completion, chat_template_for(tok, chat_template))
+    template = chat_template_for(tok, chat_template)
+    whole = _whole(tok, _prompt(tok, prompt, template), completion, template)
     if whole is None:
         return None
     return whole.ids[: whole.prompt_len], _completion(whole.ids, whole.prompt_len, tok.eos_token_id)
@@ -143,8 +158,9 @@ def tokenize_pair(
     of the prompt text past it (only where a boundary was re-located and the two wholes differ
     before it) leads both completions, so ``prompt_ids + chosen_ids`` is the chosen whole's ids."""
     template = chat_template_for(tok, chat_template)
-    c = _whole(tok, prompt, chosen, template)
-    r = _whole(tok, prompt, rejected, template)
+    p = _prompt(tok, prompt, template)  # shared by both wholes: three renders and tokenizations, not four
+    c = _whole(tok, p, chosen, template)
+    r = _whole(tok, p, rejected, template)
     if c is None or r is None:
         return TokenizedPair([], [], [], False, "template_mismatch")
     n = min(c.prompt_len, r.prompt_len)
