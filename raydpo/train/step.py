@@ -59,8 +59,9 @@ def pair_forward(
     if spec.reference_free:
         ref_c = ref_r = None
     else:
-        ref_c = torch.as_tensor(np.asarray(batch["ref_chosen_logps"], dtype=np.float32), device=device)
-        ref_r = torch.as_tensor(np.asarray(batch["ref_rejected_logps"], dtype=np.float32), device=device)
+        # A copy: the batch's arrays may be read-only views of Arrow memory, which torch refuses to share.
+        ref_c = torch.tensor(np.asarray(batch["ref_chosen_logps"], dtype=np.float32), device=device)
+        ref_r = torch.tensor(np.asarray(batch["ref_rejected_logps"], dtype=np.float32), device=device)
     pair = PairLogps(logps[:n], logps[n:], ref_c, ref_r, tokens[:n], tokens[n:])
     params = spec.params
     if bco is not None and "bco_pair" in spec.weights:
