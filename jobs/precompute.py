@@ -16,7 +16,7 @@ import time
 import ray
 import ray.data
 
-from raydpo.config import Config, ConfigError, load_config
+from raydpo.config import Config, load_config_or_report
 from raydpo.data.refcache import Cache, CacheKey, RefStats, add_keys, count_hits, lookup, missing_sequences, model_identity, tokenizer_identity
 
 
@@ -152,10 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     ns = parser.parse_args(argv)
-    try:
-        cfg = load_config(ns.config, ns.overrides)  # fails before Ray starts
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"raydpo: {e}", file=sys.stderr)
+    cfg = load_config_or_report(ns.config, ns.overrides)  # fails before Ray starts
+    if cfg is None:
         return 2
     stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr) if ns.json else contextlib.nullcontext():

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from raydpo.config import Config, ConfigError, flatten, load_config
+from raydpo.config import Config, flatten, load_config_or_report
 
 
 @dataclass
@@ -186,10 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ns = parser.parse_args(argv)
-    try:
-        cfg = load_config(ns.config, ns.overrides)  # fails before Ray starts
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"raydpo: {e}", file=sys.stderr)
+    cfg = load_config_or_report(ns.config, ns.overrides)  # fails before Ray starts
+    if cfg is None:
         return 2
     run(cfg, ns.config)
     return 0

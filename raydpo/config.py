@@ -286,3 +286,15 @@ def flatten(cfg: Config) -> dict[str, Any]:
 
     walk("", cfg.model_dump())
     return out
+
+
+def load_config_or_report(path: str | Path, overrides: list[str] | None = None) -> Config | None:
+    """``load_config`` for a command line: on a bad config, print the error (naming the key) to
+    stderr and return None, so the command exits 2 before Ray starts."""
+    import sys
+
+    try:
+        return load_config(path, overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"raydpo: {e}", file=sys.stderr)
+        return None
