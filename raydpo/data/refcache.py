@@ -293,7 +293,9 @@ def lookup(batch: pa.Table, index_ref: Any) -> pa.Table:
 
 @dataclass
 class RefStats:
-    """What one precompute did; ``tokens_per_s`` counts real (unpadded) tokens per wall second of compute."""
+    """What one precompute did; ``tokens_per_s`` counts real (unpadded) tokens per wall second of
+    compute. ``seconds`` ends when the missing sequences are cached: the lookup that adds the columns
+    is a lazy map, run when the caller materializes the dataset."""
 
     cache_key: str
     cache_dir: str
