@@ -91,7 +91,7 @@ def plain_loop(model_path: str, rows: list[dict], batch_pairs: int) -> dict:
             part = rows[i : i + batch_pairs]
             batch = pair_batch([r["prompt_ids"] for r in part], [r["chosen_ids"] for r in part],
                                [r["rejected_ids"] for r in part], pad)
-            logps, _ = model_sequence_logps(model, batch)
+            logps = model_sequence_logps(model, batch)
             n = len(part)
             chosen += logps[:n].tolist()
             rejected += logps[n:].tolist()
@@ -168,7 +168,7 @@ def worker(mode: str, model_path: str, pairs_file: str) -> None:
     if mode == "policy+ref":
         ref = load_model(model_path).eval().requires_grad_(False)
         with torch.no_grad():
-            logps, _ = model_sequence_logps(ref, pair_batch(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad))
+            logps = model_sequence_logps(ref, pair_batch(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad))
         n = len(batch["prompt_ids"])
         batch["ref_chosen_logps"], batch["ref_rejected_logps"] = logps[:n].tolist(), logps[n:].tolist()
     batch = {k: (v if k.startswith("ref_") else [np.asarray(x, dtype=np.int32) for x in v]) for k, v in batch.items()}

@@ -1,28 +1,179 @@
-"""Per-sequence log-probs from logits.
+"""Per-sequence log-probs from hidden states, without full-vocabulary logits.
 
-A sequence log-prob is ``sum_t mask[t] * log p(ids[t] | ids[<t])`` over completion tokens only;
-prompt and padding tokens never count. Computed in float32 whatever the logits' dtype, because
-bf16/fp16 log-softmax loses the small differences DPO feeds on.
+A sequence log-prob is ``sum_t log p(ids[t] | ids[<t])`` over completion tokens only; prompt and
+padding tokens never count. Every layout gives the same number: padded (right or left), or packed
+(several sequences in one row, positions restarting per sequence, attention never crossing a
+sequence boundary).
+
+Only the positions whose next token is scored go through the LM head, in chunks of
+``chunk_tokens`` positions, each chunk projected and log-softmaxed in float32 and dropped
+straight after; backward recomputes each chunk. So the head holds O(chunk_tokens x V) floats, not
+O(2B x T x V) (for SmolLM2, V = 49,152: a 1,024-token chunk is 200 MB of fp32 logits, where 16
+sequences of 512 tokens hold 1.6 GB per full-size copy). The ``logits/*`` and ``entropy`` metrics
+come out of the same chunks.
+
+Why our own and not a library (see docs/logprobs.md): cut-cross-entropy gives per-token losses on
+CPU (torch.compile) and GPU (Triton), but no entropy or mean logit, so the metrics would need a
+second pass over the vocabulary; Liger-Kernel's chunked preference losses chunk over pairs, so each
+chunk still holds ``[2 x chunk, T, V]``; torchtune's chunked output keeps full-size fp32 logits for
+autograd. This is one matmul, a log-softmax and its closed-form gradient, per chunk.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
+DEFAULT_CHUNK_TOKENS = 1024  # positions per head chunk: chunk x V fp32 logits live at a time
 
-def sequence_logps(logits: Tensor, input_ids: Tensor, completion_mask: Tensor) -> Tensor:
-    """Summed completion log-probs.
 
-    Shapes: ``logits (N, T, V)``, ``input_ids (N, T)``, ``completion_mask (N, T)`` (1 where the
-    token at that position is a completion token). Returns ``(N,)`` float32. The logit at
-    position t predicts the token at t + 1, so position 0 is never scored.
+# --------------------------------------------------------------------------------------------
+# The head, chunked over tokens
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadTransform:
+    """What a model does to ``hidden @ W.T (+ bias)`` before the softmax: ``scale`` multiplies
+    (Cohere's ``logit_scale``; Granite's ``1 / logits_scaling``), then ``softcap`` squashes
+    (Gemma 2/3: ``cap * tanh(z / cap)``). Plain Llama/Qwen/Mistral: neither."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, t: HeadTransform, dtype: torch.dtype) -> Tensor:
+    """``(C, H) -> (C, V)`` float32 logits: the matmul in ``dtype`` (the model's or autocast's),
+    everything after it in float32."""
+    z = (h.to(dtype) @ weight.to(dtype).t()).float()
+    if bias is not None:
+        z = z + bias.float()
+    if t.scale != 1.0:
+        z = z * t.scale
+    if t.softcap is not None:
+        z = torch.tanh(z / t.softcap) * t.softcap
+    return z
+
+
+class _ChunkedHeadLogps(torch.autograd.Function):
+    """``logp[m] = log_softmax(head(hidden[m]))[targets[m]]`` chunk by chunk; see :func:`head_logps`."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk, transform, dtype):  # type: ignore[override]
+        m = hidden.shape[0]
+        logp = torch.empty(m, dtype=torch.float32, device=hidden.device)
+        mean = torch.empty_like(logp)
+        entropy = torch.empty_like(logp)
+        for s in range(0, m, chunk):
+            z = _chunk_logits(hidden[s : s + chunk], weight, bias, transform, dtype)
+            lse = torch.logsumexp(z, dim=-1)
+            logp[s : s + chunk] = z.gather(1, targets[s : s + chunk, None]).squeeze(1) - lse
+            mean[s : s + chunk] = z.mean(-1)
+            # H = lse - sum_v p_v z_v  (nats), from the same chunk.
+            entropy[s : s + chunk] = lse - (torch.softmax(z, -1) * z).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk, ctx.transform, ctx.dtype = chunk, transform, dtype
+        ctx.mark_non_differentiable(mean, entropy)
+        return logp, mean, entropy
+
+    @staticmethod
+    def backward(ctx, g_logp, _g_mean, _g_entropy):  # type: ignore[override]
+        hidden, weight, bias, targets = ctx.saved_tensors
+        t, dtype, chunk = ctx.transform, ctx.dtype, ctx.chunk
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        w = weight.to(dtype)
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s : s + chunk].to(dtype)
+            z = _chunk_logits(h, weight, bias, t, dtype)
+            # d logp / d z = onehot(target) - softmax(z), times the incoming gradient per row.
+            dz = -torch.softmax(z, -1)
+            dz.scatter_add_(1, targets[s : s + chunk, None], torch.ones_like(dz[:, :1]))
+            dz *= g_logp[s : s + chunk, None].float()
+            if t.softcap is not None:
+                dz *= 1.0 - (z / t.softcap) ** 2  # z is already capped: tanh' = 1 - tanh^2
+            if t.scale != 1.0:
+                dz *= t.scale
+            if grad_b is not None:
+                grad_b += dz.sum(0)
+            dz_c = dz.to(dtype)
+            if grad_h is not None:
+                grad_h[s : s + chunk] = (dz_c @ w).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w += (dz_c.t() @ h).float()
+        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def head_logps(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Tensor | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    transform: HeadTransform = HeadTransform(),
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Token log-probs of ``targets`` under the LM head, ``chunk_tokens`` rows at a time.
+
+    Shapes: ``hidden (M, H)`` (the positions to score), ``weight (V, H)``, ``bias (V,)``,
+    ``targets (M,)`` long. Returns three ``(M,)`` float32 tensors:
+
+    - ``logp[m] = z[m, targets[m]] - logsumexp_v z[m, v]``, differentiable in hidden, weight, bias;
+    - ``mean[m] = (1/V) sum_v z[m, v]`` (TRL's ``logits/*``), no gradient;
+    - ``entropy[m] = logsumexp_v z[m, v] - sum_v softmax(z[m])_v z[m, v]`` (nats), no gradient;
+
+    where ``z = transform(hidden @ weight.T + bias)`` in float32. The matmul runs in autocast's
+    dtype when autocast is on, else the weight's.
     """
-    logits = logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    mask = completion_mask[:, 1:].to(logits.dtype)
-    token_logps = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return (token_logps * mask).sum(-1)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    device_type = hidden.device.type
+    if not torch.amp.is_autocast_available(device_type):
+        return _ChunkedHeadLogps.apply(hidden, weight, bias, targets.long(), chunk_tokens, transform, weight.dtype)
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    # Autocast must not touch the float32 math inside; the matmul dtype is chosen above.
+    with torch.autocast(device_type, enabled=False):
+        return _ChunkedHeadLogps.apply(hidden, weight, bias, targets.long(), chunk_tokens, transform, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts: which positions are scored, padded or packed
+# --------------------------------------------------------------------------------------------
+
+
+def _scored(rows: list[tuple[int, int, int]], stride: int) -> tuple[list[int], list[int]]:
+    """Flat indices of the positions whose next token is a completion token, and their sequence
+    ids. ``rows`` holds ``(start, prompt_len, total_len)`` of each sequence in the flat layout; the
+    position ``start + t`` predicts token ``t + 1``, scored when ``t + 1 >= prompt_len``."""
+    index: list[int] = []
+    segment: list[int] = []
+    for seq, (start, p, total) in enumerate(rows):
+        first = start + max(p, 1) - 1  # position 0 predicts nothing: a completion token at 0 is not scored
+        index.extend(range(first, start + total - 1))
+        segment.extend([seq] * (start + total - 1 - first))
+    return index, segment
+
+
+def _finish(input_ids, position_ids, attention_mask, index, segment, n) -> dict[str, Tensor]:
+    flat = input_ids.reshape(-1)
+    idx = torch.as_tensor(index, dtype=torch.long)
+    out = {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "score_index": idx,
+        "targets": flat[idx + 1],
+        "segment": torch.as_tensor(segment, dtype=torch.long),
+        "num_sequences": torch.tensor(n),
+    }
+    if attention_mask is not None:
+        out["attention_mask"] = attention_mask
+    return out
 
 
 def collate(
@@ -32,42 +183,149 @@ def collate(
     *,
     left_pad: bool = False,
 ) -> dict[str, Tensor]:
-    """Pad ``prompt + completion`` sequences into a batch.
+    """Pad ``prompt + completion`` sequences into ``(N, T)`` rows.
 
-    Returns ``input_ids``, ``attention_mask``, ``completion_mask``, ``position_ids`` (N, T) long.
-    Position ids count real tokens only, so left padding gives the same logits as right padding.
+    Returns ``input_ids``, ``attention_mask``, ``position_ids`` (N, T) long (position ids count
+    real tokens only, so left padding gives the same logits as right padding), and the scoring
+    layout: ``score_index (M,)`` flat positions in ``N x T`` whose next token is scored,
+    ``targets (M,)`` those tokens, ``segment (M,)`` their sequence, ``num_sequences``.
     """
     seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
     width = max(len(s) for s in seqs)
     n = len(seqs)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     attention = torch.zeros((n, width), dtype=torch.long)
-    comp = torch.zeros((n, width), dtype=torch.long)
     positions = torch.zeros((n, width), dtype=torch.long)
+    rows = []
     for i, (p, s) in enumerate(zip(prompts, seqs)):
         start = width - len(s) if left_pad else 0
-        end = start + len(s)
-        input_ids[i, start:end] = torch.as_tensor(s, dtype=torch.long)
-        attention[i, start:end] = 1
-        comp[i, start + len(p) : end] = 1
-        positions[i, start:end] = torch.arange(len(s))
-    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": comp, "position_ids": positions}
+        input_ids[i, start : start + len(s)] = torch.as_tensor(s, dtype=torch.long)
+        attention[i, start : start + len(s)] = 1
+        positions[i, start : start + len(s)] = torch.arange(len(s))
+        rows.append((i * width + start, len(p), len(s)))
+    index, segment = _scored(rows, width)
+    return _finish(input_ids, positions, attention, index, segment, n)
 
 
-def pair_batch(prompt_ids: list, chosen_ids: list, rejected_ids: list, pad_id: int) -> dict[str, Tensor]:
-    """Chosen rows then rejected rows in one batch of 2B, so one forward serves both."""
-    return collate(list(prompt_ids) * 2, list(chosen_ids) + list(rejected_ids), pad_id)
+def pack(prompts: list, completions: list) -> dict[str, Tensor]:
+    """All ``prompt + completion`` sequences in one ``(1, L)`` row, no padding.
+
+    Position ids restart at 0 for each sequence; there is no attention mask, so transformers
+    (>= 4.44 for flash-attention, 5.x for SDPA and eager) reads the sequence boundaries from the
+    restarting position ids and never attends across them: flash-attention's varlen kernel on GPU,
+    a block-diagonal causal mask with SDPA. Same scoring layout as :func:`collate`.
+    """
+    seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    ids: list[int] = []
+    positions: list[int] = []
+    rows = []
+    for p, s in zip(prompts, seqs):
+        rows.append((len(ids), len(p), len(s)))
+        ids.extend(s)
+        positions.extend(range(len(s)))
+    index, segment = _scored(rows, len(ids))
+    input_ids = torch.as_tensor(ids, dtype=torch.long)[None]
+    return _finish(input_ids, torch.as_tensor(positions, dtype=torch.long)[None], None, index, segment, len(seqs))
 
 
-def model_sequence_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Forward ``model`` on a collated batch; returns ``(logps (N,), logits (N, T, V))``."""
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        use_cache=False,
-    )
-    return sequence_logps(out.logits, batch["input_ids"], batch["completion_mask"]), out.logits
+def pair_batch(prompt_ids: list, chosen_ids: list, rejected_ids: list, pad_id: int, *, packed: bool = False) -> dict[str, Tensor]:
+    """Chosen sequences then rejected sequences, so one forward serves both: sequence ``i`` is
+    pair i's chosen, ``B + i`` its rejected."""
+    prompts, completions = list(prompt_ids) * 2, list(chosen_ids) + list(rejected_ids)
+    return pack(prompts, completions) if packed else collate(prompts, completions, pad_id)
+
+
+# --------------------------------------------------------------------------------------------
+# The model wrapper every forward goes through
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scores:
+    """Per-sequence sums over completion tokens, all ``(N,)`` float32.
+
+    ``logps`` is differentiable; ``tokens`` counts the scored tokens, ``logit_sums`` sums the mean
+    logit over the vocabulary per token, ``entropy_sums`` the entropy per token (nats)."""
+
+    logps: Tensor
+    tokens: Tensor
+    logit_sums: Tensor
+    entropy_sums: Tensor
+
+
+def _head_transform(config) -> HeadTransform:
+    scale = float(getattr(config, "logit_scale", None) or 1.0)  # Cohere multiplies
+    if getattr(config, "logits_scaling", None):  # Granite divides
+        scale /= float(config.logits_scaling)
+    return HeadTransform(scale=scale, softcap=getattr(config, "final_logit_softcapping", None) or None)
+
+
+class PolicyScorer(torch.nn.Module):
+    """A causal LM (Hugging Face, optionally PEFT-wrapped) that returns :class:`Scores` instead of
+    logits: the decoder runs on the layout, the head only on the scored positions, chunked.
+
+    It is the module the engines wrap (DDP, DeepSpeed), so the head runs inside a module's forward:
+    under ZeRO-3, :meth:`register_zero3` tells DeepSpeed to gather the (partitioned) head weight
+    around this forward. ``lm`` is the wrapped model; state dict keys carry the ``lm.`` prefix.
+    """
+
+    def __init__(self, lm: torch.nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
+        super().__init__()
+        self.lm = lm
+        self.chunk_tokens = chunk_tokens
+        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # PEFT keeps the HF model inside
+        head = base.get_output_embeddings()
+        if type(head) is not torch.nn.Linear:
+            # A LoRA-wrapped or quantized head has more than weight @ h; calling only its weight would be wrong.
+            raise ValueError(f"the output head must be a plain torch.nn.Linear to be chunked, got {type(head).__name__} "
+                             "(leave lm_head out of LoRA target_modules)")
+        # Plain attributes, not submodules: both already live under ``lm`` (state dict, DDP, ZeRO).
+        object.__setattr__(self, "_decoder", base.get_decoder())
+        object.__setattr__(self, "_head", head)
+        self.transform = _head_transform(base.config)
+
+    def register_zero3(self) -> None:
+        """Under DeepSpeed ZeRO-3: the head weight is used outside ``lm_head.forward``, so ask
+        DeepSpeed to gather it whenever this module runs (forward and backward)."""
+        from deepspeed.zero import register_external_parameter
+
+        register_external_parameter(self, self._head.weight)
+        if self._head.bias is not None:
+            register_external_parameter(self, self._head.bias)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        score_index: Tensor,
+        targets: Tensor,
+        segment: Tensor,
+        num_sequences: Tensor | int,
+        attention_mask: Tensor | None = None,
+    ) -> Scores:
+        hidden = self._decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_index)
+        logp, mean, entropy = head_logps(scored, self._head.weight, targets, bias=self._head.bias,
+                                         chunk_tokens=self.chunk_tokens, transform=self.transform)
+        n = int(num_sequences)
+
+        def per_seq(x: Tensor) -> Tensor:
+            return torch.zeros(n, dtype=torch.float32, device=x.device).index_add(0, segment, x)
+
+        return Scores(per_seq(logp), per_seq(torch.ones_like(mean)), per_seq(mean), per_seq(entropy))
+
+
+def scorer_of(model: torch.nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.nn.Module:
+    """``model`` itself when it already returns :class:`Scores` (a scorer, or an engine wrapping
+    one), else a :class:`PolicyScorer` around it."""
+    inner = getattr(model, "module", model)  # DDP and DeepSpeed keep the wrapped module here
+    return model if isinstance(inner, PolicyScorer) else PolicyScorer(model, chunk_tokens)
+
+
+def to_device(layout: dict[str, Tensor], device: torch.device | str) -> dict[str, Tensor]:
+    return {k: (v if k == "num_sequences" else v.to(device)) for k, v in layout.items()}
 
 
 def length_batches(lengths: list[int], batch_tokens: int, max_padding: float = 1.05) -> list[list[int]]:
@@ -103,16 +361,23 @@ def budgeted_logps(
     batch_tokens: int,
     device: torch.device | str = "cpu",
     max_padding: float = 1.05,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> tuple[np.ndarray, int]:
     """Summed completion log-probs of N sequences, forwarded in length-sorted batches under a token
-    budget and a padding cap (``length_batches``). Returns ``(logps (N,) float32 in input order,
-    padded tokens forwarded)``."""
+    budget and a padding cap (``length_batches``), through the same chunked head as training.
+    Returns ``(logps (N,) float32 in input order, padded tokens forwarded)``."""
+    scorer = scorer_of(model, chunk_tokens)
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     out = np.zeros(len(lengths), dtype=np.float32)
     padded = 0
     for idx in length_batches(lengths, batch_tokens, max_padding):
-        batch = collate([prompts[i] for i in idx], [completions[i] for i in idx], pad_id)
-        logps, _ = model_sequence_logps(model, {k: v.to(device) for k, v in batch.items()})
-        out[idx] = logps.float().cpu().numpy()
-        padded += batch["input_ids"].numel()
+        layout = collate([prompts[i] for i in idx], [completions[i] for i in idx], pad_id)
+        out[idx] = scorer(**to_device(layout, device)).logps.cpu().numpy()
+        padded += layout["input_ids"].numel()
     return out, padded
+
+
+def model_sequence_logps(model: torch.nn.Module, layout: dict[str, Tensor]) -> Tensor:
+    """Summed completion log-probs ``(N,)`` of a :func:`collate` / :func:`pack` layout."""
+    return scorer_of(model)(**layout).logps
+

@@ -49,7 +49,10 @@ def reduce_sums(sums: Tensor, prefix: str = "") -> dict[str, float]:
 
 
 def all_reduce_sum(sums: Tensor) -> Tensor:
-    """Sum over data-parallel workers (a no-op in a single process)."""
+    """Sum over data-parallel workers (a no-op in a single process).
+
+    ``sums`` must live on the training device: nccl (GPU workers) has no CPU tensors, gloo (CPU
+    workers) no CUDA ones, and the training device is what each backend was set up with."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -58,5 +61,6 @@ def all_reduce_sum(sums: Tensor) -> Tensor:
     return sums
 
 
-def zeros() -> Tensor:
-    return torch.zeros(len(SUM_FIELDS), dtype=torch.float64)
+def zeros(device: torch.device | str = "cpu") -> Tensor:
+    """An empty sums vector on the training ``device`` (float64: sums of many float32 values)."""
+    return torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=device)

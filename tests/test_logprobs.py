@@ -1,11 +1,11 @@
-"""Tests of ``raydpo.logprobs``.
+"""Tests of ``raydpo.logprobs``: the chunked head, the layouts, the scorer.
 
 The contract (../shared/ARCHITECTURE.md): a sequence log-prob is the sum over completion tokens of
 ``log p(token | prefix)``; prompt and padding tokens never count; every layout gives the same number.
 
-``sequence_logps`` is checked against ``reference_logps``, an independent float64 loop written from
-that definition: for each row i and position t >= 1 with ``completion_mask[i, t] == 1``, add
-``log_softmax(logits[i, t - 1] as float64)[ids[i, t]]``.
+The independent computation everything is checked against: full ``(M, V)`` logits in float64,
+``log_softmax`` over them, one token at a time (``float64_head``), and for whole models, each
+sequence run alone, unpadded, with its full logits in float64 (``float64_alone``).
 """
 from __future__ import annotations
 
@@ -15,207 +15,251 @@ import numpy as np
 import pytest
 import torch
 
-from raydpo.logprobs import collate, model_sequence_logps, pair_batch, sequence_logps
-from raydpo.models import build_tiny_model, build_tiny_tokenizer
+from raydpo.logprobs import (
+    HeadTransform,
+    PolicyScorer,
+    budgeted_logps,
+    collate,
+    head_logps,
+    model_sequence_logps,
+    pack,
+    pair_batch,
+)
+from raydpo.models import build_tiny_model
 
 PAD = 0
+VOCAB = 60
 
-# Three pairs of (prompt, completion) id lists of different lengths, so both layouts pad.
+# Three (prompt, completion) id lists of different lengths, so padded layouts pad.
 PROMPTS = [[4, 10, 11, 12, 13], [4, 14], [4, 15, 16, 17]]
 COMPLETIONS = [[5, 30, 31, 2], [5, 32, 33, 34, 35, 36, 37, 2], [5, 38, 2]]
 
 
-def reference_logps(logits: torch.Tensor, ids: torch.Tensor, completion_mask: torch.Tensor) -> list[float]:
-    """The definition, one token at a time, in float64."""
-    out = []
-    for i in range(ids.shape[0]):
-        total = 0.0
-        for t in range(1, ids.shape[1]):
-            if int(completion_mask[i, t]) == 1:
-                row = torch.log_softmax(logits[i, t - 1].to(torch.float64), dim=-1)
-                total += float(row[int(ids[i, t])])
-        out.append(total)
-    return out
+def float64_head(hidden, weight, targets, bias=None, transform=HeadTransform()):
+    """The definition, unchunked, in float64: ``(logp, mean logit, entropy)`` per position."""
+    z = hidden.double() @ weight.double().t()
+    if bias is not None:
+        z = z + bias.double()
+    z = z * transform.scale
+    if transform.softcap is not None:
+        z = torch.tanh(z / transform.softcap) * transform.softcap
+    lsm = torch.log_softmax(z, -1)
+    logp = torch.stack([lsm[m, int(targets[m])] for m in range(len(targets))])
+    return logp, z.mean(-1), -(lsm.exp() * lsm).sum(-1)
 
 
-def random_logits(batch: dict[str, torch.Tensor], vocab: int, seed: int, scale: float = 4.0) -> torch.Tensor:
+def _head_inputs(m: int, h: int, v: int, seed: int, bias: bool):
     g = torch.Generator().manual_seed(seed)
-    n, t = batch["input_ids"].shape
-    return torch.randn(n, t, vocab, generator=g) * scale
+    hidden = torch.randn(m, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64) * 0.5
+    b = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
+    targets = torch.randint(0, v, (m,), generator=g)
+    grad_out = torch.randn(m, generator=g, dtype=torch.float64)
+    return hidden, weight, b, targets, grad_out
 
 
-@pytest.mark.parametrize("left_pad", [False, True], ids=["right_pad", "left_pad"])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_sequence_logps_matches_float64_loop(left_pad: bool, seed: int) -> None:
-    batch = collate(PROMPTS, COMPLETIONS, PAD, left_pad=left_pad)
-    logits = random_logits(batch, vocab=50, seed=seed)
-    got = sequence_logps(logits, batch["input_ids"], batch["completion_mask"])
-    want = reference_logps(logits, batch["input_ids"], batch["completion_mask"])
-    assert got.shape == (3,)
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("chunk", [1, 7, 10_000], ids=["chunk1", "chunk_prime", "chunk_longer"])
+@pytest.mark.parametrize(
+    "transform,bias",
+    [(HeadTransform(), False), (HeadTransform(), True), (HeadTransform(scale=0.5, softcap=3.0), False)],
+    ids=["plain", "bias", "scale_softcap"],
+)
+def test_head_matches_float64_values_and_gradients(chunk: int, transform: HeadTransform, bias: bool) -> None:
+    """logp, mean logit and entropy, and d(logp . g)/d(hidden, weight, bias), equal the unchunked
+    float64 computation to 1e-5 in float32, whatever the chunk size (1, a prime, longer than M)."""
+    hidden, weight, b, targets, g_out = _head_inputs(m=23, h=16, v=41, seed=chunk, bias=bias)
+    leaves64 = [t.clone().requires_grad_() for t in (hidden, weight) + ((b,) if bias else ())]
+    want = float64_head(*leaves64[:2], targets, leaves64[2] if bias else None, transform)
+    want_grads = torch.autograd.grad((want[0] * g_out).sum(), leaves64)
+
+    leaves32 = [t.float().requires_grad_() for t in (hidden, weight) + ((b,) if bias else ())]
+    got = head_logps(leaves32[0], leaves32[1], targets, bias=leaves32[2] if bias else None,
+                     chunk_tokens=chunk, transform=transform)
+    assert all(t.dtype == torch.float32 and t.shape == (23,) for t in got)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a.double(), w.detach(), rtol=1e-5, atol=1e-5)
+    got_grads = torch.autograd.grad((got[0] * g_out.float()).sum(), leaves32)
+    for a, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(a.double(), w, rtol=1e-5, atol=1e-5)
 
 
-def test_collate_layouts() -> None:
-    """Right padding puts the sequence at the start, left padding at the end; position ids count
-    real tokens only; the completion mask has exactly len(completion) ones, on the completion."""
+def test_head_hand_worked_vocab_3() -> None:
+    """V = 3, H = 1, weight = [[0], [0], [ln 2]], so z = h * [0, 0, ln 2].
+
+    h = 1, target 2: z = [0, 0, ln 2], p(2) = 2 / (1 + 1 + 2) = 1/2 -> logp = -ln 2;
+        mean logit = ln 2 / 3; entropy = -(2 * 1/4 ln 1/4 + 1/2 ln 1/2) = 1.5 ln 2.
+    h = 0, target 0: z = [0, 0, 0], p = 1/3 -> logp = -ln 3; mean 0; entropy ln 3.
+    """
+    ln2, ln3 = math.log(2.0), math.log(3.0)
+    logp, mean, entropy = head_logps(torch.tensor([[1.0], [0.0]]), torch.tensor([[0.0], [0.0], [ln2]]),
+                                     torch.tensor([2, 0]), chunk_tokens=1)
+    torch.testing.assert_close(logp, torch.tensor([-ln2, -ln3]))
+    torch.testing.assert_close(mean, torch.tensor([ln2 / 3, 0.0]))
+    torch.testing.assert_close(entropy, torch.tensor([1.5 * ln2, ln3]))
+
+
+def test_head_bf16_autocast_keeps_float32_log_softmax() -> None:
+    """Under bf16 autocast the matmul runs in bf16 but the log-softmax in float32: the result is
+    float32 and within bf16 matmul rounding of the float64 definition."""
+    hidden, weight, _, targets, _ = _head_inputs(m=9, h=16, v=41, seed=5, bias=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, _, _ = head_logps(hidden.float(), weight.float(), targets, chunk_tokens=4)
+    assert logp.dtype == torch.float32
+    want = float64_head(hidden, weight, targets)[0]
+    torch.testing.assert_close(logp.double(), want, rtol=0, atol=0.1)
+
+
+# --- layouts ------------------------------------------------------------------------------------
+
+
+def test_collate_layout_scores_completion_positions_only() -> None:
+    """Right and left padding: each sequence sits where expected, position ids count real tokens,
+    and the scored positions are exactly those whose next token is a completion token."""
     for left_pad in (False, True):
         b = collate(PROMPTS, COMPLETIONS, PAD, left_pad=left_pad)
         width = max(len(p) + len(c) for p, c in zip(PROMPTS, COMPLETIONS))
         assert b["input_ids"].shape == (3, width)
+        want_index, want_segment = [], []
         for i, (p, c) in enumerate(zip(PROMPTS, COMPLETIONS)):
             n = len(p) + len(c)
             start = width - n if left_pad else 0
             assert b["input_ids"][i, start : start + n].tolist() == p + c
-            assert b["attention_mask"][i].sum() == n
             assert b["attention_mask"][i, start : start + n].tolist() == [1] * n
+            assert int(b["attention_mask"][i].sum()) == n
             assert b["position_ids"][i, start : start + n].tolist() == list(range(n))
-            assert b["completion_mask"][i].sum() == len(c)
-            assert b["completion_mask"][i, start + len(p) : start + n].tolist() == [1] * len(c)
-            pads = [t for t in range(width) if not start <= t < start + n]
-            assert all(int(b["input_ids"][i, t]) == PAD for t in pads)
+            want_index += [i * width + start + t - 1 for t in range(len(p), n)]
+            want_segment += [i] * len(c)
+        assert b["score_index"].tolist() == want_index
+        assert b["segment"].tolist() == want_segment
+        assert b["targets"].tolist() == [t for c in COMPLETIONS for t in c]
 
 
-@pytest.mark.parametrize("left_pad", [False, True], ids=["right_pad", "left_pad"])
-def test_prompt_and_pad_positions_never_count(left_pad: bool) -> None:
-    """Scrambling every logit row whose next token is a prompt or pad token, and every id that is
-    not a completion token, leaves the result unchanged; changing one completion-target logit does not."""
-    batch = collate(PROMPTS, COMPLETIONS, PAD, left_pad=left_pad)
-    logits = random_logits(batch, vocab=50, seed=3)
-    ids, mask = batch["input_ids"], batch["completion_mask"]
-    base = sequence_logps(logits, ids, mask)
-
-    g = torch.Generator().manual_seed(4)
-    scrambled_logits = logits.clone()
-    scrambled_ids = ids.clone()
-    n, width = ids.shape
-    scrambled_rows = 0
-    for i in range(n):
-        for t in range(width):
-            if t >= 1 and int(mask[i, t]) == 0:
-                # logits[t-1] predicts ids[t], a prompt or pad token.
-                scrambled_logits[i, t - 1] = torch.randn(50, generator=g) * 10
-                scrambled_rows += 1
-            if int(mask[i, t]) == 0:
-                scrambled_ids[i, t] = int(torch.randint(0, 50, (1,), generator=g))
-        scrambled_logits[i, width - 1] = torch.randn(50, generator=g) * 10  # the last row predicts nothing
-    assert scrambled_rows > 0
-    assert not torch.equal(scrambled_ids, ids)
-    torch.testing.assert_close(sequence_logps(scrambled_logits, scrambled_ids, mask), base, rtol=0, atol=0)
-
-    # A completion target does count: raise the logit of row 1's first completion token.
-    i = 1
-    t = int(mask[i].nonzero()[0])
-    changed = logits.clone()
-    changed[i, t - 1, int(ids[i, t])] += 2.0
-    after = sequence_logps(changed, ids, mask)
-    assert after[i] > base[i] + 1e-3
-    torch.testing.assert_close(after[[0, 2]], base[[0, 2]], rtol=0, atol=0)
+def test_pack_layout_one_row_positions_restart() -> None:
+    b = pack(PROMPTS, COMPLETIONS)
+    seqs = [p + c for p, c in zip(PROMPTS, COMPLETIONS)]
+    assert b["input_ids"].tolist() == [sum(seqs, [])]
+    assert b["position_ids"].tolist() == [sum((list(range(len(s))) for s in seqs), [])]
+    assert "attention_mask" not in b
+    assert b["targets"].tolist() == [t for c in COMPLETIONS for t in c]
+    assert b["segment"].tolist() == sum(([i] * len(c) for i, c in enumerate(COMPLETIONS)), [])
 
 
-def test_hand_worked_vocab_3() -> None:
-    """Vocabulary of 3, one right-padded batch of two sequences built by ``collate``.
-
-    Row 0: prompt [0], completion [1, 2] -> ids [0, 1, 2], completion_mask [0, 1, 1].
-        logits[0] = [0, 0, 0]           -> p(1) = 1/3
-        logits[1] = [0, 0, ln 2]        -> p(2) = 2 / (1 + 1 + 2) = 1/2
-        logits[2] = [9, 9, 9] (predicts nothing)
-        expected = ln(1/3) + ln(1/2) = -ln 6 = -1.791759469228055
-    Row 1: prompt [2, 0], completion [1] -> ids [2, 0, 1], completion_mask [0, 0, 1].
-        logits[0] = [5, -5, 5] (predicts the prompt token 0: does not count)
-        logits[1] = [ln 3, 0, 0]        -> p(1) = 1 / (3 + 1 + 1) = 1/5
-        expected = ln(1/5) = -1.6094379124341003
-    """
-    batch = collate([[0], [2, 0]], [[1, 2], [1]], pad_id=0)
-    assert batch["input_ids"].tolist() == [[0, 1, 2], [2, 0, 1]]
-    assert batch["completion_mask"].tolist() == [[0, 1, 1], [0, 0, 1]]
-    ln2, ln3 = math.log(2.0), math.log(3.0)
-    logits = torch.tensor(
-        [
-            [[0.0, 0.0, 0.0], [0.0, 0.0, ln2], [9.0, 9.0, 9.0]],
-            [[5.0, -5.0, 5.0], [ln3, 0.0, 0.0], [9.0, 9.0, 9.0]],
-        ]
-    )
-    got = sequence_logps(logits, batch["input_ids"], batch["completion_mask"])
-    torch.testing.assert_close(got, torch.tensor([-1.791759469228055, -1.6094379124341003]), rtol=1e-6, atol=1e-6)
+def test_pair_batch_chosen_then_rejected_and_numpy_int32() -> None:
+    """Sequence i is pair i's chosen, B + i its rejected; int32 numpy rows (Ray Data) are accepted."""
+    prompts = [np.array([4, 10], dtype=np.int32), np.array([4], dtype=np.int32)]
+    chosen = [np.array([5, 20, 2], dtype=np.int32), np.array([5, 21, 22, 2], dtype=np.int32)]
+    rejected = [np.array([5, 2], dtype=np.int32), np.array([5, 30, 2], dtype=np.int32)]
+    for packed in (False, True):
+        b = pair_batch(prompts, chosen, rejected, PAD, packed=packed)
+        assert int(b["num_sequences"]) == 4
+        assert b["input_ids"].dtype == torch.long
+        counts = torch.bincount(b["segment"], minlength=4).tolist()
+        assert counts == [3, 4, 2, 3]
 
 
-def test_bf16_logits_give_float32_close_to_upcast() -> None:
-    """bf16 logits: the result is float32 and equals the float64 definition applied to the same
-    bf16 values upcast (so no bf16 log-softmax happens inside)."""
-    batch = collate(PROMPTS, COMPLETIONS, PAD, left_pad=True)
-    logits16 = random_logits(batch, vocab=50, seed=5).to(torch.bfloat16)
-    got = sequence_logps(logits16, batch["input_ids"], batch["completion_mask"])
-    assert got.dtype == torch.float32
-    upcast = sequence_logps(logits16.float(), batch["input_ids"], batch["completion_mask"])
-    torch.testing.assert_close(got, upcast, rtol=1e-6, atol=1e-6)
-    want = torch.tensor(reference_logps(logits16, batch["input_ids"], batch["completion_mask"]), dtype=torch.float64)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    # A bf16 log-softmax would be far off: the upcast is what keeps the error small.
-    ids, mask = batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:]
-    bf16_lsm = torch.log_softmax(logits16[:, :-1], dim=-1).gather(2, ids.unsqueeze(-1)).squeeze(-1)
-    bf16_sum = (bf16_lsm.double() * mask).sum(-1)
-    assert (bf16_sum - want).abs().max() > (got.double() - want).abs().max()
-
-
-def test_pair_batch_chosen_rows_then_rejected_rows() -> None:
-    prompts = [[4, 10, 11], [4, 12]]
-    chosen = [[5, 20, 2], [5, 21, 22, 23, 2]]
-    rejected = [[5, 30, 31, 32, 2], [5, 2]]
-    b = pair_batch(prompts, chosen, rejected, PAD)
-    assert b["input_ids"].shape[0] == 4
-    rows = [p + c for p, c in zip(prompts, chosen)] + [p + r for p, r in zip(prompts, rejected)]
-    completions = chosen + rejected
-    for i, (row, comp) in enumerate(zip(rows, completions)):
-        assert b["input_ids"][i, : len(row)].tolist() == row
-        assert int(b["completion_mask"][i].sum()) == len(comp)
-        assert b["completion_mask"][i, len(row) - len(comp) : len(row)].tolist() == [1] * len(comp)
-
-
-def test_pair_batch_accepts_numpy_int32_rows() -> None:
-    """Tokenized rows arrive from Ray Data as int32 numpy arrays."""
-    prompts = [np.array([4, 10], dtype=np.int32)]
-    chosen = [np.array([5, 20, 2], dtype=np.int32)]
-    rejected = [np.array([5, 2], dtype=np.int32)]
-    b = pair_batch(prompts, chosen, rejected, PAD)
-    assert b["input_ids"].dtype == torch.long
-    assert b["input_ids"].tolist() == [[4, 10, 5, 20, 2], [4, 10, 5, 2, PAD]]
-    assert b["completion_mask"].sum(-1).tolist() == [3, 2]
-
-
-# --- a real forward ---------------------------------------------------------------------------
+# --- a real model -------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def tiny_model() -> torch.nn.Module:
-    tok = build_tiny_tokenizer()
-    model = build_tiny_model(len(tok), hidden_size=32, num_layers=2, num_heads=4, seed=0)
+    # 2 heads of 32: the width vLLM's CPU kernels also accept, and SDPA takes the packed mask.
+    return build_tiny_model(VOCAB, hidden_size=64, num_layers=2, num_heads=2, seed=0).eval()
+
+
+def float64_alone(model: torch.nn.Module, prompts, completions) -> torch.Tensor:
+    """Each sequence alone, no padding, full logits, float64 log-softmax, token by token."""
+    out = []
+    for p, c in zip(prompts, completions):
+        ids = torch.tensor([list(p) + list(c)])
+        lsm = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        out.append(sum(lsm[t - 1, int(ids[0, t])] for t in range(max(len(p), 1), ids.shape[1])))
+    return torch.stack(out)
+
+
+LAYOUTS = {
+    "right_pad": lambda p, c: collate(p, c, PAD),
+    "left_pad": lambda p, c: collate(p, c, PAD, left_pad=True),
+    "packed": pack,
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+def test_model_logps_every_layout_equals_float64_alone(tiny_model, layout: str, chunk: int) -> None:
+    with torch.no_grad():
+        got = PolicyScorer(tiny_model, chunk)(**LAYOUTS[layout](PROMPTS, COMPLETIONS)).logps
+        want = float64_alone(tiny_model, PROMPTS, COMPLETIONS)
+    assert got.dtype == torch.float32 and (got < 0).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def _param_grads(model: torch.nn.Module, layout: dict, g_out: torch.Tensor, chunk: int) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    (PolicyScorer(model, chunk)(**layout).logps * g_out).sum().backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def test_packed_and_padded_gradients_equal(tiny_model) -> None:
+    """d(sum_i g_i logp_i)/d(every parameter), tied head included, agrees across layouts and chunk
+    sizes to 1e-5, and with the float64 full-logits computation."""
+    model = tiny_model.train()
+    g_out = torch.tensor([0.7, -1.3, 2.0])
+    grads = {name: _param_grads(model, fn(PROMPTS, COMPLETIONS), g_out, chunk)
+             for name, fn in LAYOUTS.items() for chunk in (3, 10_000)}
+    model.zero_grad(set_to_none=True)
+    (float64_alone(model, PROMPTS, COMPLETIONS) * g_out.double()).sum().backward()
+    want = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     model.eval()
-    return model
+    assert set(want) and all(set(g) == set(want) for g in grads.values())
+    for g in grads.values():
+        for k in want:
+            torch.testing.assert_close(g[k], want[k], rtol=1e-5, atol=1e-5)
 
 
-def test_model_logps_same_for_left_right_padding_and_alone(tiny_model: torch.nn.Module) -> None:
-    """Left- and right-padded batches give the same per-sequence log-probs (position ids count real
-    tokens), and both equal running each sequence alone, unpadded, scored by the float64 loop."""
+def test_packed_boundaries_never_leak(tiny_model) -> None:
+    """At the sequence boundaries of a pack: changing every token of sequence 1 leaves the log-probs
+    of sequences 0 and 2 unchanged (no attention across boundaries, positions restart), a prompt of
+    one token scores from position 0, and the first token of the next sequence is never a target."""
+    prompts = [[4], [4, 14], [4, 15, 16]]
+    completions = [[30, 2], [5, 32, 2], [38]]
+    other = [[4], [9, 9, 9, 9, 9, 9], [4, 15, 16]]
+    other_c = [[30, 2], [9, 9], [38]]
     with torch.no_grad():
-        right, _ = model_sequence_logps(tiny_model, collate(PROMPTS, COMPLETIONS, PAD, left_pad=False))
-        left, _ = model_sequence_logps(tiny_model, collate(PROMPTS, COMPLETIONS, PAD, left_pad=True))
-        alone = []
-        for p, c in zip(PROMPTS, COMPLETIONS):
-            b = collate([p], [c], PAD)
-            assert int(b["attention_mask"].sum()) == len(p) + len(c)  # no padding at all
-            logits = tiny_model(input_ids=b["input_ids"]).logits
-            alone.append(reference_logps(logits, b["input_ids"], b["completion_mask"])[0])
-    assert torch.isfinite(left).all() and torch.isfinite(right).all()
-    assert (right < 0).all()
-    torch.testing.assert_close(left, right, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(right.double(), torch.tensor(alone, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+        a = PolicyScorer(tiny_model, 2)(**pack(prompts, completions)).logps
+        b = PolicyScorer(tiny_model, 2)(**pack(other, other_c)).logps
+        want = float64_alone(tiny_model, prompts, completions)
+    torch.testing.assert_close(a[[0, 2]], b[[0, 2]], rtol=0, atol=1e-6)
+    assert abs(float(a[1] - b[1])) > 1e-3
+    torch.testing.assert_close(a.double(), want, rtol=1e-5, atol=1e-5)
+    layout = pack(prompts, completions)
+    # Sequences at [0, 3), [3, 8), [8, 12): positions predicting completion tokens, never a
+    # sequence's last position (it would predict the next sequence's first token).
+    assert layout["score_index"].tolist() == [0, 1, 4, 5, 6, 10]
 
 
-def test_model_logps_depend_on_completion(tiny_model: torch.nn.Module) -> None:
-    """Sanity for the test above: a different completion gives a different log-prob."""
-    other = [[5, 40, 41, 2], COMPLETIONS[1], COMPLETIONS[2]]
+def test_budgeted_logps_equal_float64_alone(tiny_model) -> None:
+    """The reference actors' batching (length-sorted, token budget) goes through the same scorer."""
+    got, padded = budgeted_logps(tiny_model, PROMPTS, COMPLETIONS, PAD, batch_tokens=20, chunk_tokens=5)
     with torch.no_grad():
-        a, _ = model_sequence_logps(tiny_model, collate(PROMPTS, COMPLETIONS, PAD))
-        b, _ = model_sequence_logps(tiny_model, collate(PROMPTS, other, PAD))
+        want = float64_alone(tiny_model, PROMPTS, COMPLETIONS)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+    assert padded >= sum(len(p) + len(c) for p, c in zip(PROMPTS, COMPLETIONS))
+
+
+def test_model_sequence_logps_depend_on_completion(tiny_model) -> None:
+    other = [[5, 40, 41, 42, 43, 2], COMPLETIONS[1], COMPLETIONS[2]]  # two more tokens: about -2 ln 60
+    with torch.no_grad():
+        a = model_sequence_logps(tiny_model, collate(PROMPTS, COMPLETIONS, PAD))
+        b = model_sequence_logps(tiny_model, collate(PROMPTS, other, PAD))
     assert abs(float(a[0] - b[0])) > 1e-3
+    torch.testing.assert_close(a[1:], b[1:])
+
+
+def test_scorer_rejects_a_lora_head(tiny_model) -> None:
+    """A head that is not a plain Linear (LoRA on lm_head) cannot be chunked by its weight alone."""
+    peft = pytest.importorskip("peft")
+    import copy
+
+    lm = peft.get_peft_model(copy.deepcopy(tiny_model), peft.LoraConfig(r=2, target_modules=["lm_head", "q_proj"]))
+    with pytest.raises(ValueError, match="plain torch.nn.Linear"):
+        PolicyScorer(lm)

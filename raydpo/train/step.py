@@ -1,15 +1,22 @@
-"""One micro-batch of DPO: forward chosen + rejected together, loss, and metric sums."""
+"""One optimizer step of DPO: per micro-batch, forward chosen + rejected together, loss and metric
+sums; then backward, the update, and the metrics reduced over every worker.
+
+Every tensor a collective sees lives on the training device (``engine.device``): nccl has no CPU
+tensors. Nothing here imports Ray, so the step runs and is measured without a cluster.
+"""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from typing import Iterable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from raydpo.logprobs import model_sequence_logps, pair_batch
+from raydpo.logprobs import pair_batch, scorer_of, to_device
 from raydpo.losses import LossParams, PairLogps, bco_batch_reward, combined_loss, rewards
-from raydpo.metrics import SUM_FIELDS, all_reduce_sum
+from raydpo.metrics import SUM_FIELDS, all_reduce_sum, reduce_sums, zeros
 
 
 @dataclass(frozen=True)
@@ -28,8 +35,10 @@ class RunningMean:
     count: float = 0.0
 
     def update(self, batch_mean: Tensor, n: int) -> float:
-        """Fold in one micro-batch per worker (a collective: every worker calls it)."""
-        total = all_reduce_sum(torch.tensor([float(batch_mean) * n, float(n)], dtype=torch.float64))
+        """Fold in one micro-batch per worker (a collective: every worker calls it). The sums
+        travel on ``batch_mean``'s device, the training device, which nccl needs."""
+        local = torch.stack([batch_mean.detach().double() * n, torch.tensor(float(n), dtype=torch.float64, device=batch_mean.device)])
+        total = all_reduce_sum(local)
         s, k = total.tolist()
         self.count += k
         self.mean += (s - self.mean * k) / self.count
@@ -43,19 +52,22 @@ def pair_forward(
     pad_id: int,
     device: torch.device,
     bco: RunningMean | None = None,
+    *,
+    packed: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Loss (mean over the micro-batch, differentiable) and the metric sums ``(len(SUM_FIELDS),)``.
+    """Loss (mean over the micro-batch, differentiable) and the metric sums ``(len(SUM_FIELDS),)``
+    float64 on ``device`` (ready for a collective on the training device).
 
     ``batch`` holds ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and, unless reference-free,
-    ``ref_chosen_logps`` / ``ref_rejected_logps``; B pairs give one forward of 2B sequences.
-    ``bco`` (training only) carries ``bco_pair``'s running reward mean; without it delta is
-    ``spec.params.bco_delta``.
+    ``ref_chosen_logps`` / ``ref_rejected_logps``; B pairs give one forward of 2B sequences, padded
+    or ``packed`` into one row. ``module`` is a :class:`~raydpo.logprobs.PolicyScorer` (or an engine
+    wrapping one; a plain causal LM gets wrapped). ``bco`` (training only) carries ``bco_pair``'s
+    running reward mean; without it delta is ``spec.params.bco_delta``.
     """
     n = len(batch["prompt_ids"])
-    inputs = {k: v.to(device) for k, v in pair_batch(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_id).items()}
-    logps, logits = model_sequence_logps(module, inputs)
-    mask = inputs["completion_mask"][:, 1:].float()  # (2B, T-1): positions whose next token is scored
-    tokens = mask.sum(-1)
+    layout = pair_batch(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_id, packed=packed)
+    scores = scorer_of(module)(**to_device(layout, device))
+    logps, tokens = scores.logps, scores.tokens
     if spec.reference_free:
         ref_c = ref_r = None
     else:
@@ -72,15 +84,8 @@ def pair_forward(
 
     with torch.no_grad():
         r_c, r_r = rewards(pair, spec.params.beta)
-        mean_logit = logits[:, :-1].float().mean(-1)  # (2B, T-1)
-        logit_sums = (mean_logit * mask).sum(-1)
-        # Row by row: a (T, V) float32 softmax at a time, not (2B, T, V), bounds the memory.
-        entropy = sum(
-            ((-(lp.exp() * lp).sum(-1)) * m).sum()
-            for lp, m in ((torch.log_softmax(logits[i, :-1].float(), -1), mask[i]) for i in range(2 * n))
-        )
         values = {
-            "pairs": float(n),
+            "pairs": torch.tensor(float(n), device=device),
             "loss": per_pair.sum(),
             "rewards/chosen": r_c.sum(),
             "rewards/rejected": r_r.sum(),
@@ -88,11 +93,55 @@ def pair_forward(
             "logps/chosen": pair.chosen.sum(),
             "logps/rejected": pair.rejected.sum(),
             "nll_loss": (-pair.chosen / pair.chosen_tokens.clamp(min=1)).sum(),
-            "logits/chosen": logit_sums[:n].sum(),
-            "logits/rejected": logit_sums[n:].sum(),
+            # Mean logit over the vocabulary and entropy, summed over completion tokens: from the
+            # head's own chunks, no second pass over the vocabulary.
+            "logits/chosen": scores.logit_sums[:n].sum(),
+            "logits/rejected": scores.logit_sums[n:].sum(),
             "chosen_tokens": tokens[:n].sum(),
             "rejected_tokens": tokens[n:].sum(),
-            "entropy": entropy,
+            "entropy": scores.entropy_sums.sum(),
         }
-        sums = torch.tensor([float(values[k]) for k in SUM_FIELDS], dtype=torch.float64)
+        sums = torch.stack([values[k].double() for k in SUM_FIELDS])
     return loss, sums
+
+
+def _autocast(engine):
+    """The engine's forward precision context (bf16 autocast for DDP with ``train.bf16``)."""
+    return engine.autocast() if hasattr(engine, "autocast") else nullcontext()
+
+
+def train_step(
+    engine,
+    micro_batches: Iterable[dict[str, np.ndarray]],
+    spec: LossSpec,
+    pad_id: int,
+    bco: RunningMean | None = None,
+    *,
+    packed: bool = False,
+) -> dict[str, float]:
+    """One optimizer update over ``engine.grad_accum_steps`` micro-batches of this worker; returns
+    the global-batch metrics (TRL's names) with ``grad_norm`` and the next ``learning_rate``."""
+    sums = zeros(engine.device)
+    for micro in micro_batches:
+        with _autocast(engine):
+            loss, s = pair_forward(engine.module, micro, spec, pad_id, engine.device, bco, packed=packed)
+        engine.backward(loss)
+        sums += s
+    grad_norm = engine.step()
+    metrics = reduce_sums(all_reduce_sum(sums))
+    return metrics | {"grad_norm": grad_norm, "learning_rate": engine.learning_rate()}
+
+
+def evaluate(
+    engine, batches: Iterable[dict[str, np.ndarray]], spec: LossSpec, pad_id: int, *, packed: bool = False
+) -> dict[str, float]:
+    """``eval_``-prefixed metrics over this worker's eval batches, summed over every worker."""
+    engine.module.eval()
+    sums = zeros(engine.device)
+    with torch.no_grad():
+        for batch in batches:
+            with _autocast(engine):
+                _, s = pair_forward(engine.module, batch, spec, pad_id, engine.device, packed=packed)
+            sums += s
+    engine.module.train()
+    return reduce_sums(all_reduce_sum(sums), prefix="eval_")

@@ -139,7 +139,7 @@ def test_budgeted_logps_equal_one_padded_batch(tmp_path):
     completions = [rng.integers(10, 90, size=rng.integers(1, 9)).tolist() for _ in range(13)]
     got, padded = budgeted_logps(model, prompts, completions, pad_id=0, batch_tokens=30)
     with torch.no_grad():
-        want, _ = model_sequence_logps(model, collate(prompts, completions, 0))
+        want = model_sequence_logps(model, collate(prompts, completions, 0))
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
     real = sum(len(p) + len(c) for p, c in zip(prompts, completions))
     assert real <= padded < 13 * max(len(p) + len(c) for p, c in zip(prompts, completions))

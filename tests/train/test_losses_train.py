@@ -110,7 +110,7 @@ def task() -> tuple[list[dict], int]:
             "rejected_ids": _ids([p.rejected_ids for p in chunk]),
         }
         with torch.no_grad():
-            logps, _ = model_sequence_logps(
+            logps = model_sequence_logps(
                 reference, pair_batch(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_id)
             )
         batch["ref_chosen_logps"] = logps[: len(chunk)].numpy().astype(np.float32)
