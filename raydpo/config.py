@@ -165,9 +165,28 @@ class LossConfig(_Strict):
         return self
 
 
+class LoraConfig(_Strict):
+    """``train.lora``: train PEFT LoRA adapters instead of every weight (``pip install 'raydpo[lora]'``)."""
+
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)  # the update B @ A is scaled by alpha / r
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # "all-linear": every linear layer except the output head; or module names, e.g. [q_proj, v_proj].
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, targets: str | list[str]) -> str | list[str]:
+        if not targets:
+            raise ValueError("give at least one module name, or all-linear")
+        return targets
+
+
 class TrainConfig(_Strict):
     engine: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: Literal[2, 3] = 2
+    # DeepSpeed only: optimizer state and float32 master weights in CPU memory (ZeRO-Offload).
+    offload_optimizer: bool = False
     num_workers: int = Field(1, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -180,9 +199,12 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["constant", "linear", "cosine"] = "linear"
     max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
+    # Mixed precision with float32 master weights: DDP autocasts forwards to bf16, DeepSpeed keeps
+    # bf16 module weights plus float32 master partitions. Never bf16/fp16 weights under AdamW.
     bf16: bool = False
+    gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory
+    lora: LoraConfig | None = None
     seed: int = 0
-    shuffle_buffer: int = Field(1000, ge=0)  # rows; a seeded local shuffle per epoch
     log_every: int = Field(1, gt=0)
     eval_every: int = Field(0, ge=0)  # steps; 0: only at the end
     checkpoint_every: int = Field(0, ge=0)  # steps; 0: only at the end
@@ -200,6 +222,8 @@ class TrainConfig(_Strict):
                 f"train.batch_size ({self.batch_size}) must be num_workers ({self.num_workers}) "
                 f"x micro_batch_size ({self.micro_batch_size}) x an integer"
             )
+        if self.offload_optimizer and self.engine != "deepspeed":
+            raise ValueError("train.offload_optimizer: needs train.engine: deepspeed (ZeRO-Offload)")
         return self
 
 
@@ -217,6 +241,22 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     output_dir: str = "outputs/run"
+
+    @model_validator(mode="after")
+    def _master_weights_float32(self) -> "Config":
+        """AdamW on bf16/fp16 weights silently drops every update below the weight's rounding
+        step (about w/256 in bf16): training must keep float32 master weights."""
+        dtype, train = self.model.dtype, self.train
+        if dtype == "float16":
+            raise ValueError("model.dtype: float16 weights cannot be trained (updates round away, and "
+                             "fp16 needs loss scaling); use float32 with train.bf16: true")
+        if dtype == "bfloat16" and train.engine == "ddp":
+            raise ValueError("model.dtype: bfloat16 with train.engine: ddp would train pure bf16 weights; "
+                             "use model.dtype: float32 and train.bf16: true (autocast with float32 master weights)")
+        if dtype == "bfloat16" and not train.bf16:
+            raise ValueError("model.dtype: bfloat16 with train.engine: deepspeed needs train.bf16: true "
+                             "(DeepSpeed then keeps float32 master weights)")
+        return self
 
 
 class ConfigError(ValueError):
@@ -256,8 +296,12 @@ def validate(tree: dict[str, Any]) -> Config:
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            path = ".".join(str(p) for p in err["loc"]) or "config"
-            lines.append(f"{path}: {err['msg']}")
+            path = ".".join(str(p) for p in err["loc"])
+            if not path and err["type"] == "value_error":
+                # A check across sections (Config's own validators) names its keys itself.
+                lines.append(str(err["ctx"]["error"]))
+                continue
+            lines.append(f"{path or 'config'}: {err['msg']}")
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
 
 

@@ -3,10 +3,11 @@
 The training loop (run inside Ray Train workers, or as a plain single process) only
 ever talks to :class:`Engine`::
 
-    engine = build_engine("ddp", model, OptimConfig(lr=1e-5), grad_accum_steps=4, micro_batch_size=2)
+    engine = build_engine("ddp", model, OptimConfig(lr=1e-5), grad_accum_steps=4, micro_batch_size=2, bf16=True)
     for step in range(total_steps):
         for micro_batch in next_micro_batches(grad_accum_steps):
-            loss = compute_loss(engine.module, micro_batch)  # mean over the micro-batch
+            with engine.autocast():
+                loss = compute_loss(engine.module, micro_batch)  # mean over the micro-batch
             engine.backward(loss)
         grad_norm = engine.step()
         lr = engine.learning_rate()
@@ -22,6 +23,11 @@ single process seeing the whole global batch):
   returns the global gradient L2 norm measured *before* clipping (identical on every rank).
 * Exactly one forward of ``engine.module`` per ``backward`` (concatenate chosen/rejected into
   one batch): DDP arms its gradient all-reduce in forward.
+* ``bf16=True`` never trains bf16 weights: parameters and optimizer state stay float32 (the
+  "master weights") so small updates are not rounded away. DDP runs the forward under
+  ``torch.autocast(bfloat16)`` (:meth:`Engine.autocast`); DeepSpeed casts the module to bf16
+  itself and keeps float32 master copies in its ZeRO optimizer, so its ``autocast()`` is a no-op.
+  Wrap every forward in ``engine.autocast()`` and the loop is the same for both kinds.
 
 DeepSpeed on a CUDA-less host needs its CPU accelerator, chosen from ``DS_ACCELERATOR`` when
 DeepSpeed is first imported; :func:`_import_deepspeed` sets ``DS_ACCELERATOR=cpu`` if unset, so
@@ -37,12 +43,13 @@ This module must import without Ray and without DeepSpeed; DeepSpeed is imported
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 import torch.distributed as dist
@@ -104,6 +111,35 @@ def _make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.A
         foreach=False,
         fused=False,
     )
+
+
+def _make_cpu_adam(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """DeepSpeed's CPU AdamW, which ZeRO-Offload insists on (it refuses a client torch optimizer
+    unless ``zero_force_ds_cpu_optimizer`` is turned off, and torch AdamW over offloaded
+    partitions would be slow). Same AdamW math as torch's, in a vectorised C++ op that DeepSpeed
+    compiles on first use (a C++ compiler is needed; the build is cached in ~/.cache/torch_extensions)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return DeepSpeedCPUAdam(
+        params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay, adamw_mode=True
+    )
+
+
+def _zero_config(stage: int, offload_optimizer: bool) -> dict[str, Any]:
+    """The ``zero_optimization`` section.
+
+    ``stage3_gather_16bit_weights_on_model_save`` lets ``ds_engine.save_16bit_model`` gather
+    ZeRO-3 weights; :meth:`DeepSpeedEngine.full_state_dict` gathers them itself, but setting it
+    keeps either route to a consolidated HF folder open. Pinned host memory only helps (and only
+    exists) with CUDA.
+    """
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return zero
 
 
 def _make_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig) -> torch.optim.lr_scheduler.LRScheduler:
@@ -198,6 +234,13 @@ class Engine:
     grad_accum_steps: int
     device: torch.device
 
+    def autocast(self) -> ContextManager[Any]:
+        """Wrap each forward (not the backward) in this: the mixed precision the engine needs.
+
+        Null by default; DDP with ``bf16`` returns ``torch.autocast(bfloat16)`` on its device.
+        """
+        return contextlib.nullcontext()
+
     def backward(self, loss: Tensor) -> None:
         """Accumulate gradients of the mean loss of ONE micro-batch."""
         raise NotImplementedError
@@ -238,7 +281,12 @@ class Engine:
 
 
 class DDPEngine(Engine):
-    """torch AdamW, wrapped in DistributedDataParallel when world size > 1."""
+    """torch AdamW, wrapped in DistributedDataParallel when world size > 1.
+
+    With ``bf16`` the weights, gradients and AdamW state stay float32 and only the forward's
+    matmuls run in bf16 (autocast): a pure-bf16 model would round away every update smaller
+    than 2^-8 of a weight (at lr 1e-6 that is all of them).
+    """
 
     _CHECKPOINT_FILE = "engine_state.pt"
 
@@ -249,10 +297,18 @@ class DDPEngine(Engine):
         *,
         grad_accum_steps: int,
         device: torch.device,
+        bf16: bool = False,
     ) -> None:
+        low = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad and p.dtype != torch.float32})
+        if low:
+            # A bf16/fp16 parameter under AdamW loses small updates to rounding: train float32
+            # weights and pass bf16=True (autocast) instead.
+            raise ValueError(f"DDP trains float32 weights; trainable parameters are {', '.join(low)}: "
+                             "load the model in float32 and use bf16=True (autocast)")
         self.optim_config = optim
         self.grad_accum_steps = grad_accum_steps
         self.device = device
+        self.bf16 = bf16
         self.model = model.to(device)
         if _world_size() > 1:
             # device_ids only for CUDA; on CPU DDP must be given None.
@@ -264,6 +320,11 @@ class DDPEngine(Engine):
         self.scheduler = _make_scheduler(self.optimizer, optim)
         self._micro_step = 0
         self._prepare_next_micro_batch()
+
+    def autocast(self) -> ContextManager[Any]:
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def _prepare_next_micro_batch(self) -> None:
         """Tell DDP whether the coming micro-batch's backward should all-reduce.
@@ -336,7 +397,13 @@ class DDPEngine(Engine):
 
 
 class DeepSpeedEngine(Engine):
-    """DeepSpeed ZeRO stage 2 or 3 with a client torch AdamW and HF LR scheduler."""
+    """DeepSpeed ZeRO stage 2 or 3 with a client AdamW and HF LR scheduler.
+
+    ``bf16``: DeepSpeed casts the module to bf16 and its ZeRO optimizer keeps float32 master
+    partitions, so :meth:`autocast` stays the inherited no-op. ``offload_optimizer`` keeps the
+    optimizer state and the float32 master weights in CPU memory; DeepSpeed then requires its own
+    CPU Adam (the ``cpu_adam`` C++ op, JIT-compiled on first use) instead of torch AdamW.
+    """
 
     def __init__(
         self,
@@ -348,6 +415,7 @@ class DeepSpeedEngine(Engine):
         zero_stage: int,
         bf16: bool,
         device: torch.device | None,
+        offload_optimizer: bool = False,
     ) -> None:
         if zero_stage not in (2, 3):
             raise ValueError(f"zero_stage must be 2 or 3, got {zero_stage}")
@@ -364,13 +432,13 @@ class DeepSpeedEngine(Engine):
             "train_micro_batch_size_per_gpu": micro_batch_size,
             "gradient_accumulation_steps": grad_accum_steps,
             "gradient_clipping": optim.max_grad_norm,  # 0.0 disables clipping in DeepSpeed too
-            "zero_optimization": {"stage": zero_stage},
+            "zero_optimization": _zero_config(zero_stage, offload_optimizer),
             "bf16": {"enabled": bf16},
             # Keep DeepSpeed's own periodic logging out of the training logs.
             "steps_per_print": sys.maxsize,
             "wall_clock_breakdown": False,
         }
-        optimizer = _make_optimizer(model, optim)
+        optimizer = _make_cpu_adam(model, optim) if offload_optimizer else _make_optimizer(model, optim)
         scheduler = _make_scheduler(optimizer, optim)
         # Passing the client optimizer/scheduler (rather than DeepSpeed "optimizer"/"scheduler"
         # config sections) keeps the math identical to DDPEngine; ZeRO wraps the optimizer and
@@ -440,9 +508,11 @@ class DeepSpeedEngine(Engine):
     def full_state_dict(self) -> dict[str, Tensor]:
         if self.zero_stage == 3:
             # Gathers each partitioned parameter in turn (collective) and copies it to CPU on
-            # rank 0; other ranks get an empty dict. Despite the name, it returns the
+            # rank 0; other ranks get an empty dict (DeepSpeed returns None). Despite the name, it returns the
             # parameters' own dtype (float32 unless bf16 is enabled).
             state = self.ds_engine._zero3_consolidated_16bit_state_dict()
+            if state is None:  # ranks other than 0
+                return {}
             return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
         # ZeRO-2 keeps full (low-precision if bf16) weights on every rank.
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
@@ -457,6 +527,7 @@ def build_engine(
     micro_batch_size: int,
     zero_stage: int = 2,
     bf16: bool = False,
+    offload_optimizer: bool = False,
     device: torch.device | None = None,
 ) -> Engine:
     """Build a training engine.
@@ -469,17 +540,20 @@ def build_engine(
         micro_batch_size: rows per micro-batch per rank (DeepSpeed needs it for its batch
             bookkeeping; DDP ignores it).
         zero_stage: 2 or 3, DeepSpeed only.
-        bf16: DeepSpeed only: bf16 weights/activations with fp32 master weights. For DDP,
-            cast the model yourself (or use autocast); it is rejected here to avoid surprises.
+        bf16: mixed precision with float32 master weights: DDP keeps the model float32 and
+            runs forwards under :meth:`Engine.autocast`; DeepSpeed casts the module to bf16 and
+            keeps float32 master partitions. Either way, wrap each forward in ``engine.autocast()``.
+        offload_optimizer: DeepSpeed only: optimizer state and master weights in CPU memory
+            (ZeRO-Offload, with DeepSpeed's CPU Adam).
         device: where to put the model; default cuda:LOCAL_RANK if CUDA is available, else CPU.
             DeepSpeed uses its accelerator's current device (we ``set_device`` it if given).
     """
     if grad_accum_steps < 1 or micro_batch_size < 1:
         raise ValueError("grad_accum_steps and micro_batch_size must be >= 1")
     if kind == "ddp":
-        if bf16:
-            raise ValueError("bf16=True is only supported with kind='deepspeed'")
-        return DDPEngine(model, optim, grad_accum_steps=grad_accum_steps, device=device or _default_device())
+        if offload_optimizer:
+            raise ValueError("offload_optimizer=True needs kind='deepspeed' (ZeRO-Offload)")
+        return DDPEngine(model, optim, grad_accum_steps=grad_accum_steps, device=device or _default_device(), bf16=bf16)
     if kind == "deepspeed":
         return DeepSpeedEngine(
             model,
@@ -489,5 +563,6 @@ def build_engine(
             zero_stage=zero_stage,
             bf16=bf16,
             device=device,
+            offload_optimizer=offload_optimizer,
         )
     raise ValueError(f"kind must be 'ddp' or 'deepspeed', got {kind!r}")
