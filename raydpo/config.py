@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     WrapSerializer,
     WrapValidator,
     field_validator,
@@ -222,9 +223,14 @@ class TrainConfig(_Strict):
                 f"train.batch_size ({self.batch_size}) must be num_workers ({self.num_workers}) "
                 f"x micro_batch_size ({self.micro_batch_size}) x an integer"
             )
-        if self.offload_optimizer and self.engine != "deepspeed":
-            raise ValueError("train.offload_optimizer: needs train.engine: deepspeed (ZeRO-Offload)")
         return self
+
+    @field_validator("offload_optimizer")
+    @classmethod
+    def _offload_needs_deepspeed(cls, offload: bool, info: ValidationInfo) -> bool:
+        if offload and info.data.get("engine") != "deepspeed":
+            raise ValueError("needs train.engine: deepspeed (ZeRO-Offload)")
+        return offload
 
 
 class TrackingConfig(_Strict):

@@ -234,3 +234,95 @@ def test_train_job_rejects_bad_config_before_ray(tmp_path: Path) -> None:
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
     assert not (tmp_path / "out").exists()  # setup() never ran
     assert seconds < 20, f"took {seconds:.1f}s: did it start something?"
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision: no combination trains bf16/fp16 weights under AdamW (updates would round away).
+# ---------------------------------------------------------------------------------------------
+
+
+def _line_for(msg: str, key: str) -> str:
+    """The error line that starts with ``key:`` (each error line names its key first)."""
+    lines = [line.strip() for line in msg.splitlines() if line.strip().startswith(f"{key}:")]
+    assert lines, msg
+    return lines[0]
+
+
+def test_bf16_weights_with_ddp_fail_pointing_at_train_bf16() -> None:
+    line = _line_for(error_of(QUICKSTART, ["model.dtype=bfloat16", "train.engine=ddp"]), "model.dtype")
+    assert "train.bf16: true" in line and "master weights" in line
+
+
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fp16_weights_never_train(engine: str, bf16: bool) -> None:
+    msg = error_of(QUICKSTART, ["model.dtype=float16", f"train.engine={engine}", f"train.bf16={str(bf16).lower()}"])
+    assert "float16" in _line_for(msg, "model.dtype")
+
+
+def test_bf16_weights_with_deepspeed_need_train_bf16() -> None:
+    line = _line_for(error_of(QUICKSTART, ["model.dtype=bfloat16", "train.engine=deepspeed"]), "model.dtype")
+    assert "train.bf16: true" in line
+    cfg = load_config(QUICKSTART, ["model.dtype=bfloat16", "train.engine=deepspeed", "train.bf16=true"])
+    assert cfg.model.dtype == "bfloat16" and cfg.train.bf16
+
+
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_train_bf16_with_float32_weights_loads(engine: str) -> None:
+    cfg = load_config(QUICKSTART, [f"train.engine={engine}", "train.bf16=true"])
+    assert cfg.model.dtype == "float32" and cfg.train.bf16
+
+
+def test_offload_optimizer_needs_deepspeed() -> None:
+    assert _line_for(error_of(QUICKSTART, ["train.offload_optimizer=true"]), "train.offload_optimizer")
+    cfg = load_config(QUICKSTART, ["train.engine=deepspeed", "train.zero_stage=3", "train.offload_optimizer=true"])
+    assert cfg.train.offload_optimizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: gradient checkpointing and LoRA.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_memory_settings_default_off() -> None:
+    cfg = load_config(QUICKSTART)
+    assert cfg.train.gradient_checkpointing is False
+    assert cfg.train.lora is None
+    assert cfg.train.offload_optimizer is False
+
+
+def test_lora_section(tmp_path: Path) -> None:
+    tree = base_tree()
+    tree["train"]["gradient_checkpointing"] = True
+    tree["train"]["lora"] = {"r": 8}
+    cfg = load_config(write(tmp_path, tree))
+    assert cfg.train.gradient_checkpointing
+    assert cfg.train.lora is not None and cfg.train.lora.r == 8
+    assert cfg.train.lora.target_modules == "all-linear"
+    tree["train"]["lora"] = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    assert load_config(write(tmp_path, tree)).train.lora.target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize(
+    ("lora", "key"),
+    [
+        ({"rank": 8}, "train.lora.rank"),
+        ({"r": 0}, "train.lora.r"),
+        ({"dropout": 1.0}, "train.lora.dropout"),
+        ({"target_modules": []}, "train.lora.target_modules"),
+        ({"target_modules": "q_proj"}, "train.lora.target_modules"),
+    ],
+)
+def test_bad_lora_names_its_key(tmp_path: Path, lora: dict, key: str) -> None:
+    tree = base_tree()
+    tree["train"]["lora"] = lora
+    assert key in error_of(write(tmp_path, tree))
+
+
+def test_lora_section_becomes_lora_settings() -> None:
+    """The job turns ``train.lora`` into the adapters' settings object with no renaming."""
+    from raydpo.train.adapters import LoraSettings
+
+    cfg = load_config(QUICKSTART, ["train.lora.r=4", "train.lora.target_modules=[q_proj]"])
+    settings = LoraSettings(**cfg.train.lora.model_dump())
+    assert settings == LoraSettings(r=4, alpha=32.0, dropout=0.05, target_modules=("q_proj",))
