@@ -21,6 +21,7 @@ autograd. This is one matmul, a log-softmax and its closed-form gradient, per ch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -240,12 +241,13 @@ def pair_batch(prompt_ids: list, chosen_ids: list, rejected_ids: list, pad_id: i
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Scores:
+class Scores(NamedTuple):
     """Per-sequence sums over completion tokens, all ``(N,)`` float32.
 
     ``logps`` is differentiable; ``tokens`` counts the scored tokens, ``logit_sums`` sums the mean
-    logit over the vocabulary per token, ``entropy_sums`` the entropy per token (nats)."""
+    logit over the vocabulary per token, ``entropy_sums`` the entropy per token (nats). A named
+    tuple, not a dataclass: DeepSpeed ZeRO-3 hooks a module's backward through the tensors of its
+    output, and it sees into tuples, lists and dicts only."""
 
     logps: Tensor
     tokens: Tensor
@@ -287,7 +289,7 @@ class PolicyScorer(torch.nn.Module):
     def register_zero3(self) -> None:
         """Under DeepSpeed ZeRO-3: the head weight is used outside ``lm_head.forward``, so ask
         DeepSpeed to gather it whenever this module runs (forward and backward)."""
-        from deepspeed.zero import register_external_parameter
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
         register_external_parameter(self, self._head.weight)
         if self._head.bias is not None:
