@@ -148,7 +148,7 @@ def head_logps(
 # --------------------------------------------------------------------------------------------
 
 
-def _scored(rows: list[tuple[int, int, int]], stride: int) -> tuple[list[int], list[int]]:
+def _scored(rows: list[tuple[int, int, int]]) -> tuple[list[int], list[int]]:
     """Flat indices of the positions whose next token is a completion token, and their sequence
     ids. ``rows`` holds ``(start, prompt_len, total_len)`` of each sequence in the flat layout; the
     position ``start + t`` predicts token ``t + 1``, scored when ``t + 1 >= prompt_len``."""
@@ -204,36 +204,67 @@ def collate(
         attention[i, start : start + len(s)] = 1
         positions[i, start : start + len(s)] = torch.arange(len(s))
         rows.append((i * width + start, len(p), len(s)))
-    index, segment = _scored(rows, width)
+    index, segment = _scored(rows)
     return _finish(input_ids, positions, attention, index, segment, n)
 
 
-def pack(prompts: list, completions: list) -> dict[str, Tensor]:
-    """All ``prompt + completion`` sequences in one ``(1, L)`` row, no padding.
+def pack_rows(lengths: list[int], max_tokens: int | None) -> list[list[int]]:
+    """Sequence indices per row: first-fit decreasing into rows of at most ``max_tokens`` tokens
+    (one row when None); a sequence longer than ``max_tokens`` gets a row of its own."""
+    if max_tokens is None:
+        return [list(range(len(lengths)))]
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fit = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if fit is None:
+            rows.append([i])
+            room.append(max_tokens - lengths[i])
+        else:
+            rows[fit].append(i)
+            room[fit] -= lengths[i]
+    return rows
 
-    Position ids restart at 0 for each sequence; there is no attention mask, so transformers
-    (>= 4.44 for flash-attention, 5.x for SDPA and eager) reads the sequence boundaries from the
-    restarting position ids and never attends across them: flash-attention's varlen kernel on GPU,
-    a block-diagonal causal mask with SDPA. Same scoring layout as :func:`collate`.
+
+def pack(prompts: list, completions: list, pad_id: int = 0, max_tokens: int | None = None) -> dict[str, Tensor]:
+    """``prompt + completion`` sequences packed into rows of at most ``max_tokens`` tokens (one row
+    when None), without padding between sequences.
+
+    Position ids restart at 0 for each sequence; there is no attention mask, so transformers (5.x)
+    reads the sequence boundaries from the restarting position ids and never attends across them:
+    flash-attention's varlen kernel on GPU, a block-diagonal causal mask with SDPA or eager. Rows
+    shorter than the longest end in padding that is its own run of positions (a sequence nobody
+    scores). ``max_tokens`` bounds a row, so the CPU's O(row^2) attention mask stays small. Same
+    scoring layout as :func:`collate`.
     """
     seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
-    ids: list[int] = []
-    positions: list[int] = []
-    rows = []
-    for p, s in zip(prompts, seqs):
-        rows.append((len(ids), len(p), len(s)))
-        ids.extend(s)
-        positions.extend(range(len(s)))
-    index, segment = _scored(rows, len(ids))
-    input_ids = torch.as_tensor(ids, dtype=torch.long)[None]
-    return _finish(input_ids, torch.as_tensor(positions, dtype=torch.long)[None], None, index, segment, len(seqs))
+    rows = pack_rows([len(s) for s in seqs], max_tokens)
+    width = max(sum(len(seqs[i]) for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    starts = [(0, 0, 0)] * len(seqs)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = len(seqs[i])
+            input_ids[r, at : at + n] = torch.as_tensor(seqs[i], dtype=torch.long)
+            positions[r, at : at + n] = torch.arange(n)
+            starts[i] = (r * width + at, len(prompts[i]), n)
+            at += n
+        positions[r, at:] = torch.arange(width - at)
+    index, segment = _scored(starts)
+    return _finish(input_ids, positions, None, index, segment, len(seqs))
 
 
-def pair_batch(prompt_ids: list, chosen_ids: list, rejected_ids: list, pad_id: int, *, packed: bool = False) -> dict[str, Tensor]:
+def pair_batch(
+    prompt_ids: list, chosen_ids: list, rejected_ids: list, pad_id: int, *, packed: bool = False,
+    max_tokens: int | None = None,
+) -> dict[str, Tensor]:
     """Chosen sequences then rejected sequences, so one forward serves both: sequence ``i`` is
-    pair i's chosen, ``B + i`` its rejected."""
+    pair i's chosen, ``B + i`` its rejected. Padded (:func:`collate`), or ``packed`` into rows of at
+    most ``max_tokens`` (:func:`pack`)."""
     prompts, completions = list(prompt_ids) * 2, list(chosen_ids) + list(rejected_ids)
-    return pack(prompts, completions) if packed else collate(prompts, completions, pad_id)
+    return pack(prompts, completions, pad_id, max_tokens) if packed else collate(prompts, completions, pad_id)
 
 
 # --------------------------------------------------------------------------------------------

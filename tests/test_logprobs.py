@@ -23,6 +23,7 @@ from raydpo.logprobs import (
     head_logps,
     model_sequence_logps,
     pack,
+    pack_rows,
     pair_batch,
 )
 from raydpo.models import build_tiny_model
@@ -144,6 +145,18 @@ def test_pack_layout_one_row_positions_restart() -> None:
     assert b["segment"].tolist() == sum(([i] * len(c) for i, c in enumerate(COMPLETIONS)), [])
 
 
+def test_pack_rows_first_fit_under_the_budget() -> None:
+    """Longest first, each into the first row with room; an over-long sequence gets its own row;
+    the tail of a short row is a run of padding with its own positions, never scored."""
+    assert pack_rows([5, 9, 3, 12, 4], 12) == [[3], [1, 2], [0, 4]]
+    assert pack_rows([5, 9], None) == [[0, 1]]
+    assert pack_rows([20, 2], 8) == [[0], [1]]
+    b = pack([[1, 2], [3]], [[4, 5, 6], [7]], pad_id=0, max_tokens=5)
+    assert b["input_ids"].tolist() == [[1, 2, 4, 5, 6], [3, 7, 0, 0, 0]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 0, 1, 2]]
+    assert b["score_index"].tolist() == [1, 2, 3, 5] and b["segment"].tolist() == [0, 0, 0, 1]
+
+
 def test_pair_batch_chosen_then_rejected_and_numpy_int32() -> None:
     """Sequence i is pair i's chosen, B + i its rejected; int32 numpy rows (Ray Data) are accepted."""
     prompts = [np.array([4, 10], dtype=np.int32), np.array([4], dtype=np.int32)]
@@ -180,6 +193,7 @@ LAYOUTS = {
     "right_pad": lambda p, c: collate(p, c, PAD),
     "left_pad": lambda p, c: collate(p, c, PAD, left_pad=True),
     "packed": pack,
+    "packed_rows": lambda p, c: pack(p, c, PAD, max_tokens=12),  # rows of 12 + 9 and 5 + pad
 }
 
 
