@@ -139,7 +139,8 @@ def run(cfg: Config, config_path: str | None = None) -> Outcome:
         local_batch_size=local_batch, micro_batch_size=t.micro_batch_size, total_steps=total,
         steps_per_epoch=steps_per_epoch, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
         schedule=t.schedule, max_grad_norm=t.max_grad_norm, bf16=t.bf16, seed=t.seed,
-        shuffle_buffer=t.shuffle_buffer, log_every=t.log_every, eval_every=t.eval_every,
+        train_blocks=train_ds.to_arrow_refs(), train_rows=n_train,  # each epoch permutes all rows
+        log_every=t.log_every, eval_every=t.eval_every,
         checkpoint_every=t.checkpoint_every, fail_at_step=t.fail_at_step,
         loss_weights=weights,
         loss_params=cfg.loss.params(),
@@ -159,7 +160,7 @@ def run(cfg: Config, config_path: str | None = None) -> Outcome:
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
-        datasets={"train": train_ds, "eval": eval_ds} if n_eval else {"train": train_ds},
+        datasets={"eval": eval_ds} if n_eval else {},  # train rows: LoopArgs.train_blocks
         dataset_config=FixedShards(),
     )
     try:

@@ -1,9 +1,10 @@
 """The Ray Train worker function: shard iterator, engine, schedule, checkpoints, metrics.
 
 It is the single-process training loop plus a few marked lines (``# ray:``), so one worker runs
-it the same as many. Determinism: each worker's shard is fixed (see :class:`FixedShards`), each
-epoch shuffles it with a seed of its own, and a checkpoint records the step, so resuming skips
-exactly the batches already trained on and reproduces the uninterrupted loss curve.
+it the same as many. Determinism: each epoch's rows come from a permutation of the whole training
+set seeded by (seed, epoch) (see :mod:`raydpo.train.shuffle`), and a checkpoint records the step,
+so resuming starts at exactly the batch after the last one trained on and reproduces the
+uninterrupted loss curve.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from raydpo.losses import LossParams
 from raydpo.metrics import all_reduce_sum, reduce_sums, zeros
 from raydpo.models import load_model, load_tokenizer
 from raydpo.train.engine import OptimConfig, build_engine
+from raydpo.train.shuffle import ShuffledShard
 from raydpo.train.step import LossSpec, RunningMean, pair_forward
 
 
@@ -46,7 +48,10 @@ class LoopArgs:
     max_grad_norm: float
     bf16: bool
     seed: int
-    shuffle_buffer: int
+    # The materialized training set: refs to its Arrow blocks in order, and its row count. The
+    # driver keeps the dataset alive while training runs.
+    train_blocks: list[Any]
+    train_rows: int
     log_every: int
     eval_every: int
     checkpoint_every: int
@@ -62,9 +67,9 @@ class LoopArgs:
 
 
 class FixedShards(ray.train.DataConfig):
-    """Gives each worker the same rows on every run: ``split`` of a materialized dataset in its
-    (preserved) order, where the default streaming split hands blocks to whichever worker asks
-    first. Determinism is what makes resume reproduce the loss curve."""
+    """Gives each worker the same eval rows on every run: ``split`` of a materialized dataset in
+    its (preserved) order, where the default streaming split hands blocks to whichever worker asks
+    first. (Training rows do not come through here: see :class:`ShuffledShard`.)"""
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         out: list[dict[str, Any]] = [{} for _ in range(world_size)]
@@ -106,17 +111,6 @@ def _say(message: str) -> None:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _batches(shard, args: LoopArgs, epoch: int):
-    """This worker's batches for an epoch, shuffled with a seed that depends only on the epoch."""
-    return shard.iter_batches(
-        batch_size=args.local_batch_size,
-        batch_format="numpy",
-        drop_last=True,
-        local_shuffle_buffer_size=args.shuffle_buffer or None,
-        local_shuffle_seed=args.seed + epoch if args.shuffle_buffer else None,
-    )
 
 
 def _micro(batch: dict[str, np.ndarray], size: int):
@@ -210,9 +204,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0 and start_step:
         _say(f"[raydpo] resumed at step {start_step}/{args.total_steps}")
 
-    train_shard = ray.train.get_dataset_shard("train")  # ray
-    eval_shard = ray.train.get_dataset_shard("eval") if args.has_eval else None  # ray
     world = dist.get_world_size() if dist.is_initialized() else 1
+    train_shard = ShuffledShard(args.train_blocks, args.train_rows, args.seed, rank, world,
+                                args.local_batch_size, args.steps_per_epoch)  # its part of each epoch
+    eval_shard = ray.train.get_dataset_shard("eval") if args.has_eval else None  # ray
     step = start_step
     engine.module.train()
     t_last, pairs_last = time.perf_counter(), 0
@@ -220,10 +215,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step >= args.total_steps:
             break
         skip = step - epoch * args.steps_per_epoch  # batches of this epoch already trained on
-        for i, batch in enumerate(_batches(train_shard, args, epoch)):
-            if i < skip:
-                continue
-            if i >= args.steps_per_epoch or step >= args.total_steps:
+        for i, batch in train_shard.batches(epoch, start=skip):
+            if step >= args.total_steps:
                 break
             sums = zeros()
             for micro in _micro(batch, args.micro_batch_size):

@@ -20,7 +20,7 @@ from raydpo.data.synthetic import max_rows
 from raydpo.data.tokenize import TokenizeSettings, tokenize_pair
 from raydpo.logprobs import model_sequence_logps, pair_batch
 from raydpo.models import build_tiny_tokenizer, load_model, write_tiny
-from raydpo.train.loop import FixedShards, LoopArgs, train_loop_per_worker
+from raydpo.train.loop import LoopArgs, train_loop_per_worker
 
 GLOBAL_BATCH = 8
 
@@ -37,7 +37,7 @@ def _rows(model_dir: Path) -> list[dict]:
     with torch.no_grad():
         batch = pair_batch([r["prompt_ids"] for r in rows], [r["chosen_ids"] for r in rows],
                            [r["rejected_ids"] for r in rows], tok.pad_token_id)
-        logps, _ = model_sequence_logps(model, batch)
+        logps = model_sequence_logps(model, batch)
     for i, r in enumerate(rows):
         r["ref_chosen_logps"], r["ref_rejected_logps"] = float(logps[i]), float(logps[GLOBAL_BATCH + i])
     return rows
@@ -45,11 +45,12 @@ def _rows(model_dir: Path) -> list[dict]:
 
 def _train(tmp: Path, model_dir: Path, rows: list[dict], engine: str, workers: int) -> tuple[dict, dict]:
     out = tmp / f"{engine}-{workers}"
+    train = ray.data.from_items(rows).materialize()
     args = LoopArgs(
         model_path=str(model_dir), output_dir=str(out), engine=engine, zero_stage=2,
         local_batch_size=GLOBAL_BATCH // workers, micro_batch_size=2, total_steps=1, steps_per_epoch=1,
         lr=1e-4, weight_decay=0.0, warmup_steps=0, schedule="constant", max_grad_norm=1.0, bf16=False,
-        seed=0, shuffle_buffer=0, log_every=1, eval_every=0, checkpoint_every=0,
+        seed=0, train_blocks=train.to_arrow_refs(), train_rows=len(rows), log_every=1, eval_every=0, checkpoint_every=0,
         loss_weights={"sigmoid": 1.0}, loss_params={"beta": 0.5}, reference_free=False, has_eval=False,
     )
     trainer = TorchTrainer(
@@ -57,8 +58,6 @@ def _train(tmp: Path, model_dir: Path, rows: list[dict], engine: str, workers: i
         train_loop_config=asdict(args),
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 2 / workers}),
         run_config=RunConfig(name="t", storage_path=str(out / "ray")),
-        datasets={"train": ray.data.from_items(rows).materialize()},
-        dataset_config=FixedShards(),
     )
     result = trainer.fit()
     return load_model(str(out / "final")).state_dict(), result.metrics
