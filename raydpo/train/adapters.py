@@ -128,7 +128,10 @@ def save_final(
     A ``peft.PeftModel`` is rebuilt from ``state_dict`` on a weightless (meta-device) skeleton,
     saved as an adapter to ``out_dir/adapter`` (``PeftModel.from_pretrained`` loads it), then
     merged with PEFT's ``merge_and_unload`` and saved to ``out_dir``, which
-    ``AutoModelForCausalLM.from_pretrained`` loads without PEFT. The live model is not touched.
+    ``AutoModelForCausalLM.from_pretrained`` loads without PEFT. The live model is not touched,
+    but ``state_dict`` is consumed: its tensors become the merged model's (merging adds the
+    adapters into the base weights in place), which saves a second full copy of the weights in
+    host memory. Do not use it afterwards.
     """
     out = Path(out_dir)
     state = _strip(state_dict, prefix)
