@@ -8,6 +8,7 @@ Single-process runs happen in the pytest process itself, which also exercises th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing.forkserver
 import os
@@ -100,6 +101,7 @@ def _dp_worker(rank: int, world_size: int, port: int, kind: str, zero_stage: int
         )
         losses, norms = _train(engine, _global_batches(N_STEPS), rank, world_size, grad_accum)
         params = _params(engine)
+        assert rank == 0 or zero_stage != 3 or params == {}  # ZeRO-3 gathers onto rank 0 only
         if rank == 0:
             torch.save({"params": params, "norms": norms, "lr": engine.learning_rate()}, Path(out_dir) / "result.pt")
         dist.barrier()
@@ -149,16 +151,19 @@ def _assert_changed(params: dict[str, torch.Tensor]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["ddp", "deepspeed"])
-def test_two_ranks_match_single_process(kind: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("kind", "zero_stage"), [("ddp", 2), ("deepspeed", 2), ("deepspeed", 3)], ids=["ddp", "deepspeed", "deepspeed-zero3"]
+)
+def test_two_ranks_match_single_process(kind: str, zero_stage: int, tmp_path: Path) -> None:
+    """ZeRO-3 also checks full_state_dict on rank 1 (DeepSpeed gives it None; we give {})."""
     if kind == "deepspeed":
         pytest.importorskip("deepspeed")
-    single, _, single_norms = _run_single(kind)
+    single, _, single_norms = _run_single(kind, zero_stage)
     expected = _params(single)
     _assert_changed(expected)
     assert single_norms[0] > OPTIM.max_grad_norm  # clipping is exercised
 
-    result = _run_two_ranks(kind, 2, tmp_path)
+    result = _run_two_ranks(kind, zero_stage, tmp_path)
     _assert_params_close(result["params"], expected, atol=1e-6)
     assert result["norms"] == pytest.approx(single_norms, rel=1e-5, abs=1e-6)
     assert result["lr"] == single.learning_rate()
@@ -287,6 +292,104 @@ def test_grad_norm_reported_without_clipping() -> None:
     # backward/step misuse is an error, not a silent skipped update.
     with pytest.raises(RuntimeError):
         engine.step()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Precision: bf16 compute, float32 master weights.
+# ---------------------------------------------------------------------------------------------
+
+TINY_LR = OptimConfig(lr=1e-6, total_steps=1, schedule="constant", max_grad_norm=0.0)
+
+
+def _norm_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The RMSNorm scales: initialised to exactly 1.0, so an update of ~lr is below bf16's step."""
+    return [p for n, p in model.named_parameters() if n.endswith("norm.weight")]
+
+
+def test_ddp_bf16_autocast_keeps_float32_master_weights() -> None:
+    """AdamW's first step moves each weight by ~lr = 1e-6. bf16 spaces values near 1.0 by 2^-8,
+    so a pure-bf16 model keeps its norm scales at exactly 1.0; our float32 weights move."""
+    ids = _global_batches(1)[0]
+    engine = build_engine("ddp", _tiny_llama(), TINY_LR, grad_accum_steps=1, micro_batch_size=GLOBAL_BATCH, bf16=True)
+    with engine.autocast():
+        out = engine.module(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16  # the forward did run in bf16
+    engine.backward(out.loss)
+    engine.step()
+    assert all(p.dtype == torch.float32 for p in engine.model.parameters())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in engine.optimizer.state.values())
+    for scale in _norm_weights(engine.model):
+        change = (scale - 1.0).abs()
+        assert 0 < change.min() and change.max() < 1e-5
+
+    # The same step on pure bf16 weights rounds every update away.
+    pure = _tiny_llama().to(torch.bfloat16)
+    opt = torch.optim.AdamW(pure.parameters(), lr=TINY_LR.lr, weight_decay=0.0, foreach=False)
+    pure(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert all(torch.equal(scale, torch.ones_like(scale)) for scale in _norm_weights(pure))
+
+
+def test_ddp_without_bf16_has_no_autocast() -> None:
+    engine = build_engine("ddp", _tiny_llama(), TINY_LR, grad_accum_steps=1, micro_batch_size=1)
+    ids = _global_batches(1)[0]
+    with engine.autocast():
+        assert engine.module(input_ids=ids).logits.dtype == torch.float32
+
+
+def test_ddp_refuses_low_precision_trainable_weights() -> None:
+    with pytest.raises(ValueError, match="float32"):
+        build_engine("ddp", _tiny_llama().to(torch.bfloat16), TINY_LR, grad_accum_steps=1, micro_batch_size=1, bf16=True)
+
+
+def test_deepspeed_bf16_casts_the_module_and_autocast_is_a_no_op() -> None:
+    """DeepSpeed keeps float32 master partitions itself: the loop's autocast() changes nothing."""
+    pytest.importorskip("deepspeed")
+    engine = build_engine("deepspeed", _tiny_llama(), TINY_LR, grad_accum_steps=1, micro_batch_size=GLOBAL_BATCH, bf16=True)
+    assert isinstance(engine.autocast(), contextlib.nullcontext)
+    assert all(p.dtype == torch.bfloat16 for p in engine.model.parameters())
+    masters = engine.optimizer.single_partition_of_fp32_groups  # ZeRO-2's float32 master copies
+    assert masters and all(m.dtype == torch.float32 for m in masters)
+    before = [m.clone() for m in masters]
+    ids = _global_batches(1)[0]
+    with engine.autocast():
+        loss = engine.module(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    engine.step()
+    # The master weights took the 1e-6 update that the bf16 module weights cannot represent.
+    assert all(not torch.equal(m, b) for m, b in zip(masters, before))
+    assert all(torch.equal(s, torch.ones_like(s)) for s in _norm_weights(engine.model))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. ZeRO-Offload: optimizer on the CPU with DeepSpeed's CPU Adam (its C++ op compiles once).
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_deepspeed_offload_optimizer_matches_ddp(zero_stage: int) -> None:
+    pytest.importorskip("deepspeed")
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    ddp, ddp_losses, ddp_norms = _run_single("ddp")
+    micro = GLOBAL_BATCH // 2
+    engine = build_engine(
+        "deepspeed", _tiny_llama(), OPTIM, grad_accum_steps=2, micro_batch_size=micro, zero_stage=zero_stage,
+        offload_optimizer=True,
+    )
+    assert isinstance(engine.ds_engine.basic_optimizer, DeepSpeedCPUAdam)
+    losses, norms = _train(engine, _global_batches(N_STEPS), 0, 1, 2)
+    assert losses == pytest.approx(ddp_losses, rel=1e-6)
+    assert norms == pytest.approx(ddp_norms, rel=1e-5)
+    # CPU Adam is the same AdamW in another order of float32 operations.
+    _assert_params_close(_params(engine), _params(ddp), atol=1e-6)
+    assert engine.learning_rate() == ddp.learning_rate()
+
+
+def test_offload_needs_deepspeed() -> None:
+    with pytest.raises(ValueError, match="deepspeed"):
+        build_engine("ddp", torch.nn.Linear(2, 2), OptimConfig(lr=1e-3), grad_accum_steps=1, micro_batch_size=1,
+                     offload_optimizer=True)
 
 
 def test_config_validation() -> None:
