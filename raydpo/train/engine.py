@@ -121,9 +121,15 @@ def _make_cpu_adam(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Op
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     params = [p for p in model.parameters() if p.requires_grad]
-    return DeepSpeedCPUAdam(
-        params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay, adamw_mode=True
-    )
+    try:
+        return DeepSpeedCPUAdam(
+            params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay, adamw_mode=True
+        )
+    except RuntimeError as e:
+        raise RuntimeError(
+            "offload_optimizer needs DeepSpeed's cpu_adam op, which did not build on this host (it needs a "
+            "C++ compiler and the Python headers; or install deepspeed with DS_BUILD_CPU_ADAM=1)"
+        ) from e
 
 
 def _zero_config(stage: int, offload_optimizer: bool) -> dict[str, Any]:
