@@ -76,6 +76,7 @@ def run(cfg: Config, config_path: str | None = None) -> Outcome:
     from raydpo.data.pipeline import TRAIN_COLUMNS, DataError, build_report, kept_rows, mix_sources
     from raydpo.data.sources import mixture_weights
     from raydpo.losses import REFERENCE_FREE_LOSSES
+    from raydpo.train.adapters import LoraSettings, ModelPrep
     from raydpo.train.loop import FixedShards, LoopArgs, train_loop_per_worker
 
     t0 = time.perf_counter()
@@ -146,12 +147,16 @@ def run(cfg: Config, config_path: str | None = None) -> Outcome:
         loss_params=cfg.loss.params(),
         reference_free=reference_free, dtype=cfg.model.dtype, gguf_file=None,
         tracking_uri=uri, run_id=run_id, has_eval=n_eval > 0,
+        prep=ModelPrep(gradient_checkpointing=t.gradient_checkpointing,
+                       lora=LoraSettings(**t.lora.model_dump()) if t.lora else None),
+        offload_optimizer=t.offload_optimizer, packing=t.packing, max_tokens_per_batch=t.max_tokens_per_batch,
+        chunk_tokens=t.logprob_chunk_tokens,
     )
     print(f"[raydpo] training: {n_train} pairs ({n_eval} held out), {t.num_workers} worker(s), "
           f"{total} steps of {t.batch_size} pairs", flush=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=asdict(args),
+        train_loop_config={"args": args},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(

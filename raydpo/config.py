@@ -205,6 +205,14 @@ class TrainConfig(_Strict):
     bf16: bool = False
     gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory
     lora: LoraConfig | None = None
+    # Padding-free micro-batches: the chosen and rejected sequences packed into rows of at most
+    # max_tokens_per_batch tokens (None: one row), positions restarting per sequence, attention
+    # never crossing a sequence (flash-attention varlen on GPU, a block-diagonal mask on CPU).
+    # false: one padded batch per micro-batch.
+    packing: bool = True
+    max_tokens_per_batch: int | None = Field(None, gt=1)
+    # LM-head positions projected at a time: the head holds chunk x vocabulary float32 logits.
+    logprob_chunk_tokens: int = Field(1024, gt=0)
     seed: int = 0
     log_every: int = Field(1, gt=0)
     eval_every: int = Field(0, ge=0)  # steps; 0: only at the end

@@ -23,12 +23,13 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from raydpo.logprobs import DEFAULT_CHUNK_TOKENS, PolicyScorer
 from raydpo.losses import LossParams
-from raydpo.metrics import all_reduce_sum, reduce_sums, zeros
 from raydpo.models import load_model, load_tokenizer
+from raydpo.train.adapters import ModelPrep, prepare_model, save_final
 from raydpo.train.engine import OptimConfig, build_engine
 from raydpo.train.shuffle import ShuffledShard
-from raydpo.train.step import LossSpec, RunningMean, pair_forward
+from raydpo.train.step import LossSpec, RunningMean, evaluate, train_step
 
 
 @dataclass
@@ -64,6 +65,13 @@ class LoopArgs:
     tracking_uri: str | None = None
     run_id: str | None = None
     has_eval: bool = True
+    prep: ModelPrep = ModelPrep()  # gradient checkpointing, LoRA
+    offload_optimizer: bool = False
+    # Each micro-batch's 2 x micro_batch_size sequences packed into rows of at most this many
+    # tokens (positions restart per sequence, no attention across them); None: one padded batch.
+    packing: bool = True
+    max_tokens_per_batch: int | None = None
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # positions per LM-head chunk
 
 
 class FixedShards(ray.train.DataConfig):
@@ -119,33 +127,28 @@ def _micro(batch: dict[str, np.ndarray], size: int):
         yield {k: v[start : start + size] for k, v in batch.items()}
 
 
-def _evaluate(engine, shard, spec: LossSpec, pad_id: int, micro: int) -> dict[str, float]:
-    """Eval metrics over this worker's eval shard, summed over all workers."""
-    engine.module.eval()
-    sums = zeros()
-    with torch.no_grad():
-        for batch in shard.iter_batches(batch_size=micro, batch_format="numpy"):
-            _, s = pair_forward(engine.module, batch, spec, pad_id, engine.device)
-            sums += s
-    engine.module.train()
-    return reduce_sums(all_reduce_sum(sums), prefix="eval_")
-
-
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()  # dropout on GPU draws from these
+    return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _save_checkpoint(engine, args: LoopArgs, step: int, metrics: dict[str, float], bco: RunningMean) -> None:
-    """Collective: engine state + loop position + RNG, reported to Ray Train by rank 0."""
+    """Collective: engine state + loop position + RNG, reported to Ray Train by every rank.
+
+    Every rank makes the staging folder itself (on a multi-node cluster ``output_dir`` may be
+    node-local) and reports it; Ray Train merges the ranks' files into one checkpoint in storage."""
     staging = Path(args.output_dir) / ".staging" / f"step_{step:08d}"
-    if _rank() == 0:
-        staging.mkdir(parents=True, exist_ok=True)
+    staging.mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
     engine.save(str(staging))
@@ -154,8 +157,9 @@ def _save_checkpoint(engine, args: LoopArgs, step: int, metrics: dict[str, float
         (staging / "loop_state.json").write_text(json.dumps({"step": step, "bco": asdict(bco)}))
     if dist.is_initialized():
         dist.barrier()  # every rank's files are written before rank 0 hands the folder over
-    checkpoint = ray.train.Checkpoint.from_directory(str(staging)) if _rank() == 0 else None
-    ray.train.report(metrics, checkpoint=checkpoint)  # ray: copies the folder into storage
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)))  # ray: uploads
+    if dist.is_initialized():
+        dist.barrier()  # every rank's upload is done before any rank removes a shared folder
     if _rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -177,34 +181,33 @@ def _restore(engine, bco: RunningMean) -> int:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    args = LoopArgs(**config)
+    args: LoopArgs = config["args"]
     # One line per log step is the progress; per-iteration Ray Data bars from every worker are noise.
     ray.data.DataContext.get_current().enable_progress_bars = False
     torch.manual_seed(args.seed)
     rank = _rank()
+    world = dist.get_world_size() if dist.is_initialized() else 1
     tokenizer = load_tokenizer(args.model_path, args.gguf_file)
-    model = load_model(args.model_path, args.dtype, args.gguf_file)
-    optim = OptimConfig(
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        total_steps=args.total_steps,
-        schedule=args.schedule,
-        max_grad_norm=args.max_grad_norm,
-    )
-    accum = args.local_batch_size // args.micro_batch_size
+    pad_id = tokenizer.pad_token_id
+    lm = prepare_model(load_model(args.model_path, args.dtype, args.gguf_file), args.prep)
+    optim = OptimConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                        total_steps=args.total_steps, schedule=args.schedule, max_grad_norm=args.max_grad_norm)
+    scorer = PolicyScorer(lm, args.chunk_tokens)
     engine = build_engine(
-        args.engine, model, optim, grad_accum_steps=accum, micro_batch_size=args.micro_batch_size,
-        zero_stage=args.zero_stage, bf16=args.bf16,
+        args.engine, scorer, optim, grad_accum_steps=args.local_batch_size // args.micro_batch_size,
+        micro_batch_size=args.micro_batch_size, zero_stage=args.zero_stage, bf16=args.bf16,
+        offload_optimizer=args.offload_optimizer,
     )
+    if args.engine == "deepspeed" and args.zero_stage == 3:
+        scorer.register_zero3()  # the chunked head reads the partitioned head weight directly
     spec = LossSpec(args.loss_weights, LossParams(**args.loss_params), args.reference_free)
+    layout = {"packed": args.packing, "max_tokens": args.max_tokens_per_batch}
     tracker = _Tracker(args.tracking_uri, args.run_id) if rank == 0 else _Tracker(None, None)
     bco = RunningMean()
     start_step = _restore(engine, bco)
     if rank == 0 and start_step:
         _say(f"[raydpo] resumed at step {start_step}/{args.total_steps}")
 
-    world = dist.get_world_size() if dist.is_initialized() else 1
     train_shard = ShuffledShard(args.train_blocks, args.train_rows, args.seed, rank, world,
                                 args.local_batch_size, args.steps_per_epoch)  # its part of each epoch
     eval_shard = ray.train.get_dataset_shard("eval") if args.has_eval else None  # ray
@@ -218,15 +221,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for i, batch in train_shard.batches(epoch, start=skip):
             if step >= args.total_steps:
                 break
-            sums = zeros()
-            for micro in _micro(batch, args.micro_batch_size):
-                loss, s = pair_forward(engine.module, micro, spec, tokenizer.pad_token_id, engine.device, bco)
-                engine.backward(loss)
-                sums += s
-            grad_norm = engine.step()
+            metrics = train_step(engine, _micro(batch, args.micro_batch_size), spec, pad_id, bco, **layout)
             step += 1
-            metrics = reduce_sums(all_reduce_sum(sums))
-            metrics |= {"grad_norm": grad_norm, "learning_rate": engine.learning_rate(), "epoch": epoch + (i + 1) / args.steps_per_epoch}
+            metrics["epoch"] = epoch + (i + 1) / args.steps_per_epoch
             pairs_last += args.local_batch_size * world
             last = step == args.total_steps
             if step % args.log_every == 0 or last:
@@ -238,10 +235,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     _say(
                         f"[raydpo] step {step}/{args.total_steps} loss {metrics['loss']:.4f} "
                         f"acc {metrics['rewards/accuracies']:.3f} margin {metrics['rewards/margins']:.3f} "
-                        f"lr {metrics['learning_rate']:.2e} pairs/s {metrics['pairs_per_s']:.1f}"
+                        f"lr {metrics['learning_rate']:.2e} pairs/s {metrics['pairs_per_s']:.2f}"
                     )
             if eval_shard is not None and ((args.eval_every and step % args.eval_every == 0) or last):
-                eval_metrics = _evaluate(engine, eval_shard, spec, tokenizer.pad_token_id, args.micro_batch_size)
+                eval_batches = eval_shard.iter_batches(batch_size=args.micro_batch_size, batch_format="numpy")
+                eval_metrics = evaluate(engine, eval_batches, spec, pad_id, **layout)
                 tracker.log(eval_metrics, step)
                 metrics |= eval_metrics
                 if rank == 0:
@@ -251,7 +249,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _save_checkpoint(engine, args, step, {**metrics, "step": step}, bco)
             if args.fail_at_step == step:
                 _inject_failure(args, step)
-    _save_final(engine, tokenizer, args)
+    _save_final(engine, lm, tokenizer, args)
 
 
 def _inject_failure(args: LoopArgs, step: int) -> None:
@@ -266,12 +264,11 @@ def _inject_failure(args: LoopArgs, step: int) -> None:
     raise RuntimeError(f"injected failure after step {step} (train.fail_at_step)")
 
 
-def _save_final(engine, tokenizer, args: LoopArgs) -> None:
-    """The policy as a plain HF folder, ``{output_dir}/final``, that from_pretrained loads."""
-    state = engine.full_state_dict()  # collective (gathers ZeRO-3 shards)
+def _save_final(engine, lm: torch.nn.Module, tokenizer, args: LoopArgs) -> None:
+    """The policy as a plain HF folder, ``{output_dir}/final``, that from_pretrained loads (LoRA
+    merged in, the adapter also in ``final/adapter``)."""
+    state = engine.full_state_dict()  # collective (gathers ZeRO-3 shards); keys carry the scorer's "lm."
     if _rank() == 0:
-        final = Path(args.output_dir) / "final"
-        engine.model.save_pretrained(final, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(final)
+        save_final(lm, state, tokenizer, Path(args.output_dir) / "final", prefix="lm.")
     if dist.is_initialized():
         dist.barrier()

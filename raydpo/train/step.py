@@ -54,6 +54,7 @@ def pair_forward(
     bco: RunningMean | None = None,
     *,
     packed: bool = False,
+    max_tokens: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Loss (mean over the micro-batch, differentiable) and the metric sums ``(len(SUM_FIELDS),)``
     float64 on ``device`` (ready for a collective on the training device).
@@ -61,11 +62,12 @@ def pair_forward(
     ``batch`` holds ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and, unless reference-free,
     ``ref_chosen_logps`` / ``ref_rejected_logps``; B pairs give one forward of 2B sequences, padded
     or ``packed`` into one row. ``module`` is a :class:`~raydpo.logprobs.PolicyScorer` (or an engine
-    wrapping one; a plain causal LM gets wrapped). ``bco`` (training only) carries ``bco_pair``'s
+    wrapping one; a plain causal LM gets wrapped). Packed rows hold at most ``max_tokens`` tokens. ``bco`` (training only) carries ``bco_pair``'s
     running reward mean; without it delta is ``spec.params.bco_delta``.
     """
     n = len(batch["prompt_ids"])
-    layout = pair_batch(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_id, packed=packed)
+    layout = pair_batch(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_id, packed=packed,
+                        max_tokens=max_tokens)
     scores = scorer_of(module)(**to_device(layout, device))
     logps, tokens = scores.logps, scores.tokens
     if spec.reference_free:
@@ -118,13 +120,15 @@ def train_step(
     bco: RunningMean | None = None,
     *,
     packed: bool = False,
+    max_tokens: int | None = None,
 ) -> dict[str, float]:
     """One optimizer update over ``engine.grad_accum_steps`` micro-batches of this worker; returns
     the global-batch metrics (TRL's names) with ``grad_norm`` and the next ``learning_rate``."""
     sums = zeros(engine.device)
     for micro in micro_batches:
         with _autocast(engine):
-            loss, s = pair_forward(engine.module, micro, spec, pad_id, engine.device, bco, packed=packed)
+            loss, s = pair_forward(engine.module, micro, spec, pad_id, engine.device, bco, packed=packed,
+                                   max_tokens=max_tokens)
         engine.backward(loss)
         sums += s
     grad_norm = engine.step()
@@ -133,7 +137,8 @@ def train_step(
 
 
 def evaluate(
-    engine, batches: Iterable[dict[str, np.ndarray]], spec: LossSpec, pad_id: int, *, packed: bool = False
+    engine, batches: Iterable[dict[str, np.ndarray]], spec: LossSpec, pad_id: int, *, packed: bool = False,
+    max_tokens: int | None = None,
 ) -> dict[str, float]:
     """``eval_``-prefixed metrics over this worker's eval batches, summed over every worker."""
     engine.module.eval()
@@ -141,7 +146,8 @@ def evaluate(
     with torch.no_grad():
         for batch in batches:
             with _autocast(engine):
-                _, s = pair_forward(engine.module, batch, spec, pad_id, engine.device, packed=packed)
+                _, s = pair_forward(engine.module, batch, spec, pad_id, engine.device, packed=packed,
+                                    max_tokens=max_tokens)
             sums += s
     engine.module.train()
     return reduce_sums(all_reduce_sum(sums), prefix="eval_")

@@ -7,7 +7,6 @@ can move by up to lr either way. At lr = 1e-4 that rounding stays below the 1e-6
 """
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -43,19 +42,21 @@ def _rows(model_dir: Path) -> list[dict]:
     return rows
 
 
-def _train(tmp: Path, model_dir: Path, rows: list[dict], engine: str, workers: int) -> tuple[dict, dict]:
+def _train(tmp: Path, model_dir: Path, rows: list[dict], engine: str, workers: int, micro: int,
+           max_tokens: int | None = None) -> tuple[dict, dict]:
     out = tmp / f"{engine}-{workers}"
     train = ray.data.from_items(rows).materialize()
     args = LoopArgs(
         model_path=str(model_dir), output_dir=str(out), engine=engine, zero_stage=2,
-        local_batch_size=GLOBAL_BATCH // workers, micro_batch_size=2, total_steps=1, steps_per_epoch=1,
+        local_batch_size=GLOBAL_BATCH // workers, micro_batch_size=micro, total_steps=1, steps_per_epoch=1,
         lr=1e-4, weight_decay=0.0, warmup_steps=0, schedule="constant", max_grad_norm=1.0, bf16=False,
         seed=0, train_blocks=train.to_arrow_refs(), train_rows=len(rows), log_every=1, eval_every=0, checkpoint_every=0,
         loss_weights={"sigmoid": 1.0}, loss_params={"beta": 0.5}, reference_free=False, has_eval=False,
+        packing=True, max_tokens_per_batch=max_tokens,
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=asdict(args),
+        train_loop_config={"args": args},
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 2 / workers}),
         run_config=RunConfig(name="t", storage_path=str(out / "ray")),
     )
@@ -69,8 +70,11 @@ def test_two_workers_equal_one(ray_local, tmp_path, engine):
         pytest.importorskip("deepspeed")
     model_dir = write_tiny(tmp_path / "model", seed=5)
     rows = _rows(model_dir)
-    one, m1 = _train(tmp_path, model_dir, rows, engine, 1)
-    two, m2 = _train(tmp_path, model_dir, rows, engine, 2)
+    # 1 worker x 1 micro-batch of 8 pairs in one packed row, against 2 workers x 2 micro-batches of
+    # 2 pairs each packed into rows of at most 24 tokens: the loss normalisation and the update are
+    # the same however the global batch is split.
+    one, m1 = _train(tmp_path, model_dir, rows, engine, 1, micro=8)
+    two, m2 = _train(tmp_path, model_dir, rows, engine, 2, micro=2, max_tokens=24)
     initial = load_model(str(model_dir)).state_dict()
     assert max((one[k] - initial[k]).abs().max().item() for k in one) > 5e-5  # it did update (Adam moves ~lr)
     for k in one:
