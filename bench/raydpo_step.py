@@ -3,7 +3,7 @@
     python bench/raydpo_step.py ref   --model DIR --data PAIRS.json --out REF.npz [--threads 2] [--pairs N]
     python bench/raydpo_step.py train --model DIR --data PAIRS.json --ref REF.npz [--batch 8] [--micro-batch 8]
                                       [--steps S] [--warmup-steps 1] [--pairs N] [--threads 2]
-                                      [--gradient-checkpointing] [--bf16] [--packed] [--token-budget T]
+                                      [--gradient-checkpointing] [--bf16] [--packed [--max-tokens T]]
 
 ``PAIRS.json`` holds raydpo's tokenized pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``),
 written by ``bench/step_vs_trl.py`` with ``raydpo.data.tokenize.tokenize_pair``.
@@ -108,7 +108,7 @@ class Settings:
 
     batch: int = 8  # pairs per optimizer step
     micro_batch: int = 8  # pairs per forward/backward
-    token_budget: int = 0  # micro-batches cut by padded tokens instead of pair count (0: off)
+    max_tokens: int = 0  # with packed: each packed row holds at most this many tokens (0: one row)
     gradient_checkpointing: bool = False
     bf16: bool = False  # bf16 autocast of the forward, float32 weights (engine.autocast())
     packed: bool = False  # pair_forward(..., packed=True): one row per micro-batch, no padding
@@ -130,8 +130,10 @@ def build(model_dir: str, settings: Settings):
     ADAPT HERE when the step changes (``raydpo/train/loop.py`` is the model to follow): how the
     model is prepared (gradient checkpointing, ``raydpo.train.adapters.prepare_model``), whether it
     is wrapped in ``raydpo.logprobs.PolicyScorer`` (used when it exists), how the engine is built,
-    how a batch is cut into micro-batches (token budget), and how each forward is called
-    (``engine.autocast()``, ``pair_forward``'s keyword options).
+    how a batch is cut into micro-batches, and how each forward is called (``engine.autocast()``,
+    ``pair_forward``'s keyword options ``packed`` / ``max_tokens``, as ``train.packing`` /
+    ``train.max_tokens_per_batch`` give them in the loop). It is ``raydpo.train.step.train_step``
+    spelled out, less its metric reduction.
     """
     import raydpo.logprobs as logprobs
     from raydpo.losses import LossParams
@@ -168,10 +170,6 @@ def build(model_dir: str, settings: Settings):
     module.register_forward_pre_hook(count_tokens, with_kwargs=True)
 
     # 3. The engine: DDP at world size 1 (unwrapped), AdamW, constant LR.
-    if settings.token_budget:
-        # The loop's token-budget micro-batching gives a varying number of micro-batches per step;
-        # wire it here (grad_accum_steps and the split below) once raydpo has it.
-        raise NotImplementedError("--token-budget: adapt build() in bench/raydpo_step.py to raydpo's token-budget micro-batches")
     if settings.batch % settings.micro_batch:
         raise SystemExit(f"--batch {settings.batch} is not a multiple of --micro-batch {settings.micro_batch}")
     accum = settings.batch // settings.micro_batch
@@ -184,11 +182,16 @@ def build(model_dir: str, settings: Settings):
         raise SystemExit("--bf16: this raydpo's engine has no autocast()")
 
     spec = LossSpec({"sigmoid": 1.0}, LossParams(beta=settings.beta))
-    forward_kwargs = {}
+    forward_kwargs: dict = {}
+    options = inspect.signature(pair_forward).parameters
     if settings.packed:
-        if "packed" not in inspect.signature(pair_forward).parameters:
+        if "packed" not in options:
             raise SystemExit("--packed: this raydpo's pair_forward has no packed option")
         forward_kwargs["packed"] = True
+    if settings.max_tokens:
+        if not settings.packed or "max_tokens" not in options:
+            raise SystemExit("--max-tokens: needs --packed and a pair_forward with max_tokens")
+        forward_kwargs["max_tokens"] = settings.max_tokens
 
     def step_fn(batch: dict) -> dict:
         counter["computed"] = 0
@@ -223,7 +226,7 @@ def train(ns: argparse.Namespace) -> None:
     if steps < 1 or ns.warmup_steps + steps > full:
         raise SystemExit(f"{len(pairs)} pairs make {full} batches of {ns.batch}: too few for "
                          f"{ns.warmup_steps} warm-up + {steps} timed steps")
-    settings = Settings(batch=ns.batch, micro_batch=ns.micro_batch, token_budget=ns.token_budget,
+    settings = Settings(batch=ns.batch, micro_batch=ns.micro_batch, max_tokens=ns.max_tokens,
                         gradient_checkpointing=ns.gradient_checkpointing, bf16=ns.bf16, packed=ns.packed,
                         chunk_tokens=ns.chunk_tokens, total_steps=ns.warmup_steps + steps)
 
@@ -292,10 +295,10 @@ def main() -> None:
     t.add_argument("--micro-batch", type=int, default=8, help="pairs per forward/backward")
     t.add_argument("--steps", type=int, default=None, help="timed steps (default: every full batch after the warm-up)")
     t.add_argument("--warmup-steps", type=int, default=1, help="untimed steps first")
-    t.add_argument("--token-budget", type=int, default=0, help="micro-batches by padded tokens (needs build() adapted)")
     t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast forward, float32 weights")
-    t.add_argument("--packed", action="store_true", help="pair_forward(..., packed=True)")
+    t.add_argument("--packed", action="store_true", help="pair_forward(..., packed=True): no padding")
+    t.add_argument("--max-tokens", type=int, default=0, help="with --packed: tokens per packed row at most (train.max_tokens_per_batch)")
     t.add_argument("--chunk-tokens", type=int, default=1024, help="PolicyScorer's head chunk")
     ns = p.parse_args()
     reference(ns) if ns.mode == "ref" else train(ns)

@@ -14,8 +14,8 @@ process started here, one after the other:
    ``{prompt, chosen, rejected}`` message lists, for TRL, which tokenizes them itself).
 2. ``bench/matmul_peak.py``: the float32 matmul peak (FLOP/s) with ``--threads`` threads.
 3. ``bench/raydpo_step.py ref``: raydpo's reference log-probs, saved for the training processes.
-4. ``bench/raydpo_step.py train`` once per ``--raydpo NAME=ARGS`` (default: micro-batch 8, and
-   micro-batch 1), each in the dev venv's Python.
+4. ``bench/raydpo_step.py train`` once per ``--raydpo NAME=ARGS`` (default: micro-batch 8 padded,
+   and micro-batch 8 packed into rows of at most 2,048 tokens), each in the dev venv's Python.
 5. ``bench/trl_step.py`` in ``--trl-python`` (the bench-only venv): TRL with and without
    ``precompute_ref_log_probs``, for each ``--trl-gc`` setting of gradient checkpointing (default
    both: on is TRL's default, off was faster in the smoke test; its best counts).
@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 BENCH = Path("/tmp/raydpo-bench")
 DATA = ROOT.parent / "shared/data/hh-rlhf/helpful-base/test.jsonl.gz"
-DEFAULT_RAYDPO = ["mb8=--micro-batch 8", "mb1=--micro-batch 1"]
+DEFAULT_RAYDPO = ["mb8=--micro-batch 8", "packed=--micro-batch 8 --packed --max-tokens 2048"]
 GOALS = {"pairs_per_s_vs_trl": 2.0, "rss_vs_trl": 0.25, "peak_fraction": 0.5, "padding_waste": 1.05}
 
 
