@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from raydpo.attention import use_varlen
+
 DEFAULT_CHUNK_TOKENS = 1024  # positions per head chunk: chunk x V fp32 logits live at a time
 
 
@@ -161,7 +163,7 @@ def _scored(rows: list[tuple[int, int, int]]) -> tuple[list[int], list[int]]:
     return index, segment
 
 
-def _finish(input_ids, position_ids, attention_mask, index, segment, n) -> dict[str, Tensor]:
+def _finish(input_ids, position_ids, attention_mask, index, segment, n, cu_seq_lens=None) -> dict[str, Tensor]:
     flat = input_ids.reshape(-1)
     idx = torch.as_tensor(index, dtype=torch.long)
     out = {
@@ -174,6 +176,8 @@ def _finish(input_ids, position_ids, attention_mask, index, segment, n) -> dict[
     }
     if attention_mask is not None:
         out["attention_mask"] = attention_mask
+    if cu_seq_lens is not None:
+        out["cu_seq_lens"] = torch.as_tensor(cu_seq_lens, dtype=torch.int32)
     return out
 
 
@@ -231,8 +235,10 @@ def pack(prompts: list, completions: list, pad_id: int = 0, max_tokens: int | No
     when None), without padding between sequences.
 
     Position ids restart at 0 for each sequence; there is no attention mask, so transformers (5.x)
-    reads the sequence boundaries from the restarting position ids and never attends across them:
-    flash-attention's varlen kernel on GPU, a block-diagonal causal mask with SDPA or eager. Rows
+    reads the sequence boundaries from the restarting position ids and never attends across them.
+    ``cu_seq_lens`` gives the same boundaries to flash-attention's varlen kernel (GPU) and to
+    :mod:`raydpo.attention`'s per-sequence SDPA, so neither computes cross-sequence scores; an eager
+    model gets a block-diagonal causal mask. Rows
     shorter than the longest end in padding that is its own run of positions (a sequence nobody
     scores). ``max_tokens`` bounds a row, so the CPU's O(row^2) attention mask stays small. Same
     scoring layout as :func:`collate`.
@@ -243,6 +249,7 @@ def pack(prompts: list, completions: list, pad_id: int = 0, max_tokens: int | No
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
     starts = [(0, 0, 0)] * len(seqs)
+    cu = [0]  # run boundaries over the flattened rows (flash-attention's cu_seq_lens), pad runs included
     for r, row in enumerate(rows):
         at = 0
         for i in row:
@@ -251,9 +258,12 @@ def pack(prompts: list, completions: list, pad_id: int = 0, max_tokens: int | No
             positions[r, at : at + n] = torch.arange(n)
             starts[i] = (r * width + at, len(prompts[i]), n)
             at += n
+            cu.append(r * width + at)
         positions[r, at:] = torch.arange(width - at)
+        if at < width:
+            cu.append((r + 1) * width)
     index, segment = _scored(starts)
-    return _finish(input_ids, positions, None, index, segment, len(seqs))
+    return _finish(input_ids, positions, None, index, segment, len(seqs), cu)
 
 
 def pair_batch(
@@ -316,6 +326,7 @@ class PolicyScorer(torch.nn.Module):
         object.__setattr__(self, "_decoder", base.get_decoder())
         object.__setattr__(self, "_head", head)
         self.transform = _head_transform(base.config)
+        use_varlen(base)  # packed rows: one SDPA per sequence, not a block-diagonal L x L mask
 
     def register_zero3(self) -> None:
         """Under DeepSpeed ZeRO-3: the head weight is used outside ``lm_head.forward``, so ask
@@ -335,9 +346,15 @@ class PolicyScorer(torch.nn.Module):
         segment: Tensor,
         num_sequences: Tensor | int,
         attention_mask: Tensor | None = None,
+        cu_seq_lens: Tensor | None = None,
     ) -> Scores:
+        varlen = {}
+        if cu_seq_lens is not None:  # packed: the sequence boundaries, as flash-attention takes them
+            longest = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
+            varlen = {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+                      "max_length_q": longest, "max_length_k": longest}
         hidden = self._decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **varlen
         ).last_hidden_state
         scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_index)
         logp, mean, entropy = head_logps(scored, self._head.weight, targets, bias=self._head.bias,

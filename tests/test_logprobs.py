@@ -277,3 +277,24 @@ def test_scorer_rejects_a_lora_head(tiny_model) -> None:
     lm = peft.get_peft_model(copy.deepcopy(tiny_model), peft.LoraConfig(r=2, target_modules=["lm_head", "q_proj"]))
     with pytest.raises(ValueError, match="plain torch.nn.Linear"):
         PolicyScorer(lm)
+
+
+def test_packed_rows_use_per_sequence_attention_equal_to_the_block_mask(tiny_model) -> None:
+    """An SDPA model is switched to ``raydpo_varlen``: packed rows go through one causal SDPA per
+    sequence (``cu_seq_lens``), and give what transformers' own block-diagonal mask gives."""
+    import copy
+
+    from raydpo.attention import NAME
+
+    layout = pack(PROMPTS, COMPLETIONS, PAD, max_tokens=12)
+    # Lengths 9, 10, 7 under 12: three rows of width 10: [10], [9 + 1 pad], [7 + 3 pad].
+    assert layout["cu_seq_lens"].tolist() == [0, 10, 19, 20, 27, 30]
+    masked = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        scorer = PolicyScorer(tiny_model)
+        assert tiny_model.config._attn_implementation == NAME
+        varlen = scorer(**layout).logps
+        masked.config._attn_implementation = "sdpa"
+        no_cu = {k: v for k, v in layout.items() if k != "cu_seq_lens"}  # falls back to the mask
+        block = PolicyScorer(masked)(**no_cu).logps
+    torch.testing.assert_close(varlen, block, rtol=1e-5, atol=1e-5)
