@@ -34,7 +34,6 @@ import contextlib
 import inspect
 import json
 import os
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -43,20 +42,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def vm_hwm_mib() -> float | None:
-    """``VmHWM`` (peak resident set) of this process from /proc, MiB; None where there is no /proc."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+from procstat import peak_rss_mib, vm_hwm_mib  # noqa: E402  (bench/, this script's folder)
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
 
 
 def load_pairs(path: str, n: int | None) -> list[dict]:

@@ -33,15 +33,9 @@ import resource
 import time
 from pathlib import Path
 
+from procstat import peak_rss_mib, vm_hwm_mib  # bench/, this script's folder
 
-def vm_hwm_mib() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+
 
 
 def main() -> None:
@@ -148,7 +142,7 @@ def main() -> None:
         "padding_waste": computed / real if real else None, "tokens_per_s": real / seconds,
         "flops": 6.0 * params * real, "flops_per_s": 6.0 * params * real / seconds,
         "ref_seconds": ref["seconds"] if ns.precompute else None, "trainer_init_s": init_s, "train_s": train_s,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "vm_hwm_mib": vm_hwm_mib(),
+        "peak_rss_mib": peak_rss_mib(), "vm_hwm_mib": vm_hwm_mib(),
         "peak_rss_after_init_mib": rss_after_init,
         "step_seconds": [clock[k + 1] - clock[k] for k in timed], "warmup_seconds": clock[ns.warmup_steps] - clock[0],
         "loadavg": os.getloadavg(),
