@@ -47,10 +47,10 @@ class HeadTransform:
     softcap: float | None = None
 
 
-def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, t: HeadTransform, dtype: torch.dtype) -> Tensor:
-    """``(C, H) -> (C, V)`` float32 logits: the matmul in ``dtype`` (the model's or autocast's),
-    everything after it in float32."""
-    z = (h.to(dtype) @ weight.to(dtype).t()).float()
+def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, t: HeadTransform) -> Tensor:
+    """``(C, H) -> (C, V)`` float32 logits: the matmul in ``weight``'s dtype (the model's or
+    autocast's, cast once per call by the caller, not per chunk), everything after it in float32."""
+    z = (h.to(weight.dtype) @ weight.t()).float()
     if bias is not None:
         z = z + bias.float()
     if t.scale != 1.0:
@@ -69,8 +69,9 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         logp = torch.empty(m, dtype=torch.float32, device=hidden.device)
         mean = torch.empty_like(logp)
         entropy = torch.empty_like(logp)
+        w = weight.to(dtype)  # one cast of the (V, H) weight per call
         for s in range(0, m, chunk):
-            z = _chunk_logits(hidden[s : s + chunk], weight, bias, transform, dtype)
+            z = _chunk_logits(hidden[s : s + chunk], w, bias, transform)
             lse = torch.logsumexp(z, dim=-1)
             logp[s : s + chunk] = z.gather(1, targets[s : s + chunk, None]).squeeze(1) - lse
             mean[s : s + chunk] = z.mean(-1)
@@ -92,7 +93,7 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         w = weight.to(dtype)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk].to(dtype)
-            z = _chunk_logits(h, weight, bias, t, dtype)
+            z = _chunk_logits(h, w, bias, t)
             # d logp / d z = onehot(target) - softmax(z), times the incoming gradient per row.
             dz = -torch.softmax(z, -1)
             dz.scatter_add_(1, targets[s : s + chunk, None], torch.ones_like(dz[:, :1]))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from raydpo.models import build_tiny_tokenizer
+from raydpo.models import build_tiny_model, build_tiny_tokenizer
 from raydpo.train.adapters import LoraSettings, ModelPrep, prepare_model, save_final
 from raydpo.train.engine import Engine, OptimConfig, build_engine
 
@@ -27,21 +27,8 @@ OPTIM = OptimConfig(lr=1e-2, total_steps=3, schedule="constant", max_grad_norm=1
 
 
 def _tiny_llama(seed: int = 0) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    """The project's tiny Llama (tied head), small enough for several DeepSpeed engines per test."""
+    return build_tiny_model(VOCAB, hidden_size=32, num_layers=2, num_heads=4, max_positions=64, seed=seed)
 
 
 def _ids(seed: int = 1, rows: int = 4, length: int = 12) -> torch.Tensor:
