@@ -103,6 +103,7 @@ class Settings:
     bf16: bool = False  # bf16 autocast of the forward, float32 weights (engine.autocast())
     packed: bool = False  # pair_forward(..., packed=True): one row per micro-batch, no padding
     chunk_tokens: int = 1024  # PolicyScorer's head chunk (positions per chunk)
+    lora_r: int = 0  # > 0: train PEFT LoRA adapters of this rank on every linear layer (train.lora)
     lr: float = 5e-7
     beta: float = 0.1
     total_steps: int = 1  # for the LR schedule only (constant here)
@@ -135,14 +136,14 @@ def build(model_dir: str, settings: Settings):
     model = load_model(model_dir, "float32")
 
     # 1. Memory-saving preparation of the policy (before the engine: it owns the model after).
-    if settings.gradient_checkpointing:
-        try:
-            from raydpo.train.adapters import ModelPrep, prepare_model
-        except ImportError:  # older raydpo: what prepare_model does for checkpointing
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-        else:
-            model = prepare_model(model, ModelPrep(gradient_checkpointing=True))
+    if settings.gradient_checkpointing or settings.lora_r:
+        from raydpo.config import LoraConfig
+        from raydpo.train.adapters import LoraSettings, ModelPrep, prepare_model
+
+        # LoRA's other settings are the config's defaults (alpha 32, dropout 0.05, all-linear).
+        lora = (LoraSettings(**LoraConfig(r=settings.lora_r).model_dump()) if settings.lora_r else None)
+        model = prepare_model(model, ModelPrep(gradient_checkpointing=settings.gradient_checkpointing,
+                                               lora=lora))
 
     # 2. The module the engine trains: the scorer around the LM when raydpo has one.
     if hasattr(logprobs, "PolicyScorer"):
@@ -218,7 +219,7 @@ def train(ns: argparse.Namespace) -> None:
                          f"{ns.warmup_steps} warm-up + {steps} timed steps")
     settings = Settings(batch=ns.batch, micro_batch=ns.micro_batch, max_tokens=ns.max_tokens,
                         gradient_checkpointing=ns.gradient_checkpointing, bf16=ns.bf16, packed=ns.packed,
-                        chunk_tokens=ns.chunk_tokens, total_steps=ns.warmup_steps + steps)
+                        chunk_tokens=ns.chunk_tokens, lora_r=ns.lora, total_steps=ns.warmup_steps + steps)
 
     t0 = time.perf_counter()
     engine, step_fn = build(ns.model, settings)
@@ -289,6 +290,7 @@ def main() -> None:
     t.add_argument("--bf16", action="store_true", help="bf16 autocast forward, float32 weights")
     t.add_argument("--packed", action="store_true", help="pair_forward(..., packed=True): no padding")
     t.add_argument("--max-tokens", type=int, default=0, help="with --packed: tokens per packed row at most (train.max_tokens_per_batch)")
+    t.add_argument("--lora", type=int, default=0, metavar="R", help="train LoRA adapters of rank R (train.lora)")
     t.add_argument("--chunk-tokens", type=int, default=1024, help="PolicyScorer's head chunk")
     ns = p.parse_args()
     reference(ns) if ns.mode == "ref" else train(ns)

@@ -1,7 +1,8 @@
 """raydpo's DPO update step against TRL's on the CPU, side by side in one run (issue 9).
 
     python bench/step_vs_trl.py [--pairs 64] [--batch 8] [--warmup-steps 1] [--threads 2]
-        [--raydpo NAME=ARGS ...] [--trl-gc on|off|on,off] [--skip-trl] [--out FILE]
+        [--raydpo NAME=ARGS ...] [--trl-gc on|off|on,off] [--trl-precompute on|off|on,off]
+        [--skip-trl] [--out FILE]
 
 SmolLM2-135M-Instruct (float32, the plain HF folder ``--model``, made by
 ``../shared/tools/smollm2_to_hf.py``) on HH-RLHF helpful-base test pairs. Steps, each measured
@@ -248,6 +249,8 @@ def main() -> None:
     p.add_argument("--trl-gc", default="on,off",
                    help="TRL's gradient checkpointing settings to run, each with and without precompute: on,off (default), "
                         "on (TRL's default setting) or off")
+    p.add_argument("--trl-precompute", default="on,off",
+                   help="TRL runs with precompute_ref_log_probs (on), with the reference model in the step (off), or both (default)")
     p.add_argument("--keep-trl-drops", action="store_true",
                    help="keep rows whose prompt alone reaches max_length (TRL drops them, so the sides' pairs differ)")
     p.add_argument("--skip-trl", action="store_true")
@@ -267,6 +270,9 @@ def main() -> None:
             p.error(f"--raydpo {spec!r}: NAME=ARGS with a plain name")
         configs.append((name, shlex.split(flags)))
     trl_gc = [g for g in ns.trl_gc.split(",") if g]
+    trl_precompute = [g == "on" for g in ns.trl_precompute.split(",") if g]
+    if any(g not in ("on", "off") for g in ns.trl_precompute.split(",") if g):
+        p.error("--trl-precompute takes on, off or on,off")
     if any(g not in ("on", "off") for g in trl_gc):
         p.error("--trl-gc: on, off or on,off")
     if not ns.skip_trl and not Path(ns.trl_python).exists():
@@ -320,7 +326,7 @@ def main() -> None:
             save()
     if not ns.skip_trl:
         for gc in trl_gc:
-            for precompute in (True, False):
+            for precompute in trl_precompute:
                 name = f"trl-{'precompute' if precompute else 'inline-ref'}-gc{gc}"
                 r = run_child(name, [ns.trl_python, str(ROOT / "bench/trl_step.py"), "--model", ns.model, "--pairs", str(pairs_jsonl),
                                      "--batch", str(ns.batch), "--warmup-steps", str(ns.warmup_steps), "--steps", str(steps),
