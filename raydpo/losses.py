@@ -4,10 +4,10 @@ Every loss takes a :class:`PairLogps` (all fields shape ``(B,)``) and a :class:`
 and returns the per-pair loss, shape ``(B,)``; the caller takes the mean. Sequence log-probs are
 sums over completion tokens (see ``raydpo.logprobs``), in float32.
 
-Names and math follow TRL's ``DPOTrainer.dpo_loss`` ``loss_type`` values (plus ``simpo`` from
-TRL's ``CPOTrainer``, ``orpo`` from TRL's ``ORPOTrainer`` and ``dpop`` from its paper, which TRL's
-DPOTrainer does not have). Where TRL's convention differs from the paper, the docstring says so
-and says which one is followed.
+Names and math follow TRL's ``DPOTrainer`` ``loss_type`` values (plus ``simpo`` from TRL's
+``CPOTrainer``, ``orpo`` from TRL's ``ORPOTrainer`` and ``dpop`` from its paper, which TRL does not
+have). Where TRL's convention differs from the paper, the docstring says so and says which one is
+followed; docs/losses.md lists every difference from TRL 1.16.0 and its reason.
 
 Conventions shared by every loss:
 
@@ -128,7 +128,8 @@ def sigmoid(logps: PairLogps, params: LossParams) -> Tensor:
     h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))
     loss = -(1 - eps) * logsigmoid(beta * h) - eps * logsigmoid(-beta * h)
 
-    Same as TRL ``loss_type="sigmoid"``. Shapes: every input ``(B,)``; returns ``(B,)``.
+    Same as TRL ``loss_type="sigmoid"`` at eps = 0; TRL 1.16 dropped the smoothing from sigmoid
+    (ours keeps cDPO, as earlier TRL releases). Shapes: every input ``(B,)``; returns ``(B,)``.
     """
     chosen, rejected = logratios(logps)
     h = params.beta * (chosen - rejected)
@@ -218,8 +219,9 @@ def orpo(logps: PairLogps, params: LossParams) -> Tensor:
 
     lambda is ``params.orpo_lambda`` (TRL's ``ORPOConfig.beta``; default 0.1 as there), a separate
     field so that ``beta`` keeps its DPO meaning. ``log(1 - exp(x))`` is computed stably (clamped
-    below 0). TRL's NLL term is the token-weighted cross-entropy of the batch; here it is per pair
-    (as :func:`sft`). ``ref_*`` are ignored. Inputs ``(B,)``; returns ``(B,)``.
+    below 0). TRL's NLL term is the cross-entropy of prompt and chosen tokens, token-weighted over
+    the batch; here it is the chosen completion's, per pair (as :func:`sft`). ``ref_*`` are ignored.
+    Inputs ``(B,)``; returns ``(B,)``.
     """
     lc = logps.chosen / _tokens(logps.chosen_tokens, logps.chosen)
     lr = logps.rejected / _tokens(logps.rejected_tokens, logps.rejected)
@@ -233,10 +235,11 @@ def bco_pair(logps: PairLogps, params: LossParams) -> Tensor:
     r_w, r_l = beta * logratio(y_w), beta * logratio(y_l)
     loss = -logsigmoid(r_w - delta) - logsigmoid(-(r_l - delta))
 
-    delta is ``params.bco_delta``: TRL keeps a running mean (``RunningMoments``) of the batch mean
-    of ``cat(r_w, r_l)``, updated with the current batch *before* the loss. Here the loss is pure:
-    the caller maintains delta (see :func:`bco_batch_reward`). Same as TRL ``loss_type="bco_pair"``.
-    Inputs ``(B,)``; returns ``(B,)``.
+    delta is ``params.bco_delta``: the BCO paper's reward shift, a running mean of the batch means
+    of ``cat(r_w, r_l)``, updated with the current batch *before* the loss (as earlier TRL releases
+    did with a ``RunningMoments``). Here the loss is pure: the caller maintains delta (see
+    :func:`bco_batch_reward`). TRL 1.16's ``loss_type="bco_pair"`` has no delta: it is this at
+    delta = 0. Inputs ``(B,)``; returns ``(B,)``.
     """
     chosen, rejected = logratios(logps)
     d = params.bco_delta
@@ -287,8 +290,9 @@ def exo_pair(logps: PairLogps, params: LossParams) -> Tensor:
     loss = sigmoid(z) * (logsigmoid(z) - log(1 - eps)) + sigmoid(-z) * (logsigmoid(-z) - log(eps))
 
     The reverse KL between the model's pair distribution and the eps-smoothed label. eps = 0
-    would be log(0); like TRL (which overwrites ``label_smoothing`` with 1e-3 when it is 0) we use
-    1e-3 then, without changing ``params``. Inputs ``(B,)``; returns ``(B,)``.
+    would be log(0): TRL 1.16 refuses it; we use the paper's 1e-3 then (as earlier TRL releases),
+    without changing ``params``. Same as TRL ``loss_type="exo_pair"`` for eps > 0.
+    Inputs ``(B,)``; returns ``(B,)``.
     """
     eps = params.label_smoothing if params.label_smoothing != 0.0 else 1e-3
     chosen, rejected = logratios(logps)
@@ -317,7 +321,8 @@ def aot(logps: PairLogps, params: LossParams) -> Tensor:
 
 
 def aot_pair(logps: PairLogps, params: LossParams) -> Tensor:
-    """AOT, paired variant (Melnyk et al. 2024), as TRL ``loss_type="aot_pair"``.
+    """AOT, paired variant (Melnyk et al. 2024), as TRL ``loss_type="aot_unpaired"`` (TRL 1.16's
+    name; earlier ``"aot_pair"``).
 
     u = sort_batch(logratio(y_w)),  v = sort_batch(logratio(y_l))
     loss_i = -(1 - eps) * logsigmoid(beta * (u_i - v_i)) - eps * logsigmoid(-beta * (u_i - v_i))
@@ -422,17 +427,17 @@ def rewards(logps: PairLogps, beta: float) -> tuple[Tensor, Tensor]:
     """TRL's ``chosen_rewards`` / ``rejected_rewards``: ``beta * logratio``, detached, each ``(B,)``.
 
     For the ``rewards/*`` metrics (accuracy = chosen > rejected, margin = chosen - rejected).
-    Uses summed log-probs (TRL's ipo/simpo/orpo report rewards on averaged log-probs; pass a
-    length-normalised :class:`PairLogps` for that).
+    Uses summed log-probs, as TRL's DPOTrainer for every loss type (TRL's CPO and ORPO trainers
+    report rewards on averaged log-probs; pass a length-normalised :class:`PairLogps` for that).
     """
     chosen, rejected = logratios(logps)
     return (beta * chosen).detach(), (beta * rejected).detach()
 
 
 def bco_batch_reward(logps: PairLogps, beta: float) -> Tensor:
-    """Scalar mean of ``cat(chosen_rewards, rejected_rewards)``, detached: the value TRL feeds its
-    ``RunningMoments`` for ``bco_pair``. The caller folds it into its running mean and passes that
-    as ``LossParams.bco_delta`` (TRL updates before computing the loss of the same batch)."""
+    """Scalar mean of ``cat(chosen_rewards, rejected_rewards)``, detached: the value earlier TRL
+    releases fed a ``RunningMoments`` for ``bco_pair``. The caller folds it into its running mean
+    and passes that as ``LossParams.bco_delta`` (updated before the loss of the same batch)."""
     c, r = rewards(logps, beta)
     return torch.cat((c, r), 0).mean()
 

@@ -1,12 +1,12 @@
 """Tests of ``raydpo.losses``.
 
-Each loss is checked three ways:
+Each loss is checked:
 
 1. against a float64 value worked out by hand on a three-pair batch (the arithmetic is in the
    test's docstring), one ``test_hand_<loss>`` per loss, registered with ``@by_hand``;
-2. against an independent, element-by-element implementation of the paper's / TRL's equation
-   written with ``math`` (``REFERENCE``), on random batches;
-3. with ``torch.autograd.gradcheck`` in float64.
+2. for the direction of its gradient: descent raises the chosen log-prob and lowers the rejected
+   one (with the exceptions each loss's paper gives, in ``DIRECTION``);
+3. against TRL 1.16.0's own code, or its documented difference from TRL, in ``test_losses_trl.py``.
 
 Plus identities between losses, and finiteness on empty / extreme batches.
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import random
-import zlib
 from typing import Callable
 
 import pytest
@@ -49,10 +48,6 @@ F64 = torch.float64
 LN2 = math.log(2.0)
 LS1 = -0.31326168751822286  # logsigmoid(1)
 LSM1 = -1.3132616875182228  # logsigmoid(-1)
-
-
-def t(*xs: float, dtype: torch.dtype = F64) -> torch.Tensor:
-    return torch.tensor(xs, dtype=dtype)
 
 
 def make(chosen, rejected, ref_chosen, ref_rejected, ct, rt, dtype=F64) -> PairLogps:
@@ -270,101 +265,54 @@ def test_every_loss_has_a_by_hand_test(name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Independent implementations (math, element by element) on random batches
+# 2. Direction: gradient descent raises the chosen log-prob and lowers the rejected one
 # ---------------------------------------------------------------------------------------------
 
+# Signs of (d loss / d log pi(y_w), d loss / d log pi(y_l)) for the three pairs of HAND at beta = 0.25:
+# beta h = [0.5, 0, -0.5], and pair 1 is "policy == reference". -1 on the chosen and +1 on the rejected
+# mean descent raises y_w and lowers y_l. Losses with a target (ipo at h = 1 / (2 beta) = 2, sppo_hard
+# at logratios +-2, hinge at beta h = 1, nca_pair at beta logratio_w = log 2, exo_pair at
+# beta h = log((1 - eps) / eps)) stop or turn back past it; HAND is short of every target.
+DESCENT = ([-1, -1, -1], [1, 1, 1])
+DIRECTION = {
+    # sft does not read the rejected completion.
+    "sft": ([-1, -1, -1], [0, 0, 0]),
+    # APO-down (eq. 8) lowers the chosen too where |logratio_w| < |h| (pairs 0 and 2): its chosen
+    # gradient is beta * (sigmoid'(beta logratio_w) - sigmoid'(beta h)), 0 at policy == reference.
+    "apo_down": ([1, 0, 1], [1, 1, 1]),
+    # DiscoPOP (tau = 0.05) is not monotone near beta h = 0 (test_discopop_slope_at_policy_equals_reference):
+    # at pair 1 it lowers the chosen and raises the rejected; at |beta h| = 0.5 it is as DPO.
+    "discopop": ([-1, 1, -1], [1, -1, 1]),
+}
 
-def m_logsig(x: float) -> float:
-    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+def _grads(name: str, lp: PairLogps, params: LossParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """d (sum of the loss) / d chosen and / d rejected; zeros for an input the loss does not read."""
+    chosen, rejected = lp.chosen.clone().requires_grad_(True), lp.rejected.clone().requires_grad_(True)
+    lp = PairLogps(chosen, rejected, lp.ref_chosen, lp.ref_rejected, lp.chosen_tokens, lp.rejected_tokens)
+    g_c, g_r = torch.autograd.grad(LOSSES[name](lp, params).sum(), (chosen, rejected), allow_unused=True)
+    return g_c, torch.zeros_like(rejected) if g_r is None else g_r
 
 
-def m_sig(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_gradient_raises_chosen_and_lowers_rejected(name: str) -> None:
+    g_c, g_r = _grads(name, HAND, LossParams(beta=0.25))
+    assert (torch.sign(g_c).tolist(), torch.sign(g_r).tolist()) == DIRECTION.get(name, DESCENT), (g_c, g_r)
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.5])
+def test_discopop_slope_at_policy_equals_reference(tau: float) -> None:
+    """loss(z) = -logsig(z) (1 - m) + e^-z m, m = sig(z / tau), z = beta h. At z = 0 (sig = 1/2,
+    m' = 1 / (4 tau)): d loss / dz = -(1/2)(1/2) - log 2 / (4 tau) - 1/2 + 1 / (4 tau)
+    = (1 - log 2) / (4 tau) - 3/4: +0.7843 at the paper's tau = 0.05 (the chosen goes down, towards
+    a local minimum near z = -0.12), -0.5966 at tau = 0.5. d loss / d logp_w = beta * that (HAND's pair 1)."""
+    g_c, g_r = _grads("discopop", HAND, LossParams(beta=0.25, discopop_tau=tau))
+    slope = (1 - LN2) / (4 * tau) - 0.75
+    close(g_c[1], 0.25 * slope)
+    close(g_r[1], -0.25 * slope)
 
 
 Row = dict  # keys: c, r, rc, rr (ref, 0.0 when reference-free), lc, lr (token counts)
-
-
-def _ref_each(f: Callable[[Row, LossParams], float]) -> Callable[[list[Row], LossParams], list[float]]:
-    return lambda rows, p: [f(x, p) for x in rows]
-
-
-def _h(x: Row) -> float:
-    return (x["c"] - x["rc"]) - (x["r"] - x["rr"])
-
-
-def _cdpo(z: float, eps: float) -> float:
-    return -(1 - eps) * m_logsig(z) - eps * m_logsig(-z)
-
-
-def _aot_ref(rows: list[Row], p: LossParams, paired: bool) -> list[float]:
-    if paired:
-        u = sorted(x["c"] - x["rc"] for x in rows)
-        v = sorted(x["r"] - x["rr"] for x in rows)
-    else:
-        u = sorted(x["c"] - x["r"] for x in rows)
-        v = sorted(x["rc"] - x["rr"] for x in rows)
-    return [_cdpo(p.beta * (a - b), p.label_smoothing) for a, b in zip(u, v)]
-
-
-def _orpo_ref(x: Row, p: LossParams) -> float:
-    lc, lr = x["c"] / max(x["lc"], 1), x["r"] / max(x["lr"], 1)
-    log_odds = math.log(math.exp(lc) / (1 - math.exp(lc))) - math.log(math.exp(lr) / (1 - math.exp(lr)))
-    return -lc - p.orpo_lambda * m_logsig(log_odds)
-
-
-def _exo_ref(x: Row, p: LossParams) -> float:
-    eps = p.label_smoothing or 1e-3
-    z = p.beta * _h(x)
-    q = m_sig(z)  # model's probability that y_w wins; loss = KL((q, 1 - q) || (1 - eps, eps))
-    log_q, log_1mq = m_logsig(z), m_logsig(-z)  # log q, log(1 - q) without rounding q to 1
-    return q * (log_q - math.log(1 - eps)) + (1 - q) * (log_1mq - math.log(eps))
-
-
-def _discopop_ref(x: Row, p: LossParams) -> float:
-    z = p.beta * _h(x)
-    m = m_sig(z / p.discopop_tau)
-    return -m_logsig(z) * (1 - m) + math.exp(-z) * m
-
-
-REFERENCE: dict[str, Callable[[list[Row], LossParams], list[float]]] = {
-    "sigmoid": _ref_each(lambda x, p: _cdpo(p.beta * _h(x), p.label_smoothing)),
-    "robust": _ref_each(
-        lambda x, p: (-(1 - p.label_smoothing) * m_logsig(p.beta * _h(x)) + p.label_smoothing * m_logsig(-p.beta * _h(x)))
-        / (1 - 2 * p.label_smoothing)
-    ),
-    "ipo": _ref_each(
-        lambda x, p: (
-            (x["c"] - x["rc"]) / max(x["lc"], 1) - (x["r"] - x["rr"]) / max(x["lr"], 1) - 1 / (2 * p.beta)
-        )
-        ** 2
-    ),
-    "hinge": _ref_each(lambda x, p: max(0.0, 1 - p.beta * _h(x))),
-    "sft": _ref_each(lambda x, p: -x["c"] / max(x["lc"], 1)),
-    "simpo": _ref_each(
-        lambda x, p: _cdpo(p.beta * (x["c"] / max(x["lc"], 1) - x["r"] / max(x["lr"], 1)) - p.simpo_gamma, p.label_smoothing)
-    ),
-    "orpo": _ref_each(_orpo_ref),
-    "bco_pair": _ref_each(
-        lambda x, p: -m_logsig(p.beta * (x["c"] - x["rc"]) - p.bco_delta)
-        - m_logsig(-(p.beta * (x["r"] - x["rr"]) - p.bco_delta))
-    ),
-    "nca_pair": _ref_each(
-        lambda x, p: -m_logsig(p.beta * (x["c"] - x["rc"]))
-        - 0.5 * m_logsig(-p.beta * (x["c"] - x["rc"]))
-        - 0.5 * m_logsig(-p.beta * (x["r"] - x["rr"]))
-    ),
-    "apo_zero": _ref_each(lambda x, p: 1 - m_sig(p.beta * (x["c"] - x["rc"])) + m_sig(p.beta * (x["r"] - x["rr"]))),
-    "apo_down": _ref_each(lambda x, p: m_sig(p.beta * (x["c"] - x["rc"])) + 1 - m_sig(p.beta * _h(x))),
-    "exo_pair": _ref_each(_exo_ref),
-    "aot": lambda rows, p: _aot_ref(rows, p, paired=False),
-    "aot_pair": lambda rows, p: _aot_ref(rows, p, paired=True),
-    "discopop": _ref_each(_discopop_ref),
-    "sppo_hard": _ref_each(
-        lambda x, p: (x["c"] - x["rc"] - 0.5 / p.beta) ** 2 + (x["r"] - x["rr"] + 0.5 / p.beta) ** 2
-    ),
-    "dpop": _ref_each(lambda x, p: -m_logsig(p.beta * (_h(x) - p.dpop_lambda * max(0.0, x["rc"] - x["c"])))),
-}
 
 
 def random_rows(rng: random.Random, n: int, reference_free: bool = False) -> list[Row]:
@@ -385,52 +333,6 @@ def rows_to_logps(rows: list[Row], reference_free: bool = False, dtype=F64) -> P
         col("lc"), col("lr"), dtype=dtype,
     )
 
-
-PARAM_SETS = [
-    LossParams(beta=0.1),
-    LossParams(beta=0.7, label_smoothing=0.2, simpo_gamma=1.3, orpo_lambda=0.5, bco_delta=-0.3, discopop_tau=0.5, dpop_lambda=5.0),
-    LossParams(beta=2.0, label_smoothing=0.05, simpo_gamma=0.0, orpo_lambda=1.0, bco_delta=0.2, dpop_lambda=50.0),
-]
-
-
-def test_reference_covers_every_loss() -> None:
-    assert set(REFERENCE) == set(LOSSES)
-
-
-@pytest.mark.parametrize("name", sorted(LOSSES))
-@pytest.mark.parametrize("reference_free", [False, True])
-def test_matches_independent_implementation(name: str, reference_free: bool) -> None:
-    rng = random.Random(zlib.crc32(f"{name}-{reference_free}".encode()))
-    for params in PARAM_SETS:
-        rows = random_rows(rng, 16, reference_free)
-        got = LOSSES[name](rows_to_logps(rows, reference_free), params)
-        assert got.shape == (16,) and got.dtype == F64
-        torch.testing.assert_close(got, t(*REFERENCE[name](rows, params)), rtol=1e-10, atol=1e-10)
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. Gradients
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", sorted(LOSSES))
-def test_gradcheck(name: str) -> None:
-    rng = random.Random(7)
-    rows = random_rows(rng, 3)
-    base = rows_to_logps(rows)
-    params = LossParams(beta=0.6, label_smoothing=0.1, bco_delta=0.1, dpop_lambda=3.0, discopop_tau=0.3)
-    if name == "hinge":  # stay off the kink beta * h = 1
-        assert all(abs(1 - params.beta * _h(x)) > 1e-3 for x in rows)
-    if name == "dpop":  # and off relu(ref_w - pi_w)'s kink
-        assert all(abs(x["rc"] - x["c"]) > 1e-3 for x in rows)
-
-    def f(c, r, rc, rr):
-        lp = PairLogps(c, r, rc, rr, base.chosen_tokens, base.rejected_tokens)
-        return LOSSES[name](lp, params)
-
-    inputs = tuple(x.clone().requires_grad_(True) for x in (base.chosen, base.rejected, base.ref_chosen, base.ref_rejected))
-    # Full (not fast-mode) Jacobian comparison; the undefined-grad check only concerns custom Functions.
-    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, check_undefined_grad=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,12 +403,14 @@ def test_sft_is_mean_token_nll_of_chosen() -> None:
     close(combined_loss(lp, LossParams(), {"sft": 1.0}), nll)
 
 
-def test_combined_loss_is_weighted_sum() -> None:
-    lp = rows_to_logps(random_rows(random.Random(5), 6))
-    p = LossParams(beta=0.3, bco_delta=0.1)
+def test_combined_loss_by_hand() -> None:
+    """{sigmoid: 0.8, bco_pair: 0.2, sft: 1.0} on HAND, beta = 0.5, delta = 0.5, from the by-hand tests:
+    sigmoid = [-LS1, log 2, -LSM1], bco_pair = [log 2 - LS1, 1.4481539683602134, log 2 - LSM1],
+    sft = [2, 2, 3]; total = 0.8 sigmoid + 0.2 bco_pair + sft."""
+    sig, bco, sft = [-LS1, LN2, -LSM1], [LN2 - LS1, 1.4481539683602134, LN2 - LSM1], [2.0, 2.0, 3.0]
+    expected = [0.8 * a + 0.2 * b + c for a, b, c in zip(sig, bco, sft)]
     weights = {"sigmoid": 0.8, "bco_pair": 0.2, "sft": 1.0}
-    expected = 0.8 * sigmoid(lp, p) + 0.2 * LOSSES["bco_pair"](lp, p) + 1.0 * LOSSES["sft"](lp, p)
-    close(combined_loss(lp, p, weights), expected)
+    close(combined_loss(HAND, LossParams(beta=0.5, bco_delta=0.5), weights), expected)
 
 
 def test_combined_loss_unknown_name_lists_known() -> None:

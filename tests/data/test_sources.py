@@ -26,7 +26,7 @@ from raydpo.data.pipeline import build_report, kept_rows, mix_sources, tokenized
 from raydpo.data.sources import expand_sources, mixture_weights, source_items
 from raydpo.data.tokenize import TokenizeSettings
 
-datasets = pytest.importorskip("datasets")
+import datasets  # noqa: E402  (after the HF_* variables above, which it reads at import)
 
 
 def _rows(prefix: str, n: int) -> list[dict[str, str]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,8 +17,6 @@ from safetensors.torch import load_file
 from raydpo.models import build_tiny_model, build_tiny_tokenizer
 from raydpo.train.adapters import LoraSettings, ModelPrep, prepare_model, save_final
 from raydpo.train.engine import Engine, OptimConfig, build_engine
-
-peft = pytest.importorskip("peft")
 
 TOKENIZER = build_tiny_tokenizer()
 VOCAB = len(TOKENIZER)
@@ -132,8 +131,6 @@ def test_lora_trains_only_adapters_and_the_optimizer_holds_only_them() -> None:
 def test_lora_final_folder_is_merged_and_loads_without_peft(kind: str, zero_stage: int, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    if kind == "deepspeed":
-        pytest.importorskip("deepspeed")
     engine, lm = _train(ModelPrep(gradient_checkpointing=True, lora=LORA), kind=kind, zero_stage=zero_stage)
     state = engine.full_state_dict()
     # The trained PEFT model, rebuilt from the engine's weights (ZeRO-3's live parameters are
@@ -164,7 +161,6 @@ def test_lora_final_folder_is_merged_and_loads_without_peft(kind: str, zero_stag
 
 
 def test_lora_deepspeed_zero2_matches_ddp() -> None:
-    pytest.importorskip("deepspeed")
     ddp, _ = _train(ModelPrep(lora=LORA))
     ds, _ = _train(ModelPrep(lora=LORA), kind="deepspeed", zero_stage=2)
     expected, got = ddp.full_state_dict(), ds.full_state_dict()
@@ -182,7 +178,6 @@ def test_zero3_final_folder_loads_plain_and_equals_ddp(tmp_path: Path) -> None:
     """ZeRO-3's live parameters are empty partitions: the folder comes from the gathered dict."""
     from transformers import AutoModelForCausalLM
 
-    pytest.importorskip("deepspeed")
     folders = {}
     for kind, stage in (("ddp", 2), ("deepspeed", 3)):
         engine, lm = _train(ModelPrep(gradient_checkpointing=True), kind=kind, zero_stage=stage, steps=1)

@@ -156,8 +156,6 @@ def _assert_changed(params: dict[str, torch.Tensor]) -> None:
 )
 def test_two_ranks_match_single_process(kind: str, zero_stage: int, tmp_path: Path) -> None:
     """ZeRO-3 also checks full_state_dict on rank 1 (DeepSpeed gives it None; we give {})."""
-    if kind == "deepspeed":
-        pytest.importorskip("deepspeed")
     single, _, single_norms = _run_single(kind, zero_stage)
     expected = _params(single)
     _assert_changed(expected)
@@ -170,7 +168,6 @@ def test_two_ranks_match_single_process(kind: str, zero_stage: int, tmp_path: Pa
 
 
 def test_deepspeed_zero2_matches_ddp() -> None:
-    pytest.importorskip("deepspeed")
     ddp, ddp_losses, ddp_norms = _run_single("ddp")
     ds, ds_losses, ds_norms = _run_single("deepspeed", zero_stage=2)
     _assert_params_close(_params(ds), _params(ddp), atol=1e-6)
@@ -181,7 +178,6 @@ def test_deepspeed_zero2_matches_ddp() -> None:
 
 def test_deepspeed_zero3_matches_zero2() -> None:
     """ZeRO-3 (parameters partitioned, full_state_dict gathers them) gives the ZeRO-2 result."""
-    pytest.importorskip("deepspeed")
     z2, z2_losses, z2_norms = _run_single("deepspeed", zero_stage=2)
     z3, z3_losses, z3_norms = _run_single("deepspeed", zero_stage=3)
     _assert_params_close(_params(z3), _params(z2), atol=1e-6)
@@ -200,8 +196,6 @@ def test_deepspeed_zero3_matches_zero2() -> None:
     ids=["ddp", "deepspeed-zero2", "deepspeed-zero3"],
 )
 def test_save_load_round_trip(kind: str, zero_stage: int, tmp_path: Path) -> None:
-    if kind == "deepspeed":
-        pytest.importorskip("deepspeed")
     grad_accum = 2
     batches = _global_batches(2 * N_STEPS)
     first, second = batches[:N_STEPS], batches[N_STEPS:]
@@ -250,8 +244,6 @@ def _lrs_through_engine(kind: str, optim: OptimConfig, n_steps: int) -> list[flo
 @pytest.mark.parametrize("kind", ["ddp", "deepspeed"])
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
 def test_lr_schedule(kind: str, schedule: str) -> None:
-    if kind == "deepspeed":
-        pytest.importorskip("deepspeed")
     from transformers import get_scheduler
 
     optim = OptimConfig(lr=1.0, warmup_steps=2, total_steps=6, schedule=schedule, max_grad_norm=0.0)
@@ -344,7 +336,6 @@ def test_ddp_refuses_low_precision_trainable_weights() -> None:
 
 def test_deepspeed_bf16_casts_the_module_and_autocast_is_a_no_op() -> None:
     """DeepSpeed keeps float32 master partitions itself: the loop's autocast() changes nothing."""
-    pytest.importorskip("deepspeed")
     engine = build_engine("deepspeed", _tiny_llama(), TINY_LR, grad_accum_steps=1, micro_batch_size=GLOBAL_BATCH, bf16=True)
     assert isinstance(engine.autocast(), contextlib.nullcontext)
     assert all(p.dtype == torch.bfloat16 for p in engine.model.parameters())
@@ -368,7 +359,6 @@ def test_deepspeed_bf16_casts_the_module_and_autocast_is_a_no_op() -> None:
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_deepspeed_offload_optimizer_matches_ddp(zero_stage: int) -> None:
-    pytest.importorskip("deepspeed")
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     ddp, ddp_losses, ddp_norms = _run_single("ddp")

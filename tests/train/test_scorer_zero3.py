@@ -12,8 +12,6 @@ from raydpo.logprobs import PolicyScorer, collate, pack
 from raydpo.models import build_tiny_model
 from raydpo.train.engine import OptimConfig, build_engine
 
-pytest.importorskip("deepspeed")
-
 PROMPTS = [[4, 10, 11, 12, 13], [4, 14], [4, 15, 16, 17]]
 COMPLETIONS = [[5, 30, 31, 2], [5, 32, 33, 34, 35, 36, 37, 2], [5, 38, 2]]
 G_OUT = torch.tensor([0.7, -1.3, 2.0])

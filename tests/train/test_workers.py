@@ -66,8 +66,6 @@ def _train(tmp: Path, model_dir: Path, rows: list[dict], engine: str, workers: i
 
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
 def test_two_workers_equal_one(ray_local, tmp_path, engine):
-    if engine == "deepspeed":
-        pytest.importorskip("deepspeed")
     model_dir = write_tiny(tmp_path / "model", seed=5)
     rows = _rows(model_dir)
     # 1 worker x 1 micro-batch of 8 pairs in one packed row, against 2 workers x 2 micro-batches of
