@@ -16,7 +16,10 @@ import time
 import ray
 import ray.data
 
+from pathlib import Path
+
 from raydpo.config import Config, load_config_or_report
+from raydpo.tracking import Tracker
 from raydpo.data.refcache import Cache, CacheKey, RefStats, add_keys, count_hits, lookup, missing_sequences, model_identity, tokenizer_identity
 
 
@@ -25,12 +28,10 @@ def cache_for(cfg: Config, model_path: str, gguf_file: str | None) -> Cache:
     from raydpo.data.tokenize import chat_template_for
     from raydpo.models import load_tokenizer
 
-    d = cfg.data
     tok = load_tokenizer(model_path, gguf_file)
-    settings = {"max_length": d.max_length, "max_prompt_length": d.max_prompt_length, "truncation": d.truncation}
     key = CacheKey(model=model_identity(model_path, gguf_file),
-                   tokenizer=tokenizer_identity(tok, chat_template_for(tok, d.chat_template)),
-                   settings=settings, dtype=cfg.reference.dtype)
+                   tokenizer=tokenizer_identity(tok, chat_template_for(tok, cfg.data.chat_template)),
+                   settings=cfg.data.tokenize_settings(), dtype=cfg.reference.dtype)
     return Cache(os.path.expanduser(cfg.reference.cache_dir), key)
 
 
@@ -110,11 +111,26 @@ def summary(stats: RefStats) -> str:
 
 def run(cfg: Config) -> RefStats:
     """Tokenize the config's data as ``train`` would and fill the cache for its kept pairs."""
-    from raydpo import tracking
-    from raydpo.data.pipeline import DataError, build_report, kept_rows
-    from jobs.train_dpo import setup, tokenize
+    from jobs.train_dpo import setup
 
-    _, model_path, sources = setup(cfg)
+    # A run of its own, in {output_dir}/precompute (a re-run continues it); an unreachable server fails here.
+    tracker, _ = Tracker.start(cfg.tracking, Path(cfg.output_dir).expanduser().resolve() / "precompute",
+                               cfg.tracking.run_name or "precompute", tags={"raydpo.job": "precompute"})
+    try:
+        _, model_path, sources = setup(cfg)
+        stats = _fill(cfg, model_path, sources)
+    except BaseException:
+        tracker.finish("FAILED", timeout=cfg.tracking.flush_timeout_s)
+        raise
+    log_stats(tracker, stats)
+    tracker.finish("FINISHED", timeout=cfg.tracking.flush_timeout_s)
+    return stats
+
+
+def _fill(cfg: Config, model_path: str, sources: list[str]) -> RefStats:
+    from jobs.train_dpo import tokenize
+    from raydpo.data.pipeline import DataError, build_report, kept_rows
+
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
     tokenized = tokenize(cfg, model_path, sources)
     report = build_report(tokenized)
@@ -128,21 +144,16 @@ def run(cfg: Config) -> RefStats:
                                batch_tokens=r.batch_tokens, window=r.window, max_padding=r.max_padding,
                                fail_after_blocks=r.fail_after_blocks)
     print(summary(stats), flush=True)
-    client, run_id, _ = tracking.start_run(tracking.resolve_uri(cfg.tracking.uri), cfg.tracking.experiment,
-                                           cfg.tracking.run_name or "precompute", None)
-    log_stats(client, run_id, stats)
-    client.set_terminated(run_id, status="FINISHED")
     return stats
 
 
-def log_stats(client, run_id: str, stats: RefStats) -> None:
-    """``reference/*`` metrics, the cache key as a tag, and the stats as JSON."""
-    from raydpo import tracking
-
+def log_stats(tracker: Tracker, stats: RefStats) -> None:
+    """``reference/*`` metrics, the cache key as a tag and a param, and the stats as JSON."""
     figures = {k: v for k, v in stats.to_dict().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    tracking.log_metrics(client, run_id, {f"reference/{k}": v for k, v in figures.items()})
-    client.set_tag(run_id, "reference.cache_key", stats.cache_key)
-    client.log_dict(run_id, stats.to_dict(), "reference_stats.json")
+    tracker.log_metrics({f"reference/{k}": v for k, v in figures.items()}, step=0)
+    tracker.set_tags({"reference.cache_key": stats.cache_key})
+    tracker.log_params({"fingerprint/reference_cache": stats.cache_key})
+    tracker.log_dict(stats.to_dict(), "reference_stats.json")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""The ``raydpo`` command: ``train``, ``precompute`` (reference log-probs) and ``data-check``."""
+"""The ``raydpo`` command: ``train``, ``precompute`` (reference log-probs), ``data-check`` and
+``sync-tracking`` (deliver spooled MLflow data)."""
 from __future__ import annotations
 
 import sys
@@ -6,10 +7,12 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": "jobs.train_dpo", "precompute": "jobs.precompute", "data-check": "jobs.data_check"}
+    commands = {"train": "jobs.train_dpo", "precompute": "jobs.precompute", "data-check": "jobs.data_check",
+                "sync-tracking": "jobs.sync_tracking"}
     if not argv or argv[0] not in commands:
         print("usage: raydpo {train|precompute} CONFIG [--set dotted.key=value ...] [--json]\n"
-              "       raydpo data-check SOURCE... [--json]", file=sys.stderr)
+              "       raydpo data-check SOURCE... [--json]\n"
+              "       raydpo sync-tracking OUTPUT_DIR [--timeout S]", file=sys.stderr)
         return 2
     import importlib
 

@@ -6,6 +6,7 @@ every error names its key path, e.g. ``train.beta: Input should be a valid numbe
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -22,6 +23,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from raydpo.data.tokenize import TokenizeSettings
 
 
 class _Strict(BaseModel):
@@ -86,9 +89,10 @@ class DataConfig(_Strict):
     synthetic: SyntheticData | None = None  # generate the task's shards instead of reading train
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     limit: int | None = Field(None, gt=0)  # read only the first rows of each split (smoke runs)
-    max_length: int = Field(512, gt=1)
-    max_prompt_length: int = Field(256, gt=0)
-    truncation: Literal["keep_end", "keep_start"] = "keep_end"
+    # The tokenization settings: defaults from TokenizeSettings, the one definition.
+    max_length: int = Field(TokenizeSettings.max_length, gt=1)
+    max_prompt_length: int = Field(TokenizeSettings.max_prompt_length, gt=0)
+    truncation: Literal["keep_end", "keep_start"] = TokenizeSettings.truncation
     max_drop_fraction: float = Field(0.1, ge=0.0, le=1.0)
     seed: int = 0
     # Row shape: "auto" detects one per source from its first rows (an unknown or ambiguous source
@@ -114,6 +118,10 @@ class DataConfig(_Strict):
             raise ValueError(f"data.columns: unknown field(s) {', '.join(map(repr, bad))}; "
                              f"known: {', '.join(COLUMN_TARGETS)}")
         return columns
+
+    def tokenize_settings(self) -> TokenizeSettings:
+        """This section's tokenization settings, whole: every field of TokenizeSettings by name."""
+        return TokenizeSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TokenizeSettings)})
 
     @model_validator(mode="after")
     def _has_sources(self) -> "DataConfig":
@@ -242,9 +250,21 @@ class TrainConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    uri: str | None = None  # default: MLFLOW_TRACKING_URI, else MLflow's local default
+    """``tracking``: where the run goes (``raydpo.tracking.Tracker``)."""
+
+    uri: str | None = None  # a local store or http(s)://server; default MLFLOW_TRACKING_URI, else MLflow's default
     experiment: str = "raydpo"
     run_name: str | None = None
+    log_model: bool = True  # the final model with mlflow.transformers (artifact folder where that fails)
+    register_as: str | None = None  # also register it in the model registry under this name
+    system_metrics: bool = True  # MLflow's CPU / memory / GPU sampler on training rank 0
+    flush_timeout_s: float = Field(120.0, ge=0)  # at the end, wait this long for an unreachable server
+
+    @model_validator(mode="after")
+    def _registry_needs_model(self) -> "TrackingConfig":
+        if self.register_as and not self.log_model:
+            raise ValueError("tracking.register_as needs tracking.log_model: true")
+        return self
 
 
 class Config(_Strict):
@@ -342,7 +362,35 @@ def flatten(cfg: Config) -> dict[str, Any]:
         else:
             out[prefix] = node
 
-    walk("", cfg.model_dump())
+    walk("", cfg.model_dump(mode="json"))  # JSON values: they compare equal after a round trip
+    return out
+
+
+# Keys a resumed run may change: they do not alter which pairs are trained, in what order, or how
+# (logging, evaluation and checkpoint cadence, resources, fault injection, where things are kept).
+RESUME_HARMLESS = (
+    "tracking.", "output_dir", "data.max_drop_fraction",
+    "reference.num_actors", "reference.num_cpus", "reference.num_gpus", "reference.batch_tokens",
+    "reference.window", "reference.max_padding", "reference.cache_dir", "reference.fail_after_blocks",
+    "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.max_failures", "train.fail_at_step", "train.cpus_per_worker", "train.use_gpu",
+    # The same update computed another way: the loss is normalised over the global batch however it
+    # is split into micro-batches (tests/train/test_workers.py), checkpointing recomputes, the head's
+    # chunk only bounds memory.
+    "train.micro_batch_size", "train.gradient_checkpointing", "train.logprob_chunk_tokens",
+)
+
+
+def trajectory_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Flattened keys (``flatten``) whose change between ``saved`` and ``current`` would alter the
+    training trajectory of a resumed run, as ``key: old -> new`` lines."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        if key.startswith(RESUME_HARMLESS):
+            continue
+        old, new = saved.get(key, "<unset>"), current.get(key, "<unset>")
+        if old != new:
+            out.append(f"{key}: {old!r} -> {new!r}")
     return out
 
 

@@ -26,13 +26,16 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:  # the key only holds it; importing tokenize would pull in transformers
+    from raydpo.data.tokenize import TokenizeSettings
 
 VERSION = 1
 KEY_BYTES = 16
@@ -77,6 +80,15 @@ def model_identity(name_or_path: str, gguf_file: str | None = None) -> str:
     return f"hub:{name_or_path}@{_hub_commit(name_or_path)}" + (f"/{gguf_file}" if gguf_file else "")
 
 
+def source_identity(source: str) -> str:
+    """A data source's fingerprint: the content hash of a local file (``file:<hash>``), else its
+    name (a URI or dataset id: its content is not read twice just to name it)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return "file:" + _file_hash(path)
+    return "name:" + _digest(source.encode())
+
+
 def _hub_commit(repo_id: str) -> str:
     """The commit the hub's ``main`` points at; offline, the snapshot transformers would load."""
     from huggingface_hub import HfApi, snapshot_download
@@ -111,7 +123,7 @@ class CacheKey:
 
     model: str  # model_identity(...)
     tokenizer: str  # tokenizer_identity(...)
-    settings: dict[str, Any]  # tokenization settings, e.g. max_length, truncation
+    settings: TokenizeSettings  # whole: a field added to it reaches the key by itself
     dtype: str
 
     @property

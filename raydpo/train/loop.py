@@ -30,6 +30,7 @@ from raydpo.train.adapters import ModelPrep, prepare_model, save_final
 from raydpo.train.engine import OptimConfig, build_engine
 from raydpo.train.shuffle import ShuffledShard
 from raydpo.train.step import LossSpec, RunningMean, evaluate, train_step
+from raydpo.tracking import Tracker, TrackerSpec
 
 
 @dataclass
@@ -62,8 +63,7 @@ class LoopArgs:
     fail_at_step: int | None = None
     dtype: str = "float32"
     gguf_file: str | None = None
-    tracking_uri: str | None = None
-    run_id: str | None = None
+    tracker: TrackerSpec | None = None  # rank 0 logs metrics and plots into the driver's run
     has_eval: bool = True
     prep: ModelPrep = ModelPrep()  # gradient checkpointing, LoRA
     offload_optimizer: bool = False
@@ -89,26 +89,6 @@ class FixedShards(ray.train.DataConfig):
                 shard.context.enable_progress_bars = False
                 out[i][name] = shard.iterator()
         return out
-
-
-class _Tracker:
-    """Rank 0 logs per-step metrics into the driver's MLflow run (the driver made it)."""
-
-    def __init__(self, uri: str | None, run_id: str | None) -> None:
-        self.client = None
-        if uri and run_id:
-            from mlflow.tracking import MlflowClient
-
-            self.client, self.run_id = MlflowClient(uri), run_id
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]  # TRL names are valid keys
-        self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
 
 
 def _say(message: str) -> None:
@@ -202,7 +182,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scorer.register_zero3()  # the chunked head reads the partitioned head weight directly
     spec = LossSpec(args.loss_weights, LossParams(**args.loss_params), args.reference_free)
     layout = {"packed": args.packing, "max_tokens": args.max_tokens_per_batch}
-    tracker = _Tracker(args.tracking_uri, args.run_id) if rank == 0 else _Tracker(None, None)
+    # Rank 0 logs: writes go to the spool on disk and a thread delivers them, so a slow or
+    # stopped tracking server never stalls the step.
+    tracker = Tracker.open(args.tracker, "rank0", say=_say) if rank == 0 and args.tracker else None
     bco = RunningMean()
     start_step = _restore(engine, bco)
     if rank == 0 and start_step:
@@ -230,26 +212,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 now = time.perf_counter()
                 metrics["pairs_per_s"] = pairs_last / max(now - t_last, 1e-9)
                 t_last, pairs_last = now, 0
-                tracker.log(metrics, step)
-                if rank == 0:
-                    _say(
-                        f"[raydpo] step {step}/{args.total_steps} loss {metrics['loss']:.4f} "
-                        f"acc {metrics['rewards/accuracies']:.3f} margin {metrics['rewards/margins']:.3f} "
-                        f"lr {metrics['learning_rate']:.2e} pairs/s {metrics['pairs_per_s']:.2f}"
-                    )
+                if tracker:
+                    tracker.log_metrics(metrics, step)
             if eval_shard is not None and ((args.eval_every and step % args.eval_every == 0) or last):
                 eval_batches = eval_shard.iter_batches(batch_size=args.micro_batch_size, batch_format="numpy")
-                eval_metrics = evaluate(engine, eval_batches, spec, pad_id, **layout)
-                tracker.log(eval_metrics, step)
+                margins: list[float] = []  # every eval pair's reward margin, for the histogram
+                eval_metrics = evaluate(engine, eval_batches, spec, pad_id, margins=margins, **layout)
                 metrics |= eval_metrics
-                if rank == 0:
-                    _say(f"[raydpo] eval step {step}: loss {eval_metrics['eval_loss']:.4f} "
-                         f"acc {eval_metrics['eval_rewards/accuracies']:.3f}")
+                if tracker:
+                    tracker.log_metrics(eval_metrics, step)
+                    tracker.log_plots(step, margins)
             if (args.checkpoint_every and step % args.checkpoint_every == 0) or last:
                 _save_checkpoint(engine, args, step, {**metrics, "step": step}, bco)
             if args.fail_at_step == step:
                 _inject_failure(args, step)
     _save_final(engine, lm, tokenizer, args)
+    if tracker:
+        if eval_shard is None:
+            tracker.log_plots(step)
+        tracker.close(timeout=10)  # what is left, the driver delivers (or the next run)
 
 
 def _inject_failure(args: LoopArgs, step: int) -> None:

@@ -55,6 +55,7 @@ def pair_forward(
     *,
     packed: bool = False,
     max_tokens: int | None = None,
+    margins: list[float] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Loss (mean over the micro-batch, differentiable) and the metric sums ``(len(SUM_FIELDS),)``
     float64 on ``device`` (ready for a collective on the training device).
@@ -63,7 +64,8 @@ def pair_forward(
     ``ref_chosen_logps`` / ``ref_rejected_logps``; B pairs give one forward of 2B sequences, padded
     or ``packed`` into one row. ``module`` is a :class:`~raydpo.logprobs.PolicyScorer` (or an engine
     wrapping one; a plain causal LM gets wrapped). Packed rows hold at most ``max_tokens`` tokens. ``bco`` (training only) carries ``bco_pair``'s
-    running reward mean; without it delta is ``spec.params.bco_delta``.
+    running reward mean; without it delta is ``spec.params.bco_delta``. ``margins``, when given,
+    gets each pair's reward margin ``r_chosen - r_rejected`` (for the eval histogram).
     """
     n = len(batch["prompt_ids"])
     layout = pair_batch(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_id, packed=packed,
@@ -86,6 +88,8 @@ def pair_forward(
 
     with torch.no_grad():
         r_c, r_r = rewards(pair, spec.params.beta)
+        if margins is not None:
+            margins.extend((r_c - r_r).double().cpu().tolist())
         values = {
             "pairs": torch.tensor(float(n), device=device),
             "loss": per_pair.sum(),
@@ -139,15 +143,32 @@ def train_step(
 def evaluate(
     engine, batches: Iterable[dict[str, np.ndarray]], spec: LossSpec, pad_id: int, *, packed: bool = False,
     max_tokens: int | None = None,
+    margins: list[float] | None = None,
 ) -> dict[str, float]:
-    """``eval_``-prefixed metrics over this worker's eval batches, summed over every worker."""
+    """``eval_``-prefixed metrics over this worker's eval batches, summed over every worker.
+    ``margins``, when given, gets every eval pair's reward margin from every worker."""
     engine.module.eval()
     sums = zeros(engine.device)
+    local: list[float] | None = [] if margins is not None else None
     with torch.no_grad():
         for batch in batches:
             with _autocast(engine):
                 _, s = pair_forward(engine.module, batch, spec, pad_id, engine.device, packed=packed,
-                                    max_tokens=max_tokens)
+                                    max_tokens=max_tokens, margins=local)
             sums += s
     engine.module.train()
+    if margins is not None:
+        margins.extend(_gather_lists(local))
     return reduce_sums(all_reduce_sum(sums), prefix="eval_")
+
+
+def _gather_lists(local: list[float]) -> list[float]:
+    """Every worker's list, concatenated in rank order (a collective; pickled objects travel on
+    the backend's device, which ``all_gather_object`` handles for nccl and gloo alike)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return list(local)
+    parts: list[list[float] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return [m for part in parts for m in (part or [])]

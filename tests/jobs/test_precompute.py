@@ -161,3 +161,28 @@ def test_a_corrupt_block_is_recomputed_not_read(clean, tmp_path):
     got = values(again.cache_dir)
     assert got.keys() == want.keys()
     np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-5)
+
+
+def test_cache_key_holds_every_tokenization_setting(tmp_path):
+    """The cache key holds the TokenizeSettings object whole, so a field added to it reaches the
+    key by itself: changing any one field gives another cache directory, and the config can set
+    every field (by the same name)."""
+    import dataclasses
+
+    from jobs.precompute import cache_for
+    from raydpo.data.refcache import CacheKey
+    from raydpo.data.tokenize import TokenizeSettings
+    from raydpo.models import write_tiny
+
+    fields = dataclasses.fields(TokenizeSettings)
+    other = {"max_length": 77, "max_prompt_length": 33, "truncation": "keep_start"}
+    assert {f.name for f in fields} <= set(other), "a new TokenizeSettings field: give it a changed value here"
+    base = CacheKey("files:abc", "tok", TokenizeSettings(), "float32")
+    for f in fields:
+        changed = dataclasses.replace(base, settings=dataclasses.replace(TokenizeSettings(), **{f.name: other[f.name]}))
+        assert changed.dir_key != base.dir_key, f.name
+
+    model = write_tiny(tmp_path / "tiny")
+    cfg = config(tmp_path / "out", tmp_path / "cache", *(f"data.{k}={v}" for k, v in other.items()))
+    key = cache_for(cfg, str(model), None).key
+    assert key.settings == TokenizeSettings(**other)  # every field from the config, none hand-copied

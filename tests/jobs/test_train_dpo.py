@@ -64,7 +64,21 @@ def test_quickstart_learns_and_is_tracked(ray_local, tmp_path, mlflow_uri):
     assert eval_acc[max(eval_acc)] >= 0.8, eval_acc
 
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
-    assert {"config.yaml", "data_report.json", "model"} <= artifacts
+    assert {"config.yaml", "data_report.json", "plots"} <= artifacts
+    plots = {Path(a.path).name for a in client.list_artifacts(outcome.run_id, "plots")}
+    assert {"training_curves.png", "logps.png", "eval_margins.png"} <= plots
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["raydpo.job"] == "train"
+    assert run.data.params["fingerprint/data"] and run.data.params["version/torch"]
+    assert run.inputs.dataset_inputs[0].tags[0].value == "training"
+    # The model, with mlflow.transformers: it loads back as a text-generation pipeline.
+    assert run.data.tags["raydpo.model"] == "mlflow.transformers"
+    (logged,) = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                            filter_string=f"source_run_id = '{outcome.run_id}'")
+    import mlflow.transformers
+
+    pipe = mlflow.transformers.load_model(logged.model_uri)
+    assert pipe.task == "text-generation"
 
     final = AutoModelForCausalLM.from_pretrained(outcome.final_dir)
     initial = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "initial")
@@ -116,3 +130,26 @@ def test_bad_rows_are_counted_and_fail_past_the_limit(ray_local, tmp_path, mlflo
     assert metrics["data/dropped_identical"] == 1
     assert metrics["data/dropped_unparseable"] == 2
     assert not (tmp_path / "out" / "final").exists()
+
+
+def test_resume_with_a_changed_config_fails_naming_the_keys(ray_local, tmp_path, mlflow_uri, capsys):
+    """Re-running an output_dir that holds checkpoints: a change that alters the trajectory
+    (batch size, data, loss) fails before any work, naming the keys and how to start fresh; a
+    harmless change (logging, eval cadence) resumes."""
+    from jobs.train_dpo import main, run
+    from raydpo.config import ConfigError
+
+    common = ["data.synthetic.rows=300", "train.max_steps=4", "train.checkpoint_every=2", "data.eval_fraction=0.0"]
+    first = run(quick(tmp_path, mlflow_uri, *common))
+    with pytest.raises(ConfigError) as e:
+        run(quick(tmp_path, mlflow_uri, *common, "train.batch_size=8", "train.micro_batch_size=8", "loss.beta=0.2"))
+    assert "train.batch_size: 32 -> 8" in str(e.value) and "loss.beta: 0.5 -> 0.2" in str(e.value)
+    assert "micro_batch_size" not in str(e.value) and "new output_dir" in str(e.value)
+    config = tmp_path / "changed.yaml"
+    config.write_text((ROOT / "configs/quickstart.yaml").read_text())
+    argv = [str(config), *(f"--set={o}" for o in [f"output_dir={tmp_path / 'out'}", f"tracking.uri={mlflow_uri}",
+                                                  "tracking.experiment=test", *common, "data.synthetic.rows=301"])]
+    assert main(argv) == 2
+    assert "data.synthetic.rows: 300 -> 301" in capsys.readouterr().err
+    again = run(quick(tmp_path, mlflow_uri, *common, "train.log_every=2", "train.eval_every=3"))
+    assert again.run_id == first.run_id
