@@ -80,6 +80,18 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _read_template(path: str) -> str:
+    """The template file's text; a ``ValueError`` naming the file where it is not UTF-8 or does not compile."""
+    from raydpo.data.tokenize import check_chat_template
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        check_chat_template(text)
+    except ValueError as e:  # UnicodeDecodeError included
+        raise ValueError(f"--chat-template {path}: {e}") from None
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="raydpo data-check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         expand_sources(ns.sources)  # fails before Ray starts
-        chat_template = Path(ns.chat_template).read_text() if ns.chat_template else None
+        chat_template = _read_template(ns.chat_template) if ns.chat_template else None
     except (FileNotFoundError, ValueError) as e:
         print(f"raydpo data-check: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """Every known row shape -> one schema ``{prompt, chosen, rejected}`` of chat messages.
 
-``normalise(row)`` returns the normalised row or a drop reason; it never raises on bad input.
+``parse_row(text)`` turns a record's JSON text into a row, and ``normalise(row)`` returns the
+normalised row or a drop reason; neither raises on bad input, whatever its types or nesting.
 Shapes: TRL standard (strings), TRL conversational (message lists; ``prompt`` may be a string and
 ``chosen``/``rejected`` whole conversations, as UltraFeedback-binarized), implicit-prompt
 dialogues (Anthropic HH-RLHF: ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``), and ShareGPT
@@ -17,6 +18,7 @@ from its first rows, and fails on a source of unknown or ambiguous shape.
 """
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -32,8 +34,11 @@ TOO_LONG = "too_long"
 TEMPLATE_MISMATCH = "template_mismatch"
 BAD_SCORE = "bad_score"  # a ranked row's score is None, NaN, infinite or not a number
 NO_PAIR = "no_pair"  # a ranked row whose scores give no pair (all tied, or no gap reaches the margin)
+INVALID_UNICODE = "invalid_unicode"  # a message holds a lone surrogate (JSON "\ud800"): no character at all
+TOO_DEEPLY_NESTED = "too_deeply_nested"  # JSON nested deeper than the parser's stack (RecursionError)
+TEMPLATE_ERROR = "template_error"  # the chat template failed on the row (e.g. its raise_exception)
 REASONS = (MISSING_FIELD, EMPTY, IDENTICAL, NO_COMMON_PREFIX, UNPARSEABLE, TOO_LONG, TEMPLATE_MISMATCH,
-           BAD_SCORE, NO_PAIR)
+           BAD_SCORE, NO_PAIR, INVALID_UNICODE, TOO_DEEPLY_NESTED, TEMPLATE_ERROR)
 
 FORMATS = ("standard", "conversational", "implicit_prompt", "sharegpt", "ranked")
 COLUMN_TARGETS = ("prompt", "chosen", "rejected", "conversations", "system", "completions", "scores")
@@ -54,6 +59,31 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 _ASSISTANT = "\n\nAssistant:"
+
+
+def parse_row(text: str) -> tuple[Any, str]:
+    """One record's JSON text -> ``(value, "")``, or ``(None, reason)`` where it does not parse:
+    ``too_deeply_nested`` (the parser ran out of stack: a ``RecursionError``, not a ``ValueError``)
+    or ``unparseable`` (bad JSON; also an integer of more than 4300 digits)."""
+    try:
+        return json.loads(text), ""
+    except RecursionError:
+        return None, TOO_DEEPLY_NESTED
+    except ValueError:
+        return None, UNPARSEABLE
+
+
+def is_valid_text(text: str) -> bool:
+    """False where ``text`` holds a lone surrogate (U+D800-U+DFFF, which JSON's ``"\\ud800"`` escape
+    and ``surrogateescape`` can produce): it is no character, UTF-8 cannot encode it, and tokenizers
+    reject it with a ``TypeError``. Such text is dropped, never silently replaced."""
+    if text.isascii():  # the common case, without a copy
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _messages(value: Any, default_role: str) -> list[Message] | None:
@@ -271,10 +301,12 @@ def score_pairs(scores: list[float], ranked_pairs: str = "best_worst", min_score
 
 
 def _checked(parsed: tuple[list[Message], list[Message], list[Message]] | str) -> Candidate:
-    """A parsed pair -> kept, or dropped as ``empty`` / ``identical``; a reason passes through."""
+    """A parsed pair -> kept, or dropped as ``invalid_unicode`` / ``empty`` / ``identical``; a reason passes through."""
     if isinstance(parsed, str):
         return None, parsed
     prompt, chosen, rejected = parsed
+    if not all(is_valid_text(m["role"]) and is_valid_text(m["content"]) for m in (*prompt, *chosen, *rejected)):
+        return None, INVALID_UNICODE
     if not any(m["content"].strip() for m in chosen) or not any(m["content"].strip() for m in rejected):
         return None, EMPTY
     if not prompt or not any(m["content"].strip() for m in prompt):

@@ -1,7 +1,9 @@
 """Ray Data: read -> normalise -> tokenize -> (reference columns). Returns datasets + a DataReport.
 
-Reading is line-based, so one malformed line is one dropped, counted row, never a failed job.
-Every row read is accounted for: ``kept + sum(dropped) == read``.
+Reading is line-based, so one malformed line is one dropped, counted row, never a failed job: every
+row-level failure of parsing, normalising, templating or tokenizing is a drop reason (see
+``formats.REASONS``). Only a whole source (unreadable, of unknown shape) or a template that does not
+compile stops the run. Every row read is accounted for: ``kept + sum(dropped) == read``.
 """
 from __future__ import annotations
 
@@ -21,12 +23,12 @@ import ray.data
 from raydpo.data.formats import (
     FORMATS,
     RANKED_PAIRS,
-    UNPARSEABLE,
     normalise_pairs,
+    parse_row,
     source_format,
 )
 from raydpo.data.sources import read_rows, source_items
-from raydpo.data.tokenize import TokenizedPair, TokenizeSettings, tokenize_pair
+from raydpo.data.tokenize import TokenizedPair, TokenizeSettings, check_chat_template, tokenize_pair
 from raydpo.models import load_tokenizer
 
 TOKENIZED_SCHEMA = pa.schema(
@@ -154,13 +156,10 @@ def tokenize_batch(
         out["rejected_tokens"].append(len(t.rejected_ids) if kept else 0)
 
     for source, row_id, split, text in zip(*(batch[c].to_pylist() for c in ("source", "row_id", "split", "text"))):
-        try:
-            row = json.loads(text)
-        except ValueError:
-            row = None
+        row, reason = parse_row(text)
         candidates = (normalise_pairs(row, formats.get(source, fmt), columns, ranked_pairs=ranked_pairs,
                                       min_score_margin=min_score_margin)
-                      if row is not None else [(None, UNPARSEABLE)])
+                      if not reason else [(None, reason)])
         # All pairs of a row share its prompt, so they share its split too.
         prompt = next((pair["prompt"] for pair, _ in candidates if pair is not None), None)
         if prompt is not None and split == "train" and eval_fraction > 0 and _held_out(prompt, seed, eval_fraction):
@@ -195,10 +194,10 @@ def _detect_formats(entries: list, split: str, columns: dict[str, str] | None, s
         rows: list[Any] = []
         for item in items:
             for record in read_rows(item):
-                try:
-                    rows.append(json.loads(record["text"]))
-                except ValueError:
+                row, reason = parse_row(record["text"])
+                if reason:
                     continue
+                rows.append(row)
                 if len(rows) >= sample:
                     break
             if len(rows) >= sample:
@@ -236,9 +235,12 @@ def tokenized_dataset(
     With ``fmt="auto"`` each source's shape is detected here, on the driver, from its first
     ``detect_rows`` records, so a source of unknown or ambiguous shape fails (``DataError``, naming
     the source and the keys seen) before any Ray work; its other rows' shapes are then dropped.
-    ``chat_template``: see ``tokenize.chat_template_for``."""
+    ``chat_template``: see ``tokenize.chat_template_for``; one that does not compile is a
+    ``ValueError`` here (``tokenize.check_chat_template``)."""
     if fmt != "auto" and fmt not in FORMATS:  # fail here, not in every Ray task
         raise ValueError(f"unknown format {fmt!r}; known: auto, {', '.join(FORMATS)}")
+    if chat_template:
+        check_chat_template(chat_template)
     if ranked_pairs not in RANKED_PAIRS:
         raise ValueError(f"unknown ranked_pairs {ranked_pairs!r}; known: {', '.join(RANKED_PAIRS)}")
     formats: dict[str, str] = {}

@@ -29,6 +29,8 @@ import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from raydpo.data.formats import is_valid_text
+
 GLOB_CHARS = "*?["
 ROWS_PER_READ_TASK = 100_000  # a saved dataset is read by several tasks, each this many rows
 _SAVED_DATASET = ("state.json", "dataset_info.json")  # what save_to_disk writes for a Dataset
@@ -97,6 +99,11 @@ def _expand_path(pattern: str) -> list[str]:
         found = [os.path.abspath(f) for f in sorted(glob.glob(os.path.expanduser(pattern)))]
     if not found:
         raise FileNotFoundError(f"data source {pattern!r} matches no file")
+    for path in found:
+        # A name of non-UTF-8 bytes comes back with lone surrogates, which no Arrow column (the read
+        # items, the report's source ids) can hold: fail here, naming it, not inside Ray.
+        if not is_valid_text(path):
+            raise ValueError(f"data source {path!r}: the file name is not valid UTF-8; rename the file")
     return found
 
 
@@ -268,10 +275,12 @@ def _records(path: str) -> Iterator[tuple[int, str]]:
             text = f.read()
         try:
             rows = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             rows = None
         if not isinstance(rows, list):
-            yield 1, text  # one object is one row; anything else is counted as unparseable
+            # One object is one row; anything else is one dropped row, whose reason the parser gives
+            # again (unparseable, or too_deeply_nested where the nesting exhausted its stack).
+            yield 1, text
             return
         for row_id, row in enumerate(rows, start=1):
             yield row_id, json.dumps(row)

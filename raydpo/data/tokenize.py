@@ -15,12 +15,21 @@ that character position with the tokenizer's offsets: a token that straddles it 
 completion, so ``prompt_ids + completion_ids`` is exactly the whole's ids. Such a pair is flagged
 ``boundary_fixed``. Where even the text is not a prefix (a template that renders the prompt
 differently when it is alone), the pair is dropped as ``template_mismatch``.
+
+Row-level failures are drop reasons, never exceptions: a template that fails on the row (its
+``raise_exception``, as Gemma's on a system turn or Mistral's on roles out of order, or any error
+its expressions raise on the row's data) is ``template_error``, and rendered text holding a lone
+surrogate, which tokenizers reject with a ``TypeError``, is ``invalid_unicode``. A template that
+does not compile fails every row alike, so it is the run's error: ``check_chat_template``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jinja2
 from transformers import PreTrainedTokenizerBase
+
+from raydpo.data.formats import INVALID_UNICODE, TEMPLATE_ERROR, TEMPLATE_MISMATCH, TOO_LONG, is_valid_text
 
 Message = dict[str, str]
 
@@ -63,6 +72,44 @@ def chat_template_for(tok: PreTrainedTokenizerBase, configured: str | None = Non
     return None if tok.chat_template else PLAIN_CHAT_TEMPLATE
 
 
+def check_chat_template(template: str) -> None:
+    """Raise ``ValueError`` (with the line) where a configured template does not compile: that fails
+    every row alike, so it stops the run before any row is read instead of dropping them all."""
+    # The compiler apply_chat_template itself uses (cached), so the same templates pass and fail.
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"chat template line {e.lineno}: {e.message}") from None
+
+
+class _Dropped(Exception):
+    """A row-level failure deep inside templating or tokenizing; ``tokenize_pair`` makes it the drop reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# What a template's expressions can raise on a row's data: its raise_exception and undefined names
+# (TemplateError), wrong types, bad values, division by zero or overflow, a missing index or key.
+_TEMPLATE_FAILURES = (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError)
+
+
+def _render(tok: PreTrainedTokenizerBase, messages: list[Message], template: str | None, generation_prompt: bool) -> str:
+    try:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                       chat_template=template)
+    except jinja2.TemplateSyntaxError:
+        raise  # the template itself is broken: every row would fail (see check_chat_template)
+    except _TEMPLATE_FAILURES as e:
+        raise _Dropped(TEMPLATE_ERROR) from e
+    if not is_valid_text(text):  # a template's own text can hold a lone surrogate too
+        raise _Dropped(INVALID_UNICODE)
+    return text
+
+
 def _ids(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
@@ -86,7 +133,7 @@ class _Prompt:
 
 
 def _prompt(tok: PreTrainedTokenizerBase, prompt: list[Message], template: str | None) -> _Prompt:
-    text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, chat_template=template)
+    text = _render(tok, prompt, template, generation_prompt=True)
     return _Prompt(prompt, text, _ids(tok, text))
 
 
@@ -95,7 +142,7 @@ def _whole(tok: PreTrainedTokenizerBase, p: _Prompt, completion: list[Message], 
     generation prompt) is not even a character prefix of the templated whole, or a token boundary
     is needed from a tokenizer without offsets (a slow one)."""
     prompt_text, prompt_ids = p.text, p.ids
-    whole_text = tok.apply_chat_template(p.messages + completion, tokenize=False, chat_template=template)
+    whole_text = _render(tok, p.messages + completion, template, generation_prompt=False)
     whole_ids = _ids(tok, whole_text)
     if whole_ids[: len(prompt_ids)] == prompt_ids:
         return _Whole(whole_ids, len(prompt_ids), True)
@@ -126,10 +173,14 @@ def completion_ids(
 ) -> tuple[list[int], list[int]] | None:
     """Template ``prompt`` (with the generation prompt) and ``prompt + completion``; return
     ``(prompt_ids, completion_ids)``, the completion ending in exactly one EOS, or None where the
-    templated prompt is not a character prefix of the templated whole (``template_mismatch``).
+    templated prompt is not a character prefix of the templated whole (``template_mismatch``), the
+    template fails on the messages or they hold a lone surrogate (see the module doc).
     ``prompt_ids`` are the whole's tokens before the boundary (see the module doc)."""
     template = chat_template_for(tok, chat_template)
-    whole = _whole(tok, _prompt(tok, prompt, template), completion, template)
+    try:
+        whole = _whole(tok, _prompt(tok, prompt, template), completion, template)
+    except _Dropped:
+        return None
     if whole is None:
         return None
     return whole.ids[: whole.prompt_len], _completion(whole.ids, whole.prompt_len, tok.eos_token_id)
@@ -151,22 +202,26 @@ def tokenize_pair(
     chat_template: str | None = None,
 ) -> TokenizedPair:
     """One normalised pair -> ``prompt_ids`` once, ``chosen_ids``, ``rejected_ids`` (each ending in
-    one EOS unless cut to the length budget), or a drop reason (``template_mismatch``, ``too_long``).
+    one EOS unless cut to the length budget), or a drop reason (``template_mismatch``, ``too_long``,
+    ``template_error``, ``invalid_unicode``).
 
     ``chat_template`` is the configured template (see ``chat_template_for``). The prompt is stored
     once, so it is the longest token prefix the two wholes share within the prompt text; a token
     of the prompt text past it (only where a boundary was re-located and the two wholes differ
     before it) leads both completions, so ``prompt_ids + chosen_ids`` is the chosen whole's ids."""
     template = chat_template_for(tok, chat_template)
-    p = _prompt(tok, prompt, template)  # shared by both wholes: three renders and tokenizations, not four
-    c = _whole(tok, p, chosen, template)
-    r = _whole(tok, p, rejected, template)
+    try:
+        p = _prompt(tok, prompt, template)  # shared by both wholes: three renders and tokenizations, not four
+        c = _whole(tok, p, chosen, template)
+        r = _whole(tok, p, rejected, template)
+    except _Dropped as d:
+        return TokenizedPair([], [], [], False, d.reason)
     if c is None or r is None:
-        return TokenizedPair([], [], [], False, "template_mismatch")
+        return TokenizedPair([], [], [], False, TEMPLATE_MISMATCH)
     n = min(c.prompt_len, r.prompt_len)
     n = _common_prefix(c.ids[:n], r.ids[:n])
     if n == 0:  # no prompt token to condition on
-        return TokenizedPair([], [], [], False, "template_mismatch")
+        return TokenizedPair([], [], [], False, TEMPLATE_MISMATCH)
     eos = tok.eos_token_id
     prompt_ids = c.ids[:n]
     chosen_ids = c.ids[n : c.prompt_len] + _completion(c.ids, c.prompt_len, eos)
@@ -183,5 +238,5 @@ def tokenize_pair(
         chosen_ids, rejected_ids = chosen_ids[: max(budget, 0)], rejected_ids[: max(budget, 0)]
     if not chosen_ids or not rejected_ids:
         # An empty completion has no tokens to score: its log-prob is 0 and DPO's gradient NaN.
-        return TokenizedPair([], [], [], truncated, "too_long", boundary_fixed)
+        return TokenizedPair([], [], [], truncated, TOO_LONG, boundary_fixed)
     return TokenizedPair(prompt_ids, chosen_ids, rejected_ids, truncated, "", boundary_fixed)

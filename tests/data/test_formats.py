@@ -15,7 +15,7 @@ from raydpo.data.formats import (
     hh_transcript,
     normalise,
 )
-from tests.data.checks import assert_normalised
+from tests.data.checks import assert_normalised, hostile_text
 
 
 def user(text: str) -> dict[str, str]:
@@ -226,6 +226,7 @@ _TEXT = st.one_of(
     st.sampled_from(["\n\nHuman:", "\n\nAssistant:", "\n\nHuman: hi\n\nAssistant:", " ", ""]),
     # Huge strings, cheaply: one character repeated.
     st.builds(lambda c, k: c * k, st.sampled_from(["a", " ", "\n", "é"]), st.integers(10_000, 100_000)),
+    hostile_text(),  # lone surrogates, NUL and other odd characters
 )
 _SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), _TEXT)
 _JSON = st.recursive(

@@ -25,7 +25,7 @@ from raydpo.data.formats import (
     normalise,
     normalise_pairs,
 )
-from tests.data.checks import assert_normalised
+from tests.data.checks import assert_normalised, hostile_text
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -265,7 +265,8 @@ def test_config_unknown_format_names_data_format(tmp_path: Path) -> None:
 
 _KEYS = st.sampled_from(["prompt", "chosen", "rejected", "conversations", "system", "from", "value", "role", "content",
                          "question", "response_j", "response_k", "completions", "responses", "scores", "ratings"])
-_TEXT = st.one_of(st.text(max_size=20), st.sampled_from(["human", "gpt", "system", "model", "robot", "\n\nHuman: q\n\nAssistant:", ""]))
+_TEXT = st.one_of(st.text(max_size=20), st.sampled_from(["human", "gpt", "system", "model", "robot", "\n\nHuman: q\n\nAssistant:", ""]),
+                  hostile_text())
 _SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), _TEXT)
 _JSON = st.recursive(
     _SCALARS,

@@ -1,7 +1,11 @@
-"""Hypothesis-generated input FILES through the real pipeline (issue 3): malformed lines, invalid
-UTF-8, empty and blank files, JSON junk beside valid rows, huge strings, a truncated .gz and a CSV
-with ragged rows. Whatever the bytes, nothing crashes and every record is accounted for:
-``read`` is the number of records each file holds and ``kept + sum(dropped) == read``.
+"""Hypothesis-generated input FILES through the real pipeline (issues 3 and 12): malformed lines,
+invalid UTF-8 (surrogates written as bytes among it), lone surrogates as JSON escapes, nesting past
+the parser's stack, NUL bytes, empty and blank files, JSON junk beside valid rows, huge strings, a
+truncated .gz, a CSV with ragged rows, and chat templates that raise on some rows. Whatever the
+bytes, nothing crashes and every record is accounted for: ``read`` is the number of records each
+file holds and ``kept + sum(dropped) == read``. One file per example holds 150 seeded hostile rows
+(``checks.hostile_rows``), whose reasons must equal, row by row, those of ``tokenize_batch`` run
+in-process (12 x 150 rows through Ray).
 
 Each example runs ONE Ray pipeline over several files (a pipeline run costs about a second), so
 few examples cover many files. ``fmt="standard"`` makes junk count row by row; with ``auto`` a
@@ -19,28 +23,39 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from raydpo.data.pipeline import DataError, build_report, tokenized_dataset
+import pyarrow as pa
+
+from raydpo.data.pipeline import DataError, build_report, tokenize_batch, tokenized_dataset
 from raydpo.data.sources import read_rows, source_items
 from raydpo.data.tokenize import TokenizeSettings
+from tests.data.checks import TEMPLATES, hostile_rows, hostile_text
 
 # --- one line of a JSONL file: bytes without b"\n" or b"\r" (both end a line when reading) ---------
+_text = st.one_of(st.text(max_size=20), hostile_text())  # lone surrogates, NUL, odd and huge strings
 _json_junk = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    st.none() | st.booleans() | st.integers() | st.floats() | _text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
     max_leaves=12,
 )
 _PARTS = ("prompt", "chosen", "rejected")
-_valid = st.fixed_dictionaries({k: st.text(max_size=30) for k in _PARTS})
+# Markers on which the py_errors template fails (see checks.PY_ERRORS_TEMPLATE).
+_valid = st.fixed_dictionaries({k: st.one_of(st.text(max_size=30), _text, st.sampled_from(["q #div", "a #add", "q #undef"]))
+                                for k in _PARTS})
 _wrong_types = st.fixed_dictionaries({k: _json_junk for k in _PARTS})
 _missing_keys = st.dictionaries(st.sampled_from(_PARTS), st.text(max_size=10), max_size=2)
 _huge = st.sampled_from([10_000, 100_000]).map(lambda n: {"prompt": "p" * n, "chosen": "c" * n, "rejected": "r"})
+_deep = st.sampled_from([b"[" * 20_000, b"[" * 5_000 + b"]" * 5_000, b'{"prompt": "q", "chosen": ' + b"[" * 5_000, b'{"a":' * 20_000])
 _line = st.one_of(
+    # ensure_ascii=False writes a lone surrogate as its (invalid UTF-8) bytes; True as a JSON escape.
     st.one_of(_valid, _wrong_types, _missing_keys, _huge, _json_junk).flatmap(
-        lambda row: st.booleans().map(lambda ascii_: json.dumps(row, ensure_ascii=ascii_).encode())),
+        lambda row: st.booleans().map(lambda ascii_: json.dumps(row, ensure_ascii=ascii_).encode("utf-8", "surrogatepass"))),
     st.binary(max_size=40),  # invalid UTF-8, control bytes, half a JSON object ...
     st.text(max_size=40).map(lambda s: s.encode()),
-    st.sampled_from([b"", b"   ", b"\t", b'{"prompt": "cut', b"\xff\xfe\xfd"]),
+    hostile_text().map(lambda s: s.encode("utf-8", "surrogatepass")),
+    _deep,
+    st.sampled_from([b"", b"   ", b"\t", b'{"prompt": "cut', b"\xff\xfe\xfd", b"\x00", b'{"prompt": "\x00"}']),
 ).map(lambda b: b.replace(b"\n", b" ").replace(b"\r", b" "))
+HOSTILE_ROWS = 150  # seeded hostile rows per example, in their own file (f.jsonl)
 _lines = st.lists(_line, max_size=25).map(lambda ls: b"\n".join(ls) + b"\n" if ls else b"")
 # A CSV cell: no quotes, separators or line breaks, so one line is one record.
 _cell = st.text(st.characters(blacklist_characters='",\n\r', blacklist_categories=("Cs",)), max_size=12)
@@ -69,9 +84,13 @@ def _csv_records(data: bytes) -> int:
     return sum(1 for line in lines if line)
 
 
-def _files(draw_lines: bytes, draw_gz: bytes, cut: float, draw_csv: bytes, blank: bytes, folder: Path) -> dict[str, int]:
+def _files(draw_lines: bytes, draw_gz: bytes, cut: float, draw_csv: bytes, blank: bytes, seed: int,
+           folder: Path) -> dict[str, int]:
     """Write one example's files into ``folder``; return path -> the number of records it holds."""
     expected: dict[str, int] = {}
+    hostile = folder / "f.jsonl"
+    hostile.write_text("".join(text + "\n" for text, _ in hostile_rows(seed, HOSTILE_ROWS)), encoding="utf-8")
+    expected[str(hostile)] = HOSTILE_ROWS
     plain = folder / "a.jsonl"
     plain.write_bytes(draw_lines)
     expected[str(plain)] = _records_in(draw_lines)
@@ -98,34 +117,47 @@ _example = {
     "cut": st.floats(0.0, 1.0),
     "draw_csv": _csv,
     "blank": st.sampled_from([b"", b"\n", b"\n\n   \n\t\n", b" "]),
+    "seed": st.integers(0, 2**32 - 1),
+    "template": st.sampled_from(sorted(TEMPLATES)),
 }
+SETTINGS = TokenizeSettings(64, 32)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(**_example)
-def test_expected_counts_match_the_reader(draw_lines, draw_gz, cut, draw_csv, blank):
+def test_expected_counts_match_the_reader(draw_lines, draw_gz, cut, draw_csv, blank, seed, template):
     """The test's own record counts agree with ``read_rows`` file by file (no Ray: fast, many
     examples), so a mismatch in the pipeline test below is the pipeline's."""
     with tempfile.TemporaryDirectory() as tmp:
-        for path, n in _files(draw_lines, draw_gz, cut, draw_csv, blank, Path(tmp)).items():
+        for path, n in _files(draw_lines, draw_gz, cut, draw_csv, blank, seed, Path(tmp)).items():
             assert sum(1 for _ in read_rows(source_items([path], "train")[0])) == n, path
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(**_example)
-def test_malformed_files_are_counted_not_crashed(ray_local, draw_lines, draw_gz, cut, draw_csv, blank):
+def test_malformed_files_are_counted_not_crashed(ray_local, draw_lines, draw_gz, cut, draw_csv, blank, seed, template):
     with tempfile.TemporaryDirectory() as tmp:
-        expected = _files(draw_lines, draw_gz, cut, draw_csv, blank, Path(tmp))
-        tokenized = tokenized_dataset(list(expected), [], model_path="tiny", gguf_file=None,
-                                      settings=TokenizeSettings(64, 32), eval_fraction=0.0, seed=0,
-                                      fmt="standard").materialize()
+        expected = _files(draw_lines, draw_gz, cut, draw_csv, blank, seed, Path(tmp))
+        tokenized = tokenized_dataset(list(expected), [], model_path="tiny", gguf_file=None, settings=SETTINGS,
+                                      eval_fraction=0.0, seed=0, fmt="standard",
+                                      chat_template=TEMPLATES[template]).materialize()
         report = build_report(tokenized)
+        hostile = str(Path(tmp) / "f.jsonl")
+        got = sorted((r["row_id"], r["drop_reason"]) for r in tokenized.select_columns(
+            ["source", "row_id", "pair_index", "drop_reason"]).iter_rows() if r["source"] == hostile and r["pair_index"] == 0)
     assert report.read == sum(expected.values())
     assert report.kept + sum(report.dropped.values()) == report.read
     for path, n in expected.items():
         counts = report.sources.get(path, {"read": 0, "kept": 0, "dropped": {}})
         assert counts["read"] == n, path
         assert counts["kept"] + sum(counts["dropped"].values()) == n, path
+    # The hostile rows get, row by row, the reasons the pipeline's function gives them in-process.
+    texts = [text for text, _ in hostile_rows(seed, HOSTILE_ROWS)]
+    batch = pa.table({"source": ["s"] * len(texts), "row_id": list(range(1, len(texts) + 1)),
+                      "split": ["train"] * len(texts), "text": texts})
+    oracle = tokenize_batch(batch, model_path="tiny", gguf_file=None, settings=SETTINGS, eval_fraction=0.0, seed=0,
+                            fmt="standard", chat_template=TEMPLATES[template])
+    assert got == [(r["row_id"], r["drop_reason"]) for r in oracle.to_pylist() if r["pair_index"] == 0]
 
 
 def test_an_all_junk_source_under_auto_fails_naming_it(ray_local, tmp_path):

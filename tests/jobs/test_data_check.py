@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
+
+import pytest
 
 
 def _good(i: int) -> str:
@@ -78,3 +81,119 @@ def test_missing_source_exits_2(tmp_path, capsys):
     assert code == 2
     assert captured.out == ""
     assert "matches no file" in captured.err and len(captured.err.strip().splitlines()) == 1
+
+
+# --- issue 12: bad rows never crash the job ------------------------------------------------------
+
+
+def _check_json(capsys, *args: str) -> dict:
+    from jobs.data_check import main
+
+    code = main([*args, "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    out = json.loads(captured.out)
+    assert out["kept"] + sum(out["dropped"].values()) == out["read"]
+    return out
+
+
+def test_lone_surrogate_is_a_counted_drop(ray_local, tmp_path, capsys):
+    """Once a TypeError from the tokenizer inside a Ray task; now ``invalid_unicode``."""
+    path = tmp_path / "surrogate.jsonl"
+    bad = json.dumps({"prompt": "hi \ud800", "chosen": "a", "rejected": "b"})  # written as the escape "\ud800"
+    assert "\\ud800" in bad
+    path.write_text("\n".join([_good(1), _good(2), bad, _good(3)]) + "\n")
+    out = _check_json(capsys, str(path))
+    assert (out["read"], out["kept"], out["dropped"]) == (4, 3, {"invalid_unicode": 1})
+    assert out["examples"] == {"invalid_unicode": [f"{path}:3"]}
+
+
+def test_nesting_past_the_parser_stack_is_a_counted_drop(ray_local, tmp_path, capsys):
+    """Once a RecursionError (on the driver, detecting the shape, and in the tasks); now
+    ``too_deeply_nested``. A JSON array file that deep is one such row."""
+    lines = tmp_path / "deep.jsonl"
+    lines.write_text("\n".join([_good(1), "[" * 20_000, _good(2), '{"prompt": ' + "[" * 20_000]) + "\n")
+    array = tmp_path / "deep.json"
+    array.write_text("[" + _good(3) + ", " + "[" * 20_000 + "]" * 20_000 + "]")
+    out = _check_json(capsys, str(lines), str(array))
+    assert (out["read"], out["kept"], out["dropped"]) == (5, 2, {"too_deeply_nested": 3})
+    assert out["examples"]["too_deeply_nested"] == [f"{lines}:2", f"{lines}:4", f"{array}:1"]
+
+
+@pytest.mark.parametrize(("template", "prompt"), [
+    ("GEMMA_TEMPLATE", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]),
+    ("MISTRAL_TEMPLATE", [{"role": "user", "content": "2+2?"}, {"role": "user", "content": "Well?"}]),
+])
+def test_template_that_raises_is_a_counted_drop(ray_local, tmp_path, capsys, template, prompt):
+    """Once a jinja TemplateError from ``raise_exception`` (Gemma on a system turn, Mistral on roles
+    out of order); now ``template_error``, and the template keeps the rows it accepts."""
+    from tests.data import checks
+
+    template_file = tmp_path / "template.jinja"
+    template_file.write_text(getattr(checks, template))
+    def row(prompt: list[dict[str, str]]) -> str:
+        return json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": "4"}],
+                           "rejected": [{"role": "assistant", "content": "5"}]})
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join([row([{"role": "user", "content": "2+2?"}]), row(prompt), row([{"role": "user", "content": "2+2"}])]) + "\n")
+    out = _check_json(capsys, str(path), "--chat-template", str(template_file))
+    assert (out["read"], out["kept"], out["dropped"]) == (3, 2, {"template_error": 1})
+    assert out["examples"] == {"template_error": [f"{path}:2"]}
+
+
+def test_template_that_does_not_compile_exits_2(tmp_path, capsys):
+    from jobs.data_check import main
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(_good(1) + "\n")
+    template_file = tmp_path / "broken.jinja"
+    template_file.write_text("{% for m in messages %}\n{{ m['content'] }")
+    assert main([str(path), "--chat-template", str(template_file), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"--chat-template {template_file}: chat template line 2: " in captured.err
+
+
+def test_file_name_that_is_not_utf8_exits_2(tmp_path, capsys):
+    """Such a name reaches Python with lone surrogates, which no Arrow column holds: the source is
+    named and the run stops before Ray starts."""
+    from jobs.data_check import main
+
+    with open(os.fsencode(tmp_path) + b"/bad\xff.jsonl", "wb") as f:
+        f.write(_good(1).encode() + b"\n")
+    assert main([str(tmp_path / "*.jsonl"), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "the file name is not valid UTF-8" in captured.err and "bad" in captured.err
+
+
+def test_thousands_of_hostile_rows(ray_local, tmp_path, capsys):
+    """2,000 seeded hostile rows (``tests.data.checks.hostile_rows``: surrogates, deep nesting,
+    wrong types at every level, NUL bytes, huge strings, turns that Gemma's template rejects)
+    through the job: the report's counts are exactly those of the pipeline's function run in-process."""
+    from collections import Counter
+
+    import pyarrow as pa
+
+    from raydpo.data.pipeline import tokenize_batch
+    from raydpo.data.tokenize import TokenizeSettings
+    from tests.data.checks import GEMMA_TEMPLATE, hostile_rows
+
+    rows = hostile_rows(12, 2000, shapes=("conversational",))
+    path = tmp_path / "hostile.jsonl"
+    path.write_text("".join(text + "\n" for text, _ in rows), encoding="utf-8")
+    template_file = tmp_path / "gemma.jinja"
+    template_file.write_text(GEMMA_TEMPLATE)
+    out = _check_json(capsys, str(path), "--format", "conversational", "--chat-template", str(template_file),
+                      "--max-length", "96", "--max-prompt-length", "48")
+
+    batch = pa.table({"source": ["s"] * len(rows), "row_id": list(range(1, len(rows) + 1)),
+                      "split": ["train"] * len(rows), "text": [text for text, _ in rows]})
+    oracle = tokenize_batch(batch, model_path="tiny", gguf_file=None, settings=TokenizeSettings(96, 48),
+                            eval_fraction=0.0, seed=0, fmt="conversational", chat_template=GEMMA_TEMPLATE)
+    reasons = Counter(r["drop_reason"] for r in oracle.to_pylist() if r["pair_index"] == 0)
+    assert out["read"] == 2000
+    assert out["kept"] == reasons.pop("")
+    assert out["dropped"] == dict(reasons)
+    for reason in ("invalid_unicode", "too_deeply_nested", "template_error", "unparseable"):
+        assert out["dropped"][reason] > 0, reason
