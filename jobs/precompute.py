@@ -113,9 +113,9 @@ def run(cfg: Config) -> RefStats:
     """Tokenize the config's data as ``train`` would and fill the cache for its kept pairs."""
     from jobs.train_dpo import setup
 
-    # A run of its own, in {output_dir}/precompute (a re-run continues it); an unreachable server fails here.
+    # A new run each time, spooled in {output_dir}/precompute; an unreachable server fails here.
     tracker, _ = Tracker.start(cfg.tracking, Path(cfg.output_dir).expanduser().resolve() / "precompute",
-                               cfg.tracking.run_name or "precompute", tags={"raydpo.job": "precompute"})
+                               cfg.tracking.run_name or "precompute", tags={"raydpo.job": "precompute"}, resume=False)
     try:
         _, model_path, sources = setup(cfg)
         stats = _fill(cfg, model_path, sources)

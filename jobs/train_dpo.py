@@ -213,7 +213,7 @@ def _run(cfg: Config, config_path: str | None, tracker, out: Path, model_path: s
         dataset_config=FixedShards(),
     )
     (out / RUN_CONFIG).write_text(json.dumps(flatten(cfg), indent=1, sort_keys=True))  # what the checkpoints train
-    progress = TrainProgress(Spool(Path(tracker.spec.spool_dir), "rank0"), total).start()
+    progress = TrainProgress(Spool(tracker.spec.spool_dir, "rank0"), total).start()
     try:
         result = trainer.fit()
     finally:

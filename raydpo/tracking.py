@@ -121,9 +121,14 @@ class TrackerSpec:
 
     uri: str
     run_id: str
-    spool_dir: str  # absolute; on storage every node sees (it lives in output_dir)
+    output_dir: str  # absolute; on storage every node sees
     experiment_id: str = "0"
     system_metrics: bool = False  # rank 0 samples CPU, memory and GPU into the run
+
+    @property
+    def spool_dir(self) -> Path:
+        """This run's spools: one folder per run, so a spool is only ever delivered to its run."""
+        return Path(self.output_dir) / SPOOL_DIR / self.run_id
 
 
 def _client(uri: str):
@@ -168,7 +173,7 @@ class Tracker:
         _bounded_http()
         self.spec = spec
         self.run_id = spec.run_id
-        self.spool = Spool(Path(spec.spool_dir), writer)
+        self.spool = Spool(spec.spool_dir, writer)
         self._say = say or (lambda m: print(m, file=sys.stderr, flush=True))
         self._client = _client(spec.uri)
         self._wake = threading.Event()
@@ -193,8 +198,9 @@ class Tracker:
 
     @classmethod
     def start(cls, settings, output_dir: Path, run_name: str | None, tags: dict[str, str] | None = None,
-              say: Callable[[str], None] | None = None) -> tuple["Tracker", bool]:
-        """Create the run, or reopen the one ``output_dir`` started; returns ``(tracker, resumed)``.
+              say: Callable[[str], None] | None = None, resume: bool = True) -> tuple["Tracker", bool]:
+        """Create the run, or (``resume``) reopen the one ``output_dir`` started; returns
+        ``(tracker, resumed)``.
 
         ``settings`` is the config's ``tracking`` section (``uri``, ``experiment``,
         ``system_metrics``). Fails fast with :class:`TrackingError` when the store is unreachable,
@@ -211,7 +217,7 @@ class Tracker:
                                 "sqlite:///mlflow.db") from e
         id_file = output_dir / RUN_ID_FILE
         run_id, resumed = None, False
-        if id_file.exists():
+        if id_file.exists() and resume:
             old = id_file.read_text().strip()
             try:
                 client.get_run(old)
@@ -229,11 +235,12 @@ class Tracker:
         else:
             exp_id = client.get_run(run_id).info.experiment_id
             client.update_run(run_id, status="RUNNING")
-        spec = TrackerSpec(uri, run_id, str(output_dir / SPOOL_DIR), settings.system_metrics, exp_id)
-        Path(spec.spool_dir).mkdir(parents=True, exist_ok=True)
-        (Path(spec.spool_dir) / "uri").write_text(uri)  # for `raydpo sync-tracking`
+        spec = TrackerSpec(uri, run_id, str(output_dir), experiment_id=exp_id, system_metrics=settings.system_metrics)
+        spec.spool_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / SPOOL_DIR / "uri").write_text(uri)  # for `raydpo sync-tracking`
         tracker = cls(spec, "driver", say, sample_system=False)  # training rank 0 samples, not the driver
         tracker.deliver_all(timeout=60)  # what an earlier process of this run left
+        deliver_leftovers(output_dir, uri, skip=run_id, timeout=0, say=say)  # and of earlier runs here
         if tags and resumed:
             tracker.set_tags(tags)
         return tracker, resumed
@@ -261,7 +268,7 @@ class Tracker:
         step, and the histogram of the eval pairs' reward margins at ``step``."""
         from raydpo import plots
 
-        folder = Path(self.spec.spool_dir).parent / "plots"
+        folder = Path(self.spec.output_dir) / "plots"
         history = {k: sorted(v.items()) for k, v in self.history.items()}
         drawn = [plots.training_curves(history, folder / "training_curves.png"),
                  plots.logps_curves(history, folder / "logps.png")]
@@ -288,7 +295,7 @@ class Tracker:
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         """``obj`` as JSON (or YAML for ``.yaml``), kept in the spool folder until delivered."""
-        path = Path(self.spec.spool_dir) / "files" / artifact_file
+        path = self.spec.spool_dir / "files" / artifact_file
         path.parent.mkdir(parents=True, exist_ok=True)
         if artifact_file.endswith((".yaml", ".yml")):
             import yaml
@@ -328,7 +335,7 @@ class Tracker:
     # -- delivery --------------------------------------------------------------------------------
 
     def pending(self) -> int:
-        return sum(s.pending_count() for s in spools(Path(self.spec.spool_dir)))
+        return sum(s.pending_count() for s in spools(self.spec.spool_dir))
 
     def flush(self, timeout: float | None) -> bool:
         """Wait until this process's spool is delivered (at most ``timeout`` s); True when it is."""
@@ -348,7 +355,7 @@ class Tracker:
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 1.0
         while True:
-            for spool in spools(Path(self.spec.spool_dir)):
+            for spool in spools(self.spec.spool_dir):
                 if spool.writer != self.spool.writer:
                     self._deliver(spool)
             self._wake.set()
@@ -377,7 +384,7 @@ class Tracker:
             self._say(f"[raydpo] MLflow at {display_uri(self.spec.uri)} is unreachable: "
                       f"{self.spool.pending_count()} tracking operation(s) kept in {self.spool.path}; "
                       f"they are sent when this run resumes, or by `raydpo sync-tracking "
-                      f"{Path(self.spec.spool_dir).parent}`")
+                      f"{self.spec.output_dir}`")
         return done
 
     def finish(self, status: str, timeout: float | None = 120.0) -> bool:
@@ -604,18 +611,26 @@ def _groups(ops: list[tuple[dict[str, Any], int]]):
         yield group, end
 
 
+def deliver_leftovers(output_dir: Path, uri: str, skip: str | None = None, timeout: float | None = 0,
+                      say: Callable[[str], None] | None = None) -> int:
+    """Deliver the spools of every run in ``output_dir`` (each into its own run) but ``skip``;
+    returns the operations still pending."""
+    left = 0
+    root = output_dir / SPOOL_DIR
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        if folder.name == skip or not any(s.pending_count() for s in spools(folder)):
+            continue
+        tracker = Tracker(TrackerSpec(uri, folder.name, str(output_dir)), "sync", say, sample_system=False)
+        tracker.deliver_all(timeout)
+        left += tracker.pending()
+        tracker.close(timeout=0)
+    return left
+
+
 def sync(output_dir: Path, timeout: float | None = None, say: Callable[[str], None] | None = None) -> int:
-    """``raydpo sync-tracking``: deliver every spool a run in ``output_dir`` left; returns the
-    operations still pending (0 when all arrived)."""
-    folder = output_dir / SPOOL_DIR
-    id_file = output_dir / RUN_ID_FILE
-    if not id_file.exists() or not folder.is_dir():
-        raise TrackingError(f"{output_dir} holds no spooled tracking ({RUN_ID_FILE} and {SPOOL_DIR}/ expected)")
-    uri_file = folder / "uri"
+    """``raydpo sync-tracking``: deliver every spool the runs in ``output_dir`` left, each into
+    its own run; returns the operations still pending (0 when all arrived)."""
+    uri_file = output_dir / SPOOL_DIR / "uri"
     if not uri_file.exists():
-        raise TrackingError(f"{uri_file} is missing: the run's tracking URI is unknown")
-    spec = TrackerSpec(uri_file.read_text().strip(), id_file.read_text().strip(), str(folder))
-    tracker = Tracker(spec, "sync", say)
-    done = tracker.deliver_all(timeout)
-    tracker.close(timeout=0)
-    return 0 if done else tracker.pending()
+        raise TrackingError(f"{output_dir} holds no spooled tracking ({uri_file} is missing)")
+    return deliver_leftovers(output_dir, uri_file.read_text().strip(), timeout=timeout, say=say)

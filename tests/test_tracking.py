@@ -161,7 +161,7 @@ def test_spool_left_by_a_run_is_delivered_once_by_sync_tracking(mlflow_server, t
         worker.log_metrics({"loss": 0.1 * step}, step)
     assert not worker.close(timeout=1)
     assert not tracker.finish("FINISHED", timeout=1)
-    assert {p.name for p in (out / SPOOL_DIR).glob("*.jsonl")} == {"driver.jsonl", "rank0.jsonl"}
+    assert {p.name for p in (out / SPOOL_DIR / tracker.run_id).glob("*.jsonl")} == {"driver.jsonl", "rank0.jsonl"}
 
     assert sync_main([str(out), "--timeout", "5"]) == 1  # still down: says so, keeps the spool
     mlflow_server.start()
