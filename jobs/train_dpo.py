@@ -75,6 +75,8 @@ def run(cfg: Config, config_path: str | None = None, verbose: bool = False) -> O
     t0 = time.perf_counter()
     out = Path(cfg.output_dir).expanduser().resolve()
     check_resume(cfg, out)
+    if not verbose:
+        quiet_libraries()
     tracker, resumed = Tracker.start(cfg.tracking, out, cfg.tracking.run_name,
                                      tags={"raydpo.job": "train"})  # an unreachable server fails here
     print(f"[raydpo] MLflow run {tracker.run_id} ({'resumed' if resumed else 'new'}) at "
@@ -125,8 +127,6 @@ def _run(cfg: Config, config_path: str | None, tracker, out: Path, model_path: s
     # Workers' output stays in Ray's log folder (the progress comes from rank 0's spool) unless --verbose.
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=verbose,
              logging_level=logging.INFO if verbose else logging.WARNING)  # local unless RAY_ADDRESS
-    if not verbose:
-        quiet_libraries()
     tracker.log_params(flatten(cfg) | tracking.versions())
     tracker.log_dict(cfg.model_dump(mode="json"), "config.yaml")
     if config_path:

@@ -24,19 +24,35 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+class _DropMessages(logging.Filter):
+    """Drops console records that start with one of ``prefixes`` (advice about the very settings
+    :func:`quiet_libraries` chose)."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
 def quiet_libraries() -> None:
-    """Libraries' INFO chatter off the console; call after ``import ray.data``, before running."""
+    """Libraries' INFO chatter and progress bars off the driver's console, before any work."""
+    import mlflow  # noqa: F401  (its import sets its loggers to INFO: set them after)
     import ray.data
+    import transformers
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # per-operator bars and, off a terminal, logged progress blocks
     ctx.print_on_execution_start = False  # "Execution plan of Dataset ..."
-    for name in ("ray.data", "ray.train", "ray.tune", "ray", "mlflow", "py.warnings"):
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
+    for name in ("ray.data", "ray.train", "ray.tune", "ray", "mlflow"):
         logger = logging.getLogger(name)
         for handler in logger.handlers:
             # Ray Data's file handler keeps everything in Ray's log folder; only the console quiets.
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 handler.setLevel(logging.WARNING)
+                handler.addFilter(_DropMessages("Progress bars disabled"))
         if name in ("ray.train", "ray.tune", "mlflow"):
             logger.setLevel(logging.WARNING)
 

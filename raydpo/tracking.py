@@ -20,6 +20,7 @@ the driver and the workers name the same store and run without shared state.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -515,6 +516,8 @@ class Tracker:
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
             tok = transformers.AutoTokenizer.from_pretrained(folder)
             mlflow.set_tracking_uri(self.spec.uri)
+            # A local folder has no hub model card or license to fetch; MLflow warns about both.
+            logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
             with mlflow.start_run(run_id=self.run_id):
                 mlflow.transformers.log_model({"model": model, "tokenizer": tok}, name="model", task=op["task"],
                                               registered_model_name=register_as, pip_requirements=_requirements())
