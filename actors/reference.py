@@ -1,4 +1,7 @@
-"""Reference log-probs as a Ray Data ``map_batches`` callable class: one model load per actor.
+"""The reference stage: reference log-probs computed once per sequence, in an actor pool of
+their own, through the cache (:func:`reference_stage`).
+
+:class:`ReferenceLogps` is the Ray Data ``map_batches`` callable class: one model load per actor.
 
 The training workers never hold the reference model; they read the cached columns instead. Each
 call takes a window of sequences the cache lacks, forwards them in length-sorted batches under a
@@ -7,15 +10,22 @@ part-way keeps every block it finished.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 import pyarrow as pa
+import ray
+import ray.data
 import torch
 
-from raydpo.data.refcache import Cache
+from raydpo.config import ReferenceConfig
+from raydpo.data.refcache import (Cache, CacheKey, RefStats, add_keys, count_hits, lookup, missing_sequences,
+                                  model_identity, tokenizer_identity)
+from raydpo.data.tokenize import TokenizeSettings
 from raydpo.logprobs import budgeted_logps
 from raydpo.models import load_model, load_tokenizer
+from raydpo.tracking import Tracker
 
 
 class ReferenceLogps:
@@ -58,3 +68,92 @@ class ReferenceLogps:
             "padded_tokens": [padded],
             "seconds": [time.perf_counter() - t0],
         })
+
+
+def reference_cache(model_path: str, gguf_file: str | None, chat_template: str | None,
+                    tokenize: TokenizeSettings, settings: ReferenceConfig) -> Cache:
+    """The cache directory for this reference model, tokenizer + chat template, tokenization
+    settings (the object whole) and dtype."""
+    from raydpo.data.tokenize import chat_template_for
+
+    tok = load_tokenizer(model_path, gguf_file)
+    key = CacheKey(model=model_identity(model_path, gguf_file),
+                   tokenizer=tokenizer_identity(tok, chat_template_for(tok, chat_template)),
+                   settings=tokenize, dtype=settings.dtype)
+    return Cache(os.path.expanduser(settings.cache_dir), key)
+
+
+def reference_stage(
+    kept: ray.data.Dataset,
+    cache: Cache,
+    *,
+    model_path: str,
+    gguf_file: str | None,
+    settings: ReferenceConfig,
+) -> tuple[ray.data.Dataset, RefStats]:
+    """Add ``ref_chosen_logps`` / ``ref_rejected_logps`` to tokenized pairs, computing only what
+    the cache lacks. The reference model is loaded (in its own actors) only if something is missing.
+    ``settings``: the actor pool's size and resources, batch token budget, window and dtype."""
+    s = settings
+    t0 = time.perf_counter()
+    cache.init()
+    keyed = kept.map_batches(add_keys, batch_format="pyarrow").materialize()
+    index, corrupt = cache.read_index()
+    index_ref = ray.put(index.select(["key"]))
+    counts = keyed.map_batches(count_hits, batch_format="pyarrow", fn_kwargs={"index_ref": index_ref}).take_all()
+    rows, hits = sum(c["rows"] for c in counts), sum(c["hits"] for c in counts)
+    data_key = sum(int(c["key_sum"]) for c in counts) % 2**128
+    stats = RefStats(cache_key=f"{cache.key.dir_key}-{data_key:032x}", cache_dir=cache.path, rows=rows, hits=hits,
+                     misses=rows - hits, corrupt_blocks=corrupt)
+
+    missing = keyed.map_batches(missing_sequences, batch_format="pyarrow", fn_kwargs={"index_ref": index_ref})
+    missing = missing.materialize()
+    n_missing = missing.count()
+    if n_missing:
+        # One block per window, so every actor of the pool gets work (a materialized dataset may be one block).
+        # Materialized before the pool starts: a pool holding every CPU (num_cpus = the cluster's) would starve it.
+        missing = missing.repartition(max(s.num_actors, -(-n_missing // s.window))).materialize()
+        loads_before = cache.loads()
+        t1 = time.perf_counter()
+        computed = missing.map_batches(
+            ReferenceLogps,
+            fn_constructor_kwargs={"cache": cache, "model_path": model_path, "gguf_file": gguf_file, "dtype": s.dtype,
+                                   "batch_tokens": s.batch_tokens, "max_padding": s.max_padding,
+                                   "fail_after_blocks": s.fail_after_blocks},
+            batch_size=s.window,  # sequences sorted by length together
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=s.num_actors),
+            num_cpus=s.num_cpus,
+            num_gpus=s.num_gpus,
+        ).take_all()
+        stats.compute_seconds = time.perf_counter() - t1
+        stats.sequences_computed = sum(c["sequences"] for c in computed)
+        stats.tokens = sum(c["tokens"] for c in computed)
+        stats.padded_tokens = sum(c["padded_tokens"] for c in computed)
+        stats.model_loads = cache.loads() - loads_before
+        index, _ = cache.read_index()
+
+    with_ref = keyed.map_batches(lookup, batch_format="pyarrow", fn_kwargs={"index_ref": ray.put(index.select(["key", "logp"]))})
+    stats.seconds = time.perf_counter() - t0
+    return with_ref, stats
+
+
+def summary(stats: RefStats) -> str:
+    s = stats
+    line = (f"[raydpo] reference: {s.rows} pairs, {s.hits} cached, {s.misses} computed "
+            f"({s.sequences_computed} sequences, {s.tokens} tokens")
+    if s.tokens:
+        line += f", {s.tokens_per_s:.0f} tokens/s, padding x{s.padding_waste:.3f}"
+    line += f") in {s.seconds:.1f}s; cache {s.cache_dir}"
+    if s.corrupt_blocks:
+        line += f"; {s.corrupt_blocks} corrupt block(s) deleted and recomputed"
+    return line
+
+
+def log_stats(tracker: Tracker, stats: RefStats) -> None:
+    """``reference/*`` metrics, the cache key as a tag and a param, and the stats as JSON."""
+    figures = {k: v for k, v in stats.to_dict().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tracker.log_metrics({f"reference/{k}": v for k, v in figures.items()}, step=0)
+    tracker.set_tags({"reference.cache_key": stats.cache_key})
+    tracker.log_params({"fingerprint/reference_cache": stats.cache_key})
+    tracker.log_dict(stats.to_dict(), "reference_stats.json")

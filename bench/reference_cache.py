@@ -53,7 +53,7 @@ def model_dir() -> str:
 
 def kept_pairs(cfg, model_path: str) -> list[dict]:
     """The kept tokenized pairs exactly as ``precompute`` sees them (dataset order), with row ids."""
-    from jobs.train_dpo import tokenize
+    from jobs.stages import tokenize
     from raydpo.data.pipeline import kept_rows
 
     rows = kept_rows(tokenize(cfg, model_path, [str(p) for p in cfg.data.train])).take_all()
@@ -131,10 +131,10 @@ def cached_logps(cfg, model_path: str, rows: list[dict]):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from jobs.precompute import cache_for
+    from jobs.stages import cache_for
     from raydpo.data.refcache import sequence_keys
 
-    index, _ = cache_for(cfg, model_path, None).read_index()
+    index, _ = cache_for(cfg, model_path).read_index()
     ty = pa.list_(pa.int32())
     prompts = pa.array([r["prompt_ids"] for r in rows], ty)
     out = []

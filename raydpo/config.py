@@ -159,6 +159,16 @@ class LossConfig(_Strict):
     dpop_lambda: float = Field(50.0, ge=0)
     reference_free: bool = False  # skip the reference model: its log-probs count as 0
 
+    def weight_map(self) -> dict[str, float]:
+        """Loss name -> weight (a single ``type`` is ``{type: 1.0}``)."""
+        return dict(self.weights or {self.type: 1.0})
+
+    def needs_reference(self) -> bool:
+        """Whether training reads reference log-probs (not reference-free, and some loss uses them)."""
+        from raydpo.losses import REFERENCE_FREE_LOSSES
+
+        return not (self.reference_free or set(self.weight_map()) <= REFERENCE_FREE_LOSSES)
+
     def params(self) -> dict[str, float]:
         """The keyword arguments of ``raydpo.losses.LossParams``."""
         keys = ("beta", "label_smoothing", "simpo_gamma", "orpo_lambda", "discopop_tau", "dpop_lambda")

@@ -64,6 +64,7 @@ class LoopArgs:
     dtype: str = "float32"
     gguf_file: str | None = None
     tracker: TrackerSpec | None = None  # rank 0 logs metrics and plots into the driver's run
+    step_offset: int = 0  # logged step = step_offset + step (an online round continues the run's axis)
     has_eval: bool = True
     prep: ModelPrep = ModelPrep()  # gradient checkpointing, LoRA
     offload_optimizer: bool = False
@@ -213,15 +214,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics["pairs_per_s"] = pairs_last / max(now - t_last, 1e-9)
                 t_last, pairs_last = now, 0
                 if tracker:
-                    tracker.log_metrics(metrics, step)
+                    tracker.log_metrics(metrics, args.step_offset + step)
             if eval_shard is not None and ((args.eval_every and step % args.eval_every == 0) or last):
                 eval_batches = eval_shard.iter_batches(batch_size=args.micro_batch_size, batch_format="numpy")
                 margins: list[float] = []  # every eval pair's reward margin, for the histogram
                 eval_metrics = evaluate(engine, eval_batches, spec, pad_id, margins=margins, **layout)
                 metrics |= eval_metrics
                 if tracker:
-                    tracker.log_metrics(eval_metrics, step)
-                    tracker.log_plots(step, margins)
+                    tracker.log_metrics(eval_metrics, args.step_offset + step)
+                    tracker.log_plots(args.step_offset + step, margins)
             if (args.checkpoint_every and step % args.checkpoint_every == 0) or last:
                 _save_checkpoint(engine, args, step, {**metrics, "step": step}, bco)
             if args.fail_at_step == step:
@@ -229,7 +230,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _save_final(engine, lm, tokenizer, args)
     if tracker:
         if eval_shard is None:
-            tracker.log_plots(step)
+            tracker.log_plots(args.step_offset + step)
         tracker.close(timeout=10)  # what is left, the driver delivers (or the next run)
 
 

@@ -6,7 +6,8 @@ import math
 import numpy as np
 import torch
 
-from jobs.precompute import reference_stage
+from actors.reference import reference_stage
+from raydpo.config import ReferenceConfig
 from raydpo.data.pipeline import kept_rows, tokenized_dataset
 from raydpo.data.refcache import Cache, CacheKey, model_identity
 from raydpo.data.synthetic import write_shards
@@ -33,8 +34,9 @@ def test_reference_columns_equal_inline(ray_local, tmp_path):
     tokenized = tokenized_dataset(sources, [], model_path=str(model_dir), gguf_file=None,
                                   settings=TokenizeSettings(64, 32), eval_fraction=0.0, seed=0)
     cache = Cache(str(tmp_path / "cache"), CacheKey(model_identity(str(model_dir)), "tiny", {}, "float32"))
+    settings = ReferenceConfig(num_actors=2, num_cpus=0.5, num_gpus=0, batch_tokens=64, window=16)
     ds, stats = reference_stage(kept_rows(tokenized), cache, model_path=str(model_dir), gguf_file=None,
-                                dtype="float32", num_actors=2, num_cpus=0.5, num_gpus=0, batch_tokens=64, window=16)
+                                settings=settings)
     rows = ds.take_all()
     assert len(rows) == 60 and stats.rows == 60 and stats.misses == 60
     assert 1 <= stats.model_loads <= 2  # an actor that got no window may be stopped before it loads

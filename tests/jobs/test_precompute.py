@@ -95,22 +95,19 @@ def test_new_pairs_miss_and_unchanged_pairs_hit(clean, tmp_path):
                                       "data.truncation=keep_start", "reference.dtype=bfloat16",
                                       "data.chat_template='{{ messages[0].content }}'"])
 def test_any_change_of_model_settings_or_dtype_is_another_key(tmp_path, override):
-    from jobs.precompute import cache_for
-    from jobs.train_dpo import setup
+    from jobs.stages import cache_for, prepare
 
     keys = []
     for i, extra in enumerate(([], [override])):
         cfg = config(tmp_path / f"out{i}", tmp_path / "cache", *extra)
-        _, model_path, _ = setup(cfg)
-        keys.append(cache_for(cfg, model_path, None).path)
+        keys.append(cache_for(cfg, prepare(cfg).model_path).path)
     assert keys[0] != keys[1]
 
 
 def test_same_inputs_in_another_output_dir_are_the_same_key(tmp_path):
-    from jobs.precompute import cache_for
-    from jobs.train_dpo import setup
+    from jobs.stages import cache_for, prepare
 
-    paths = {cache_for(cfg, setup(cfg)[1], None).path
+    paths = {cache_for(cfg, prepare(cfg).model_path).path
              for cfg in (config(tmp_path / "a", tmp_path / "c"), config(tmp_path / "b", tmp_path / "c"))}
     assert len(paths) == 1
 
@@ -169,7 +166,7 @@ def test_cache_key_holds_every_tokenization_setting(tmp_path):
     every field (by the same name)."""
     import dataclasses
 
-    from jobs.precompute import cache_for
+    from jobs.stages import cache_for
     from raydpo.data.refcache import CacheKey
     from raydpo.data.tokenize import TokenizeSettings
     from raydpo.models import write_tiny
@@ -184,5 +181,5 @@ def test_cache_key_holds_every_tokenization_setting(tmp_path):
 
     model = write_tiny(tmp_path / "tiny")
     cfg = config(tmp_path / "out", tmp_path / "cache", *(f"data.{k}={v}" for k, v in other.items()))
-    key = cache_for(cfg, str(model), None).key
+    key = cache_for(cfg, str(model)).key
     assert key.settings == TokenizeSettings(**other)  # every field from the config, none hand-copied

@@ -153,3 +153,45 @@ def test_resume_with_a_changed_config_fails_naming_the_keys(ray_local, tmp_path,
     assert "data.synthetic.rows: 300 -> 301" in capsys.readouterr().err
     again = run(quick(tmp_path, mlflow_uri, *common, "train.log_every=2", "train.eval_every=3"))
     assert again.run_id == first.run_id
+
+
+def test_training_goes_on_while_the_mlflow_server_is_down(ray_local, tmp_path, mlflow_server):
+    """A real `mlflow server` stopped mid-run (after rank 0 logged a few steps) and restarted
+    later on the same port and store: training never waits for it, and every step's metrics
+    reach the server exactly once."""
+    import threading
+    import time
+
+    from jobs.train_dpo import run
+
+    out = tmp_path / "out"
+    steps_logged_while_down: list[int] = []
+
+    def logged() -> int:
+        return sum(f.read_text().count('"op":"metrics"') for f in out.glob("tracking/*/rank0.jsonl"))
+
+    def outage() -> None:
+        deadline = time.monotonic() + 600
+        while logged() < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        mlflow_server.stop()
+        down_at = logged()
+        while logged() < down_at + 10 and time.monotonic() < deadline:  # training goes on meanwhile
+            time.sleep(0.05)
+        steps_logged_while_down.append(logged() - down_at)
+        mlflow_server.start()
+
+    watcher = threading.Thread(target=outage, daemon=True)
+    watcher.start()
+    outcome = run(quick(tmp_path, mlflow_server.uri, "data.synthetic.rows=1500", "train.log_every=1",
+                        "train.eval_every=0", "train.checkpoint_every=0", "tracking.log_model=false"))
+    watcher.join(timeout=120)
+    assert steps_logged_while_down and steps_logged_while_down[0] >= 10
+
+    client = MlflowClient(mlflow_server.uri)
+    steps = sorted(m.step for m in client.get_metric_history(outcome.run_id, "loss"))
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 30  # each step once, none missing
+    run_info = client.get_run(outcome.run_id)
+    assert run_info.info.status == "FINISHED"
+    outage_tags = [v for k, v in run_info.data.tags.items() if k.startswith("raydpo.tracking.outage_")]
+    assert outage_tags and all("nothing lost" in v for v in outage_tags)

@@ -1,5 +1,6 @@
 """The ``raydpo`` command: ``train``, ``precompute`` (reference log-probs), ``data-check`` and
-``sync-tracking`` (deliver spooled MLflow data)."""
+``sync-tracking`` (deliver spooled MLflow data). Each command is a job module's ``main``; this
+file only dispatches (it imports no job until one is named)."""
 from __future__ import annotations
 
 import sys

@@ -1,0 +1,117 @@
+"""The stages the jobs share, on the whole config (only ``jobs/`` sees it): each takes the config
+and plain values and calls the library with settings objects. Not a job itself.
+
+    prepare  -> the output folder, the model every actor loads, the sources
+    data     -> tokenized pairs, every row kept or counted by reason, the report logged
+    reference-> reference log-probs through the cache, in an actor pool of their own
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray.data
+
+from actors.reference import log_stats, reference_cache, reference_stage, summary
+from raydpo.config import Config
+from raydpo.data.refcache import Cache, RefStats
+from raydpo.progress import say
+from raydpo.tracking import Tracker
+
+
+@dataclass(frozen=True)
+class Prepared:
+    out: Path  # the absolute output folder
+    model_path: str  # the HF folder or hub id every actor loads
+    sources: list[str]  # the train sources, generated shards included
+
+
+def prepare(cfg: Config) -> Prepared:
+    """The tiny model is built, and a GGUF model de-quantized, once into ``{output_dir}/initial``;
+    the quickstart's synthetic shards are written to ``{output_dir}/data``."""
+    from raydpo.data.sources import mixture_weights
+    from raydpo.data.synthetic import write_shards
+    from raydpo.models import TINY, write_plain, write_tiny
+
+    out = Path(cfg.output_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = cfg.model.name_or_path
+    if model_path == TINY:
+        t = cfg.model.tiny
+        model_path = str(write_tiny(out / "initial", hidden_size=t.hidden_size, num_layers=t.num_layers,
+                                    num_heads=t.num_heads, max_positions=t.max_positions, seed=t.seed))
+    elif cfg.model.gguf_file:
+        model_path = str(write_plain(model_path, cfg.model.gguf_file, out / "initial", cfg.model.dtype))
+    sources = list(cfg.data.train)
+    mixture_weights(sources)  # a source in two weighted entries fails here, before Ray starts
+    if cfg.data.synthetic is not None:
+        s = cfg.data.synthetic
+        sources += write_shards(out / "data", task=s.task, rows=s.rows, seed=s.seed)
+    return Prepared(out, model_path, sources)
+
+
+def tokenize(cfg: Config, model_path: str, sources: list[str]) -> ray.data.Dataset:
+    """Every row of the config's sources, normalised and tokenized (dropped rows too, with their
+    reasons), materialized. ``train`` and ``precompute`` share it, so they see the same pairs."""
+    from raydpo.data.pipeline import tokenized_dataset
+
+    d = cfg.data
+    return tokenized_dataset(sources, d.eval, model_path=model_path, gguf_file=None,
+                             settings=d.tokenize_settings(), eval_fraction=d.eval_fraction, seed=d.seed,
+                             limit=d.limit, columns=d.columns, fmt=d.format, chat_template=d.chat_template,
+                             ranked_pairs=d.ranked_pairs, min_score_margin=d.min_score_margin).materialize()
+
+
+def data(cfg: Config, prepared: Prepared, tracker: Tracker) -> tuple[ray.data.Dataset, dict]:
+    """Kept pairs (mixed by weight where the sources have weights) and the data report, both
+    logged: report, tables, dataset inputs with digests, the data fingerprint. Past
+    ``data.max_drop_fraction`` of dropped rows, stops with the report."""
+    from raydpo.data.pipeline import DataError, build_report, kept_rows, length_stats, mix_sources
+    from raydpo.data.refcache import source_identity
+    from raydpo.data.sources import mixture_weights
+
+    d = cfg.data
+    tokenized = tokenize(cfg, prepared.model_path, prepared.sources)
+    report = build_report(tokenized)
+    say(report.summary())
+    report.lengths = length_stats(tokenized)  # token-length percentiles, logged with the report
+    tracker.log_report(report.to_dict())
+    fingerprints = {s: source_identity(s) for s in report.sources}
+    for source, counts in report.sources.items():  # MLflow dataset inputs: source, digest, rows
+        tracker.log_input(Path(source).name or source, source, fingerprints[source].split(":", 1)[1],
+                          context="training", rows=counts["read"])
+    tracker.log_params({"fingerprint/data": _combined(fingerprints)})
+    if report.drop_fraction > d.max_drop_fraction:
+        raise DataError(f"dropped {report.drop_fraction:.1%} of rows, over data.max_drop_fraction "
+                        f"{d.max_drop_fraction:.1%}\n{report.summary()}")
+    kept = kept_rows(tokenized)
+    mixture = mixture_weights(prepared.sources)  # (entry -> weight, source -> entry); None without weights
+    if mixture is not None:
+        kept, counts = mix_sources(kept, mixture[0], d.seed, groups=mixture[1])
+        say("[raydpo] mixture (train pairs used / available): " + ", ".join(
+            f"{k} {c['used']}/{c['available']}" for k, c in counts.items()))
+        tracker.log_mixture(counts)
+    return kept, report.to_dict()
+
+
+def cache_for(cfg: Config, model_path: str) -> Cache:
+    """The reference cache of this config's model, tokenizer, tokenization settings and dtype."""
+    return reference_cache(model_path, None, cfg.data.chat_template, cfg.data.tokenize_settings(), cfg.reference)
+
+
+def reference(cfg: Config, model_path: str, kept: ray.data.Dataset,
+              tracker: Tracker) -> tuple[ray.data.Dataset, RefStats]:
+    """``kept`` with ``ref_chosen_logps`` / ``ref_rejected_logps``, computed only where the
+    cache lacks them, and the stage's figures (logged as ``reference/*``)."""
+    with_ref, stats = reference_stage(kept, cache_for(cfg, model_path), model_path=model_path, gguf_file=None,
+                                      settings=cfg.reference)
+    say(summary(stats))
+    log_stats(tracker, stats)
+    return with_ref, stats
+
+
+def _combined(fingerprints: dict[str, str]) -> str:
+    """One fingerprint for every source of the run (order-independent)."""
+    return hashlib.blake2b("\n".join(sorted(f"{s}={f}" for s, f in fingerprints.items())).encode(),
+                           digest_size=16).hexdigest()
