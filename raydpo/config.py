@@ -119,6 +119,16 @@ class DataConfig(_Strict):
                              f"known: {', '.join(COLUMN_TARGETS)}")
         return columns
 
+    @field_validator("chat_template")
+    @classmethod
+    def _template_compiles(cls, template: str | None) -> str | None:
+        """A template that does not compile would fail every row alike: refuse it here, naming the line."""
+        if template:
+            from raydpo.data.tokenize import check_chat_template
+
+            check_chat_template(template)
+        return template
+
     def tokenize_settings(self) -> TokenizeSettings:
         """This section's tokenization settings, whole: every field of TokenizeSettings by name."""
         return TokenizeSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TokenizeSettings)})
@@ -327,7 +337,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {pair!r}: expected dotted.key=value")
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key.strip()}: the value is not YAML ({str(e).splitlines()[0]}); "
+                              "quote it: --set 'key=\"...\"'") from None
         if isinstance(value, str) and _EXPONENT.match(value):
             value = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
         out[key.strip()] = value

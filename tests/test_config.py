@@ -326,3 +326,13 @@ def test_lora_section_becomes_lora_settings() -> None:
     cfg = load_config(QUICKSTART, ["train.lora.r=4", "train.lora.target_modules=[q_proj]"])
     settings = LoraSettings(**cfg.train.lora.model_dump())
     assert settings == LoraSettings(r=4, alpha=32.0, dropout=0.05, target_modules=("q_proj",))
+
+
+def test_a_chat_template_that_does_not_compile_fails_at_load_naming_the_key():
+    with pytest.raises(ConfigError, match=r"data\.chat_template: .*chat template line 1: unexpected '}'"):
+        load_config(QUICKSTART, ['data.chat_template="{% for m in messages %}{{ m.content }"'])
+
+
+def test_a_set_value_that_is_not_yaml_fails_naming_the_key():
+    with pytest.raises(ConfigError, match=r"--set data\.chat_template: the value is not YAML"):
+        load_config(QUICKSTART, ["data.chat_template={% for m in messages %}"])

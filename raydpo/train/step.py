@@ -29,7 +29,8 @@ class LossSpec:
 @dataclass
 class RunningMean:
     """Mean of the implicit rewards of every pair seen so far, over all workers: ``bco_pair``'s
-    delta (TRL's ``RunningMoments``). Kept in checkpoints so a resumed run continues it."""
+    delta (the BCO paper's running reward mean; TRL 1.16 has none, see docs/losses.md). Kept in
+    checkpoints so a resumed run continues it."""
 
     mean: float = 0.0
     count: float = 0.0
@@ -81,7 +82,7 @@ def pair_forward(
     pair = PairLogps(logps[:n], logps[n:], ref_c, ref_r, tokens[:n], tokens[n:])
     params = spec.params
     if bco is not None and "bco_pair" in spec.weights:
-        # TRL updates the running mean with this batch before computing its loss.
+        # The running mean takes this batch in before its loss is computed (as TRL's RunningMoments did).
         params = replace(params, bco_delta=bco.update(bco_batch_reward(pair, params.beta), n))
     per_pair = combined_loss(pair, params, spec.weights)
     loss = per_pair.mean()
