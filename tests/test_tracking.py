@@ -176,3 +176,25 @@ def test_spool_left_by_a_run_is_delivered_once_by_sync_tracking(mlflow_server, t
     with pytest.raises(TrackingError, match="unreachable"):
         Tracker.start(settings(mlflow_server.uri), out, "later")
     assert (out / "mlflow_run_id").read_text().strip() == tracker.run_id
+
+
+def test_the_model_is_logged_with_mlflow_transformers_and_registered(mlflow_uri, tmp_path):
+    """``log_model`` with ``register_as``: a text-generation pipeline that loads back from the
+    registry, its tokenizer included."""
+    import mlflow.transformers
+
+    from raydpo.models import write_tiny
+
+    folder = write_tiny(tmp_path / "tiny")
+    tracker, _ = Tracker.start(settings(mlflow_uri, register_as="raydpo-tiny"), tmp_path / "out", "model")
+    tracker.log_model(folder, register_as="raydpo-tiny")
+    assert tracker.finish("FINISHED", timeout=120)
+
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(tracker.run_id).data.tags["raydpo.model"] == "mlflow.transformers"
+    (version,) = client.search_model_versions("name = 'raydpo-tiny'")
+    assert version.run_id == tracker.run_id
+    mlflow.set_tracking_uri(mlflow_uri)
+    mlflow.set_registry_uri(mlflow_uri)
+    pipe = mlflow.transformers.load_model(f"models:/raydpo-tiny/{version.version}")
+    assert pipe.task == "text-generation" and pipe.tokenizer is not None
