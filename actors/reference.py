@@ -115,7 +115,7 @@ def reference_stage(
         missing = missing.repartition(max(s.num_actors, -(-n_missing // s.window))).materialize()
         loads_before = cache.loads()
         t1 = time.perf_counter()
-        computed = missing.map_batches(
+        pool = missing.map_batches(
             ReferenceLogps,
             fn_constructor_kwargs={"cache": cache, "model_path": model_path, "gguf_file": gguf_file, "dtype": s.dtype,
                                    "batch_tokens": s.batch_tokens, "max_padding": s.max_padding,
@@ -125,7 +125,12 @@ def reference_stage(
             compute=ray.data.ActorPoolStrategy(size=s.num_actors),
             num_cpus=s.num_cpus,
             num_gpus=s.num_gpus,
-        ).take_all()
+        )
+        # A window on a large model on CPUs can take longer than Ray Data's no-progress timeout
+        # (30 min; it killed a SmolLM2 run on a loaded 2-core machine): the actors are working
+        # inside the window, not stuck.
+        pool.context.execution_no_progress_timeout_s = -1
+        computed = pool.take_all()
         stats.compute_seconds = time.perf_counter() - t1
         stats.sequences_computed = sum(c["sequences"] for c in computed)
         stats.tokens = sum(c["tokens"] for c in computed)
