@@ -118,6 +118,19 @@ def _with_timeout(fn, timeout_s: float, what: str):
     return box.get("value")
 
 
+def _sync(generator: Generator, reload, timeout_s: float, what: str, version: int) -> float:
+    """Run ``reload`` under ``timeout_s``; on success the generator holds ``version``, on a
+    timeout no known version. Returns the seconds taken."""
+    t0 = time.perf_counter()
+    try:
+        _with_timeout(reload, timeout_s, what)
+    except SyncTimeout:
+        generator.version = UNKNOWN_VERSION
+        raise
+    generator.version = version
+    return time.perf_counter() - t0
+
+
 def _check_folder(folder: str) -> Path:
     path = Path(folder)
     if not path.is_dir() or not any(path.glob("*.safetensors")):
@@ -185,7 +198,6 @@ class TransformersGenerator:
         from safetensors.torch import load_file
 
         path = _check_folder(folder)
-        t0 = time.perf_counter()
 
         def load() -> None:
             state = {}
@@ -197,13 +209,7 @@ class TransformersGenerator:
                 raise ValueError(f"weight sync from {folder}: missing {sorted(set(missing) - tied)[:5]}, "
                                  f"unexpected {sorted(unexpected)[:5]}")
 
-        try:
-            _with_timeout(load, timeout_s, f"weight sync from {folder}")
-        except SyncTimeout:
-            self.version = UNKNOWN_VERSION
-            raise
-        self.version = version
-        return time.perf_counter() - t0
+        return _sync(self, load, timeout_s, f"weight sync from {folder}", version)
 
 
 class VllmGenerator:
@@ -246,19 +252,12 @@ class VllmGenerator:
         """Reload the weights in place from a safetensors folder, then drop the prefix cache
         (KV computed with the old weights); returns the seconds taken."""
         _check_folder(folder)
-        t0 = time.perf_counter()
 
         def reload() -> None:
             self.llm.collective_rpc("raydpo_reload_weights", args=(str(folder),))
             self.llm.reset_prefix_cache()
 
-        try:
-            _with_timeout(reload, timeout_s, f"vLLM weight sync from {folder}")
-        except SyncTimeout:
-            self.version = UNKNOWN_VERSION
-            raise
-        self.version = version
-        return time.perf_counter() - t0
+        return _sync(self, reload, timeout_s, f"vLLM weight sync from {folder}", version)
 
 
 class VllmWeightSync:
