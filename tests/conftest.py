@@ -72,13 +72,14 @@ class MlflowServer:
         self.stop()
         raise RuntimeError(f"mlflow server did not answer in {timeout}s")
 
-    def stop(self) -> None:
+    def stop(self, kill: bool = False) -> None:
+        """SIGTERM (a clean shutdown, seconds) or, with ``kill``, SIGKILL: an instant outage."""
         import signal
         import subprocess
 
         if self.proc is None or self.proc.poll() is not None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        os.killpg(self.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:

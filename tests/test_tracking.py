@@ -126,7 +126,7 @@ def test_server_outage_mid_run_loses_and_duplicates_nothing(mlflow_server, tmp_p
         tracker.log_metrics({"loss": 1.0 / step, "rewards/accuracies": 0.5}, step)
     assert tracker.flush(timeout=60)
 
-    mlflow_server.stop()
+    mlflow_server.stop(kill=True)  # a crash: down at once
     for step in range(6, 16):  # "training" goes on while the server is down
         tracker.log_metrics({"loss": 1.0 / step, "rewards/accuracies": 0.5}, step)
     deadline = time.monotonic() + 60
@@ -156,7 +156,7 @@ def test_spool_left_by_a_run_is_delivered_once_by_sync_tracking(mlflow_server, t
     out = tmp_path / "out"
     tracker, _ = Tracker.start(settings(mlflow_server.uri), out, "later")
     worker = Tracker.open(tracker.spec, "rank0")  # a training worker's tracker
-    mlflow_server.stop()
+    mlflow_server.stop(kill=True)  # a crash: down at once
     for step in range(1, 9):
         worker.log_metrics({"loss": 0.1 * step}, step)
     assert not worker.close(timeout=1)
@@ -172,7 +172,7 @@ def test_spool_left_by_a_run_is_delivered_once_by_sync_tracking(mlflow_server, t
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
 
     # Resuming while the server is away fails, clearly, instead of taking the run for gone.
-    mlflow_server.stop()
+    mlflow_server.stop(kill=True)  # a crash: down at once
     with pytest.raises(TrackingError, match="unreachable"):
         Tracker.start(settings(mlflow_server.uri), out, "later")
     assert (out / "mlflow_run_id").read_text().strip() == tracker.run_id
