@@ -7,7 +7,6 @@ and plain values and calls the library with settings objects. Not a job itself.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import ray.data
 
 from actors.reference import log_stats, reference_cache, reference_stage, summary
 from raydpo.config import Config
-from raydpo.data.refcache import Cache, RefStats
+from raydpo.data.refcache import Cache, RefStats, sources_identity
 from raydpo.progress import say
 from raydpo.tracking import Tracker
 
@@ -81,7 +80,7 @@ def data(cfg: Config, prepared: Prepared, tracker: Tracker) -> tuple[ray.data.Da
     for source, counts in report.sources.items():  # MLflow dataset inputs: source, digest, rows
         tracker.log_input(Path(source).name or source, source, fingerprints[source].split(":", 1)[1],
                           context="training", rows=counts["read"])
-    tracker.log_params({"fingerprint/data": _combined(fingerprints)})
+    tracker.log_params({"fingerprint/data": sources_identity(fingerprints)})
     if report.drop_fraction > d.max_drop_fraction:
         raise DataError(f"dropped {report.drop_fraction:.1%} of rows, over data.max_drop_fraction "
                         f"{d.max_drop_fraction:.1%}\n{report.summary()}")
@@ -110,8 +109,3 @@ def reference(cfg: Config, model_path: str, kept: ray.data.Dataset,
     log_stats(tracker, stats)
     return with_ref, stats
 
-
-def _combined(fingerprints: dict[str, str]) -> str:
-    """One fingerprint for every source of the run (order-independent)."""
-    return hashlib.blake2b("\n".join(sorted(f"{s}={f}" for s, f in fingerprints.items())).encode(),
-                           digest_size=16).hexdigest()

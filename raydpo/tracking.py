@@ -185,11 +185,6 @@ class Tracker:
         self.rejected = 0
         self._down_since: float | None = None
         self._monitor = None
-        # Every metric this writer logged in this run (a resumed process reads its spool back), for the plots.
-        self.history: dict[str, dict[int, float]] = {}  # metric -> step -> value (a re-trained step: the last)
-        for op, _ in self.spool.pending_from(0):
-            if op["op"] == "metrics":
-                self._remember(op["step"], op["values"])
         self._thread = threading.Thread(target=self._run, name=f"raydpo-tracker-{writer}", daemon=True)
         self._thread.start()
         if spec.system_metrics if sample_system is None else sample_system:
@@ -257,20 +252,18 @@ class Tracker:
         values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if values:
             self._put({"op": "metrics", "step": int(step), "ts": int(time.time() * 1000), "values": values})
-            self._remember(int(step), values)
-
-    def _remember(self, step: int, values: dict[str, float]) -> None:
-        for k, v in values.items():
-            self.history.setdefault(k, {})[step] = v
 
     def log_plots(self, step: int, margins: list[float] | None = None) -> None:
         """Redraw the run's plots from every metric logged so far and log them as ``plots/*.png``
         (:mod:`raydpo.plots`): loss and reward accuracy, chosen and rejected log-probs against
-        step, and the histogram of the eval pairs' reward margins at ``step``."""
+        step, and the histogram of the eval pairs' reward margins at ``step``. The history is this
+        writer's spool, read back whole, so a resumed process plots the steps of the ones before
+        (a re-trained step keeps its last value)."""
         from raydpo import plots
 
         folder = Path(self.spec.output_dir) / "plots"
-        history = {k: sorted(v.items()) for k, v in self.history.items()}
+        history = plots.history_from_rows((k, op["step"], v) for op, _ in self.spool.pending_from(0)
+                                          if op["op"] == "metrics" for k, v in op["values"].items())
         drawn = [plots.training_curves(history, folder / "training_curves.png"),
                  plots.logps_curves(history, folder / "logps.png")]
         if margins:

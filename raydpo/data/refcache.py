@@ -89,6 +89,11 @@ def source_identity(source: str) -> str:
     return "name:" + _digest(source.encode())
 
 
+def sources_identity(identities: dict[str, str]) -> str:
+    """One fingerprint of a run's sources (``source -> source_identity``), independent of order."""
+    return _digest(*(f"{s}={i}".encode() for s, i in sorted(identities.items())), size=16)
+
+
 def _hub_commit(repo_id: str) -> str:
     """The commit the hub's ``main`` points at; offline, the snapshot transformers would load."""
     from huggingface_hub import HfApi, snapshot_download
