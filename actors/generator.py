@@ -97,6 +97,19 @@ def make_generator(backend: Backend, model_path: str, dtype: str = "float32", se
     raise ValueError(f"generator backend {backend!r}: vllm, transformers or auto")
 
 
+class _Engine:
+    """One engine call at a time, and only the newest sync's reload.
+
+    A sync that timed out keeps running in its abandoned thread; the next sync or generate call
+    must not enter the engine beside it (vLLM's client sockets are not thread-safe: two threads
+    in ``collective_rpc`` aborted the process in CI). So every engine call holds ``lock``, and a
+    reload that gets the lock after a newer sync was asked for skips its work."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.newest_sync = 0
+
+
 def _with_timeout(fn, timeout_s: float, what: str):
     """Run ``fn`` in a thread; :class:`SyncTimeout` if it has not returned after ``timeout_s``."""
     box: dict[str, Any] = {}
@@ -118,12 +131,20 @@ def _with_timeout(fn, timeout_s: float, what: str):
     return box.get("value")
 
 
-def _sync(generator: Generator, reload, timeout_s: float, what: str, version: int) -> float:
-    """Run ``reload`` under ``timeout_s``; on success the generator holds ``version``, on a
-    timeout no known version. Returns the seconds taken."""
+def _sync(generator, engine: _Engine, reload, timeout_s: float, what: str, version: int) -> float:
+    """Run ``reload`` under ``timeout_s`` (waiting for the engine counts); on success the
+    generator holds ``version``, on a timeout no known version. Returns the seconds taken."""
     t0 = time.perf_counter()
+    engine.newest_sync += 1
+    ticket = engine.newest_sync
+
+    def guarded() -> None:
+        with engine.lock:
+            if ticket == engine.newest_sync:  # else a newer sync supersedes this abandoned one
+                reload()
+
     try:
-        _with_timeout(reload, timeout_s, what)
+        _with_timeout(guarded, timeout_s, what)
     except SyncTimeout:
         generator.version = UNKNOWN_VERSION
         raise
@@ -153,33 +174,36 @@ class TransformersGenerator:
         tok = load_tokenizer(model_path)
         self.pad_id, self.eos_id = tok.pad_token_id, tok.eos_token_id
         self.version = 0
+        self.engine = _Engine()
 
     def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Samples]:
+        with self.engine.lock:
+            return [self._sample(i, prompt, sampling) for i, prompt in enumerate(prompts)]
+
+    def _sample(self, i: int, prompt: list[int], sampling: SamplingSettings) -> Samples:
+        """Prompt ``i`` alone, seeded with ``seed + i``: its samples do not depend on the batch."""
         import torch
 
-        out = []
-        for i, prompt in enumerate(prompts):  # one prompt at a time: its seed decides its samples alone
-            torch.manual_seed(sampling.seed + i)
-            ids = torch.tensor([prompt], device=self.device)
-            greedy = sampling.temperature == 0
-            with torch.no_grad():
-                gen = self.model.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=not greedy,
-                    temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
-                    top_k=None, max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.k,
-                    pad_token_id=self.pad_id, eos_token_id=self.eos_id, return_dict_in_generate=True)
-            completions, finished = [], []
-            for row in gen.sequences[:, len(prompt):].tolist():
-                if self.eos_id in row:
-                    row = row[: row.index(self.eos_id) + 1]
-                    finished.append(True)
-                else:
-                    finished.append(False)
-                completions.append(row)
-            # Log-probs under the policy itself (temperature 1, no top_p), as vLLM reports them:
-            # what a KL estimate between policies needs.
-            out.append(Samples(completions, self._logps(prompt, completions), self.version, finished))
-        return out
+        torch.manual_seed(sampling.seed + i)
+        ids = torch.tensor([prompt], device=self.device)
+        greedy = sampling.temperature == 0
+        with torch.no_grad():
+            gen = self.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=not greedy,
+                temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
+                top_k=None, max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.k,
+                pad_token_id=self.pad_id, eos_token_id=self.eos_id, return_dict_in_generate=True)
+        completions, finished = [], []
+        for row in gen.sequences[:, len(prompt):].tolist():
+            if self.eos_id in row:
+                row = row[: row.index(self.eos_id) + 1]
+                finished.append(True)
+            else:
+                finished.append(False)
+            completions.append(row)
+        # Log-probs under the policy itself (temperature 1, no top_p), as vLLM reports them:
+        # what a KL estimate between policies needs.
+        return Samples(completions, self._logps(prompt, completions), self.version, finished)
 
     def _logps(self, prompt: list[int], completions: list[list[int]]) -> list[float]:
         import torch
@@ -209,7 +233,7 @@ class TransformersGenerator:
                 raise ValueError(f"weight sync from {folder}: missing {sorted(set(missing) - tied)[:5]}, "
                                  f"unexpected {sorted(unexpected)[:5]}")
 
-        return _sync(self, load, timeout_s, f"weight sync from {folder}", version)
+        return _sync(self, self.engine, load, timeout_s, f"weight sync from {folder}", version)
 
 
 class VllmGenerator:
@@ -229,6 +253,7 @@ class VllmGenerator:
                        worker_extension_cls=f"{__name__}.VllmWeightSync", **engine)
         self.eos_id = load_tokenizer(model_path).eos_token_id
         self.version = 0
+        self.engine = _Engine()
 
     def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Samples]:
         from vllm import SamplingParams
@@ -239,7 +264,8 @@ class VllmGenerator:
                                  top_p=1.0 if greedy else sampling.top_p, max_tokens=sampling.max_new_tokens,
                                  seed=sampling.seed + i, logprobs=0)
                   for i in range(len(prompts))]
-        results = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        with self.engine.lock:
+            results = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         out = []
         for result in results:
             completions = [list(c.token_ids) for c in result.outputs]
@@ -257,7 +283,7 @@ class VllmGenerator:
             self.llm.collective_rpc("raydpo_reload_weights", args=(str(folder),))
             self.llm.reset_prefix_cache()
 
-        return _sync(self, reload, timeout_s, f"vLLM weight sync from {folder}", version)
+        return _sync(self, self.engine, reload, timeout_s, f"vLLM weight sync from {folder}", version)
 
 
 class VllmWeightSync:
