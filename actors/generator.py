@@ -22,34 +22,12 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from raydpo.online.samples import SamplingSettings, Samples
+
 Backend = Literal["vllm", "transformers", "auto"]
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How each prompt is sampled. ``temperature`` 0 is greedy."""
-
-    k: int = 2  # completions per prompt
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    seed: int = 0  # prompt i of a call samples with seed + i (reproducible, independent of batching)
-
-
-@dataclass
-class Samples:
-    """The k completions of one prompt (token ids, EOS included where it was generated), each
-    with its summed log-prob under the generating policy, and that policy's version."""
-
-    completions: list[list[int]]
-    logps: list[float]
-    version: int
-    finished: list[bool] = field(default_factory=list)  # ended with EOS (not cut at max_new_tokens)
-
 
 UNKNOWN_VERSION = -1  # after a timed-out sync: the reload may still be writing, so no version holds
 
@@ -73,8 +51,10 @@ class Generator(Protocol):
 
 
 def vllm_available() -> bool:
+    import importlib
+
     try:
-        import vllm  # noqa: F401
+        importlib.import_module("vllm")
     except Exception:  # ImportError, or a vLLM build that fails to import on this machine
         return False
     return True
@@ -330,3 +310,53 @@ class GeneratorActor:
 
     def load_weights(self, folder: str, version: int, timeout_s: float = 120.0) -> float:
         return self.generator.load_weights(folder, version, timeout_s)
+
+
+class GeneratorPool:
+    """``settings.num_actors`` generator actors (``online.generator``) that sample and sync as one.
+
+    ``generate`` splits the prompts into contiguous shards, one per actor, each sampled with the
+    seed of its first prompt's position, so the samples do not depend on the number of actors;
+    every shard must come from ``version`` (:class:`VersionMismatch` otherwise). ``sync`` loads a
+    policy folder into every actor and returns the slowest actor's seconds."""
+
+    def __init__(self, settings, model_path: str) -> None:
+        import ray
+
+        actor = ray.remote(GeneratorActor).options(
+            num_cpus=settings.num_cpus, num_gpus=settings.num_gpus,
+            runtime_env={"env_vars": dict(settings.env)} if settings.env else None)
+        self.actors = [actor.remote(settings.backend, model_path, settings.dtype, i,
+                                    settings.tensor_parallel_size, **settings.engine)
+                       for i in range(settings.num_actors)]
+        self.sync_timeout_s = settings.sync_timeout_s
+        self.version = 0
+
+    def backend(self) -> str:
+        import ray
+
+        return ray.get(self.actors[0].backend.remote())
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Samples]:
+        import dataclasses
+
+        import ray
+
+        n = len(self.actors)
+        bounds = [len(prompts) * i // n for i in range(n + 1)]
+        calls = [a.generate.remote(prompts[lo:hi], dataclasses.replace(sampling, seed=sampling.seed + lo), self.version)
+                 for a, lo, hi in zip(self.actors, bounds, bounds[1:]) if hi > lo]
+        return [s for shard in ray.get(calls) for s in shard]
+
+    def sync(self, folder: str, version: int) -> float:
+        import ray
+
+        seconds = ray.get([a.load_weights.remote(folder, version, self.sync_timeout_s) for a in self.actors])
+        self.version = version
+        return max(seconds)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)

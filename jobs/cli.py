@@ -1,4 +1,4 @@
-"""The ``raydpo`` command: ``train``, ``precompute`` (reference log-probs), ``data-check`` and
+"""The ``raydpo`` command: ``train``, ``iterate`` (online DPO rounds), ``precompute`` (reference log-probs), ``data-check`` and
 ``sync-tracking`` (deliver spooled MLflow data). Each command is a job module's ``main``; this
 file only dispatches (it imports no job until one is named)."""
 from __future__ import annotations
@@ -8,10 +8,10 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": "jobs.train_dpo", "precompute": "jobs.precompute", "data-check": "jobs.data_check",
+    commands = {"train": "jobs.train_dpo", "iterate": "jobs.iterative_dpo", "precompute": "jobs.precompute", "data-check": "jobs.data_check",
                 "sync-tracking": "jobs.sync_tracking"}
     if not argv or argv[0] not in commands:
-        print("usage: raydpo {train|precompute} CONFIG [--set dotted.key=value ...] [--json]\n"
+        print("usage: raydpo {train|iterate|precompute} CONFIG [--set dotted.key=value ...] [--json]\n"
               "       raydpo data-check SOURCE... [--json]\n"
               "       raydpo sync-tracking OUTPUT_DIR [--timeout S]", file=sys.stderr)
         return 2

@@ -4,16 +4,19 @@ and plain values and calls the library with settings objects. Not a job itself.
     prepare  -> the output folder, the model every actor loads, the sources
     data     -> tokenized pairs, every row kept or counted by reason, the report logged
     reference-> reference log-probs through the cache, in an actor pool of their own
+    start_run-> the checks before any work, the MLflow run, Ray (what every training job starts with)
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import ray.data
 
 from actors.reference import log_stats, reference_cache, reference_stage, summary
-from raydpo.config import Config
+from raydpo.config import Config, ConfigError, flatten, trajectory_changes
 from raydpo.data.refcache import Cache, RefStats, sources_identity
 from raydpo.progress import say
 from raydpo.tracking import Tracker
@@ -109,3 +112,55 @@ def reference(cfg: Config, model_path: str, kept: ray.data.Dataset,
     log_stats(tracker, stats)
     return with_ref, stats
 
+
+
+RUN_CONFIG = "run_config.json"  # in output_dir: the flattened config that trained its checkpoints or rounds
+
+
+def check_resume(cfg: Config, out: Path, resumable: Callable[[Path], bool]) -> None:
+    """Before any work: an ``output_dir`` that holds a run's progress (``resumable``: checkpoints,
+    rounds) resumes only with a config that trains the same way; otherwise it would skip the wrong
+    batches and restore another run's optimizer state. Harmless keys (``config.RESUME_HARMLESS``)
+    may change."""
+    saved = out / RUN_CONFIG
+    if not saved.exists() or not resumable(out):
+        return
+    changes = trajectory_changes(json.loads(saved.read_text()), flatten(cfg))
+    if changes:
+        raise ConfigError(
+            f"output_dir {out} holds checkpoints of a run with another config; resuming would train "
+            "differently. Changed:\n  " + "\n  ".join(changes) + "\nRe-run with the original values to "
+            f"resume, or start fresh with a new output_dir (or delete {out}).")
+
+
+def save_run_config(cfg: Config, out: Path) -> None:
+    (out / RUN_CONFIG).write_text(json.dumps(flatten(cfg), indent=1, sort_keys=True))
+
+
+def start_run(cfg: Config, config_path: str | None, verbose: bool, job: str,
+              resumable: Callable[[Path], bool]) -> Tracker:
+    """Checks that fail before any work (a changed config on resume, an unreachable tracking
+    server), then the MLflow run with its params and config, then Ray."""
+    import logging
+    import os
+
+    import ray
+
+    from raydpo import tracking
+    from raydpo.progress import quiet_libraries
+
+    out = Path(cfg.output_dir).expanduser().resolve()
+    check_resume(cfg, out, resumable)
+    if not verbose:
+        quiet_libraries()
+    tracker, resumed = Tracker.start(cfg.tracking, out, cfg.tracking.run_name, tags={"raydpo.job": job})
+    say(f"[raydpo] MLflow run {tracker.run_id} ({'resumed' if resumed else 'new'}) at "
+        f"{tracking.display_uri(tracker.spec.uri)}")
+    # Workers' output stays in Ray's log folder (progress comes from rank 0's spool) unless --verbose.
+    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=verbose,
+             logging_level=logging.INFO if verbose else logging.WARNING)  # local unless RAY_ADDRESS
+    tracker.log_params(flatten(cfg) | tracking.versions())
+    tracker.log_dict(cfg.model_dump(mode="json"), "config.yaml")
+    if config_path:
+        tracker.log_artifact(config_path)
+    return tracker

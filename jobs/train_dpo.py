@@ -6,21 +6,15 @@ is also what ``ray job submit`` runs. The whole config is seen only here and in 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from raydpo import tracking
-from raydpo.config import Config, ConfigError, flatten, load_config_or_report, trajectory_changes
-from raydpo.progress import quiet_libraries, say
+from raydpo.config import Config, ConfigError, load_config_or_report
+from raydpo.progress import say
 from raydpo.tracking import Tracker
-
-RUN_CONFIG = "run_config.json"  # in output_dir: the flattened config that trained its checkpoints
 
 
 @dataclass
@@ -30,43 +24,6 @@ class Outcome:
     metrics: dict[str, float]
     report: dict[str, Any]
     seconds: float
-
-
-def check_resume(cfg: Config, out: Path) -> None:
-    """Before any work: an ``output_dir`` that holds checkpoints resumes only with a config that
-    trains the same way; otherwise it would skip the wrong batches and restore another run's
-    optimizer state. Harmless keys (``config.RESUME_HARMLESS``) may change."""
-    saved = out / RUN_CONFIG
-    if not saved.exists() or not any((out / "ray" / "train").glob("checkpoint_*")):
-        return
-    changes = trajectory_changes(json.loads(saved.read_text()), flatten(cfg))
-    if changes:
-        raise ConfigError(
-            f"output_dir {out} holds checkpoints of a run with another config; resuming would train "
-            "differently. Changed:\n  " + "\n  ".join(changes) + "\nRe-run with the original values to "
-            f"resume, or start fresh with a new output_dir (or delete {out}).")
-
-
-def setup(cfg: Config, config_path: str | None, verbose: bool) -> Tracker:
-    """Checks that fail before any work (a changed config on resume, an unreachable tracking
-    server), then Ray and the MLflow run with its params and config."""
-    import ray
-
-    out = Path(cfg.output_dir).expanduser().resolve()
-    check_resume(cfg, out)
-    if not verbose:
-        quiet_libraries()
-    tracker, resumed = Tracker.start(cfg.tracking, out, cfg.tracking.run_name, tags={"raydpo.job": "train"})
-    say(f"[raydpo] MLflow run {tracker.run_id} ({'resumed' if resumed else 'new'}) at "
-        f"{tracking.display_uri(tracker.spec.uri)}")
-    # Workers' output stays in Ray's log folder (progress comes from rank 0's spool) unless --verbose.
-    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=verbose,
-             logging_level=logging.INFO if verbose else logging.WARNING)  # local unless RAY_ADDRESS
-    tracker.log_params(flatten(cfg) | tracking.versions())
-    tracker.log_dict(cfg.model_dump(mode="json"), "config.yaml")
-    if config_path:
-        tracker.log_artifact(config_path)
-    return tracker
 
 
 def train(cfg: Config, tracker: Tracker):
@@ -83,7 +40,7 @@ def train(cfg: Config, tracker: Tracker):
     columns = TRAIN_COLUMNS if cfg.loss.needs_reference() else TRAIN_COLUMNS[:3]
     train_ds = kept_rows(kept, "train").select_columns(columns).materialize()
     eval_ds = kept_rows(kept, "eval").select_columns(columns).materialize()
-    (prepared.out / RUN_CONFIG).write_text(json.dumps(flatten(cfg), indent=1, sort_keys=True))  # what the checkpoints train
+    stages.save_run_config(cfg, prepared.out)  # what the checkpoints train
     result = train_policy(train_ds, eval_ds, model_path=prepared.model_path, out_dir=prepared.out, train=cfg.train,
                           loss=cfg.loss, dtype=cfg.model.dtype, tracker=tracker.spec)
     return report, result
@@ -108,8 +65,11 @@ def finish(cfg: Config, tracker: Tracker, report: dict[str, Any], result, t0: fl
 def run(cfg: Config, config_path: str | None = None, verbose: bool = False) -> Outcome:
     """The whole job. The MLflow run is marked FAILED if anything raises; re-running the same
     command resumes it from the latest checkpoint."""
+    from jobs import stages
+
     t0 = time.perf_counter()
-    tracker = setup(cfg, config_path, verbose)
+    tracker = stages.start_run(cfg, config_path, verbose, job="train",
+                               resumable=lambda out: any((out / "ray" / "train").glob("checkpoint_*")))
     try:
         report, result = train(cfg, tracker)
     except BaseException:

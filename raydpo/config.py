@@ -134,9 +134,7 @@ class DataConfig(_Strict):
         return TokenizeSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TokenizeSettings)})
 
     @model_validator(mode="after")
-    def _has_sources(self) -> "DataConfig":
-        if not self.train and self.synthetic is None:
-            raise ValueError("give data.train (files) or data.synthetic")
+    def _consistent(self) -> "DataConfig":
         if self.max_prompt_length >= self.max_length:
             raise ValueError("data.max_prompt_length must be below data.max_length")
         for i, entry in enumerate(self.eval):
@@ -287,6 +285,85 @@ class TrackingConfig(_Strict):
         return self
 
 
+class GeneratorConfig(_Strict):
+    """``online.generator``: the actors that sample from the current policy (``actors/generator.py``)."""
+
+    backend: Literal["vllm", "transformers", "auto"] = "auto"  # auto: vLLM where it imports
+    num_actors: int = Field(1, gt=0)
+    num_cpus: float = Field(1.0, ge=0)  # per actor
+    num_gpus: float = Field(0.0, ge=0)  # per actor
+    tensor_parallel_size: int = Field(1, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    sync_timeout_s: float = Field(300.0, gt=0)  # a weight sync that takes longer fails the round
+    engine: dict[str, Any] = {}  # more vllm.LLM arguments, e.g. {gpu_memory_utilization: 0.4, max_model_len: 2048}
+    env: dict[str, str] = {}  # environment of the actors, e.g. VLLM_CPU_KVCACHE_SPACE for vLLM-CPU
+
+
+class SamplingConfig(_Strict):
+    """``online.sampling``: raydpo.online.samples.SamplingSettings, validated."""
+
+    k: int = Field(4, ge=2)  # completions per prompt: a pair needs two
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, gt=0)
+    seed: int = 0
+
+    def settings(self, k: int | None = None, seed_offset: int = 0):
+        from raydpo.online.samples import SamplingSettings
+
+        return SamplingSettings(k=k or self.k, temperature=self.temperature, top_p=self.top_p,
+                                max_new_tokens=self.max_new_tokens, seed=self.seed + seed_offset)
+
+
+class JudgeConfig(_Strict):
+    """``online.judge``: what scores the samples (``raydpo/online/judges.py``, ``actors/judge.py``)."""
+
+    type: Literal["verifier", "reward_model", "llm"] = "verifier"
+    verifier: str | None = None  # verifier: "package.module:function", called (prompt, completion, row, **verifier_args)
+    verifier_args: dict[str, Any] = {}
+    model: str | None = None  # reward_model: a sequence-classification model; llm: a chat model
+    template: str | None = None  # llm: a pairwise prompt with {prompt}, {a} and {b}
+    num_actors: int = Field(1, gt=0)  # reward_model and llm: actors and their resources
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    batch_size: int = Field(16, gt=0)
+
+    @model_validator(mode="after")
+    def _complete(self) -> "JudgeConfig":
+        if self.type == "verifier":
+            if not self.verifier:
+                raise ValueError("online.judge.verifier: give a function as package.module:function")
+            from raydpo.online.judges import load_function
+
+            load_function(self.verifier)  # a typo fails here, before any work
+        elif not self.model:
+            raise ValueError(f"online.judge.model: a {self.type} judge needs a model")
+        return self
+
+
+class OnlineConfig(_Strict):
+    """``online``: rounds of generate -> judge -> pair -> train (``raydpo iterate``)."""
+
+    rounds: int = Field(2, gt=0)
+    prompts: list[Source] = []  # rows with a "prompt" (text or messages); other fields reach the verifier
+    synthetic: SyntheticData | None = None  # the synthetic task's prompts instead
+    prompts_per_round: int | None = Field(None, gt=0)  # a seeded sample per round; default all
+    eval_prompts: int = Field(32, ge=0)  # held out: win rate and KL against the initial policy
+    eval_samples: int = Field(2, gt=0)  # samples per eval prompt and policy
+    generator: GeneratorConfig = GeneratorConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    judge: JudgeConfig = JudgeConfig(type="verifier", verifier="raydpo.online.verifiers:max_task")
+    pairs: Literal["best_worst", "all_with_margin"] = "best_worst"
+    min_score_margin: float = Field(0.0, ge=0)
+    reference: Literal["initial", "previous_round"] = "initial"
+
+    @model_validator(mode="after")
+    def _has_prompts(self) -> "OnlineConfig":
+        if not self.prompts and self.synthetic is None:
+            raise ValueError("give online.prompts (files) or online.synthetic")
+        return self
+
+
 class Config(_Strict):
     model: ModelConfig
     data: DataConfig
@@ -294,7 +371,16 @@ class Config(_Strict):
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    online: OnlineConfig | None = None  # raydpo iterate: the rounds; data then gives only the tokenization
     output_dir: str = "outputs/run"
+
+    @model_validator(mode="after")
+    def _has_data(self) -> "Config":
+        if self.online is None and not self.data.train and self.data.synthetic is None:
+            raise ValueError("give data.train (files) or data.synthetic")
+        if self.online and self.online.sampling.max_new_tokens > self.data.max_length - self.data.max_prompt_length:
+            raise ValueError("online.sampling.max_new_tokens must fit in data.max_length - data.max_prompt_length")
+        return self
 
     @model_validator(mode="after")
     def _master_weights_float32(self) -> "Config":
@@ -402,6 +488,10 @@ RESUME_HARMLESS = (
     # is split into micro-batches (tests/train/test_workers.py), checkpointing recomputes, the head's
     # chunk only bounds memory.
     "train.micro_batch_size", "train.gradient_checkpointing", "train.logprob_chunk_tokens",
+    # Online: more rounds continue the run; where the actors run and how long a sync may take.
+    "online.rounds", "online.generator.num_actors", "online.generator.num_cpus", "online.generator.num_gpus",
+    "online.generator.sync_timeout_s", "online.generator.env", "online.judge.num_actors",
+    "online.judge.num_cpus", "online.judge.num_gpus", "online.judge.batch_size",
 )
 
 

@@ -272,6 +272,16 @@ class Tracker:
             if path is not None:
                 self.log_artifact(path, "plots")
 
+    def log_rounds_plot(self, rounds: list[dict[str, float]]) -> None:
+        """``plots/rounds.png``: judge score (with its deviation) and KL to the initial policy of
+        the policy after each round, ``rounds[i]`` being round ``i`` (0: the initial policy), and
+        the score-vs-KL frontier (:func:`raydpo.plots.rounds_plot`)."""
+        from raydpo import plots
+
+        path = plots.rounds_plot(rounds, Path(self.spec.output_dir) / "plots" / "rounds.png")
+        if path is not None:
+            self.log_artifact(path, "plots")
+
     def log_params(self, params: dict[str, Any]) -> None:
         """Params as strings (dicts and lists as JSON), secrets masked. On a resumed run, keys
         that exist keep their first value (MLflow refuses to change a param)."""

@@ -240,3 +240,22 @@ def tokenize_pair(
         # An empty completion has no tokens to score: its log-prob is 0 and DPO's gradient NaN.
         return TokenizedPair([], [], [], truncated, TOO_LONG, boundary_fixed)
     return TokenizedPair(prompt_ids, chosen_ids, rejected_ids, truncated, "", boundary_fixed)
+
+
+def prompt_ids(
+    tok: PreTrainedTokenizerBase, prompt: list[Message], settings: TokenizeSettings, chat_template: str | None = None
+) -> tuple[list[int], bool] | str:
+    """A prompt alone, as a generator is given it: templated with the generation prompt (the same
+    template as ``tokenize_pair``), cut to ``settings.max_prompt_length`` by ``settings.truncation``.
+    Returns ``(ids, truncated)``, or a drop reason (``template_error``, ``invalid_unicode``,
+    ``too_long`` for a prompt that renders to nothing)."""
+    try:
+        ids = _prompt(tok, prompt, chat_template_for(tok, chat_template)).ids
+    except _Dropped as d:
+        return d.reason
+    if not ids:
+        return TOO_LONG
+    keep = settings.max_prompt_length
+    if len(ids) <= keep:
+        return ids, False
+    return (ids[-keep:] if settings.truncation == "keep_end" else ids[:keep]), True

@@ -30,7 +30,7 @@ class PolicyResult:
 
 def train_policy(
     train_ds: ray.data.Dataset,
-    eval_ds: ray.data.Dataset,
+    eval_ds: ray.data.Dataset | None,
     *,
     model_path: str,
     out_dir: Path,
@@ -41,10 +41,11 @@ def train_policy(
     step_offset: int = 0,
 ) -> PolicyResult:
     """Train the policy at ``model_path`` on ``train_ds`` (tokenized pairs, with reference
-    columns unless ``loss`` is reference-free); ``{out_dir}/final`` gets the result and
-    ``{out_dir}/ray`` the checkpoints (a second call on the same ``out_dir`` resumes). Metrics go
-    to ``tracker``'s run at steps ``step_offset + 1 ...``; progress to the console."""
-    n_train, n_eval = train_ds.count(), eval_ds.count()
+    columns unless ``loss`` is reference-free), evaluated on ``eval_ds`` where given.
+    ``{out_dir}/final`` gets the result and ``{out_dir}/ray`` the checkpoints (a second call on the
+    same ``out_dir`` resumes). Metrics go to ``tracker``'s run at steps ``step_offset + 1 ...``;
+    progress to the console."""
+    n_train, n_eval = train_ds.count(), eval_ds.count() if eval_ds is not None else 0
     local_batch = train.batch_size // train.num_workers
     steps_per_epoch = (n_train // train.num_workers) // local_batch
     if steps_per_epoch == 0:

@@ -1,0 +1,144 @@
+"""Iterative online DPO: R rounds of generate -> judge -> pair -> train, each round's policy
+synced into the generators in place.
+
+``python -m jobs.iterative_dpo CONFIG [--set key=value ...] [--verbose]`` (or ``raydpo iterate``).
+One MLflow run holds the whole run (``round/*`` metrics at step = round, the rounds plot, the
+final model), with a nested run per round (its training metrics, continuing one step axis across
+rounds, and its ``round/*`` metrics). Re-running the same command resumes at the first incomplete
+round, reusing what it had saved (``raydpo.online.rounds``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+
+from jobs import round_stages, stages
+from jobs.round_stages import Online
+from raydpo import tracking
+from raydpo.config import Config, ConfigError, load_config_or_report
+from raydpo.online import rounds
+from raydpo.online.rounds import RoundDir
+from raydpo.progress import say
+from raydpo.tracking import Tracker
+
+
+@dataclass
+class Outcome:
+    run_id: str
+    final_dir: str
+    history: list[dict[str, float]]  # round r's metrics at index r - 1
+    seconds: float
+
+
+def setup(cfg: Config, tracker: Tracker) -> Online:
+    """The initial policy, the prompts, the judge, and the generators holding the policy of the
+    last complete round."""
+    from actors.generator import GeneratorPool
+
+    prepared = stages.prepare(cfg)
+    stages.save_run_config(cfg, prepared.out)
+    prompts = round_stages.load_prompts(cfg, prepared.model_path)
+    say(prompts.summary())
+    tracker.log_dict({"read": prompts.read, "train": len(prompts.train), "eval": len(prompts.eval),
+                      "dropped": dict(prompts.dropped), "truncated": prompts.truncated}, "prompts_report.json")
+    pool = GeneratorPool(cfg.online.generator, prepared.model_path)
+    online = Online(cfg, prepared.out, prepared.model_path, prompts, pool,
+                                  round_stages.make_judge(cfg, pool), round_stages.tokenizer(prepared.model_path),
+                                  tracker)
+    done = rounds.first_incomplete(prepared.out, cfg.online.rounds) - 1
+    if done:
+        say(f"[raydpo] resuming after round {done}: syncing its policy into the generators")
+        pool.sync(rounds.policy_path(prepared.out, done, prepared.model_path), done)
+    say(f"[raydpo] generators: {cfg.online.generator.num_actors} x {pool.backend()}")
+    return online
+
+
+def run_rounds(o: Online) -> list[dict[str, float]]:
+    """Round 0 evaluates the initial policy; rounds 1..R each train the next one."""
+    cfg, out = o.cfg, o.out
+    baseline = round_stages.evaluate(o, RoundDir(out, 0))
+    o.parent.log_metrics(baseline, step=0)
+    first = rounds.first_incomplete(out, cfg.online.rounds)
+    history = [rounds.read_json(RoundDir(out, r).done) for r in range(1, first)]
+    last_step = int(history[-1]["round/last_step"]) if history else 0
+    for r in range(first, cfg.online.rounds + 1):
+        rd = RoundDir(out, r)
+        child, _ = Tracker.start(cfg.tracking, rd.path, f"round {r}",
+                                 tags={"mlflow.parentRunId": o.parent.run_id, "raydpo.job": "iterate", "raydpo.round": str(r)})
+        try:
+            generations = round_stages.generate(o, rd)
+            scored = round_stages.judge(o, rd, generations)
+            accounting = round_stages.pair(o, rd, generations, scored)
+            trained = round_stages.train(o, rd, child, last_step)
+            sync_seconds = o.pool.sync(str(rd.policy), r)
+            evaluation = round_stages.evaluate(o, rd)
+            metrics = round_stages.round_metrics(rd, scored, accounting, trained, evaluation, sync_seconds)
+            child.log_metrics(metrics, step=trained["last_step"])
+            rounds.write_json(rd.done, metrics)  # the round is complete
+        except BaseException:
+            child.finish("FAILED", timeout=cfg.tracking.flush_timeout_s)
+            raise
+        child.finish("FINISHED", timeout=cfg.tracking.flush_timeout_s)
+        o.parent.log_metrics(metrics, step=r)
+        o.parent.log_rounds_plot(round_stages.plot_rows(o, r))
+        say(f"[raydpo] round {r}: judge score {metrics['round/judge_score_mean']:.3f} -> eval score "
+            f"{metrics.get('round/eval_score_mean', float('nan')):.3f}, win rate vs initial "
+            f"{metrics.get('round/win_rate_vs_initial', float('nan')):.2f}, KL "
+            f"{metrics.get('round/kl_to_initial', float('nan')):.3f}, {metrics['round/pairs']:.0f} pairs")
+        history.append(metrics)
+        last_step = trained["last_step"]
+    return history
+
+
+def finish(cfg: Config, o: Online, history: list[dict[str, float]], t0: float) -> Outcome:
+    final = rounds.policy_path(o.out, cfg.online.rounds, o.initial)
+    o.pool.shutdown()
+    if cfg.tracking.log_model:
+        o.parent.log_model(final, cfg.tracking.register_as)
+    delivered = o.parent.finish("FINISHED", timeout=cfg.tracking.flush_timeout_s)
+    seconds = time.perf_counter() - t0
+    say(f"[raydpo] {cfg.online.rounds} rounds finished in {seconds:.1f}s; final policy {final}")
+    where = tracking.ui_hint(o.parent.spec.uri, o.parent.spec.experiment_id, o.parent.run_id)
+    say(f"[raydpo] MLflow run {o.parent.run_id}: {where}"
+        + ("" if delivered else " (some tracking data is still spooled, see above)"))
+    return Outcome(o.parent.run_id, final, history, seconds)
+
+
+def run(cfg: Config, config_path: str | None = None, verbose: bool = False) -> Outcome:
+    """The whole job. The MLflow run is marked FAILED if anything raises; re-running the same
+    command resumes at the first incomplete round."""
+    if cfg.online is None:
+        raise ConfigError("raydpo iterate needs an online section (see configs/quickstart_online.yaml)")
+    t0 = time.perf_counter()
+    tracker = stages.start_run(cfg, config_path, verbose, job="iterate",
+                               resumable=lambda out: (out / "rounds").exists())
+    try:
+        o = setup(cfg, tracker)
+        history = run_rounds(o)
+    except BaseException:
+        tracker.finish("FAILED", timeout=cfg.tracking.flush_timeout_s)
+        raise
+    return finish(cfg, o, history, t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="raydpo iterate", description=__doc__)
+    parser.add_argument("config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--verbose", action="store_true", help="also show Ray's and the workers' own logs")
+    ns = parser.parse_args(argv)
+    cfg = load_config_or_report(ns.config, ns.overrides)  # fails before Ray starts
+    if cfg is None:
+        return 2
+    try:
+        run(cfg, ns.config, verbose=ns.verbose)
+    except ConfigError as e:
+        print(f"raydpo: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""The stages of one round of online DPO, on the whole config (only ``jobs/`` sees it). Not a job.
+
+    generate -> judge -> pair -> reference log-probs -> train -> sync -> evaluate
+
+Each stage writes its file in the round's folder (``raydpo.online.rounds``) and is skipped when
+that file exists, so a re-run resumes where the last one stopped and reuses its generations,
+scores and pairs. The round's policy is the offline flow's result: the same reference stage and
+``train_policy`` as ``raydpo train``, on the pairs as a Ray Dataset.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import ray.data
+
+from actors.generator import GeneratorPool
+from jobs import stages
+from raydpo.config import Config
+from raydpo.online import rounds
+from raydpo.online.judges import Judge, Scored
+from raydpo.online.pairs import make_pairs
+from raydpo.online.prompts import Prompt, PromptSet
+from raydpo.online.rounds import RoundDir
+from raydpo.progress import say
+from raydpo.tracking import Tracker
+
+ROUND_SEED_STRIDE = 1_000_003  # round r samples with sampling.seed + r * stride: new samples every round
+EVAL_SEED = 7_777_777  # the evaluation samples of every policy use one seed: differences are the policy's
+
+
+@dataclass
+class Online:
+    """What every round shares, made once by the job."""
+
+    cfg: Config
+    out: Path
+    initial: str  # the initial policy's folder (or hub id)
+    prompts: PromptSet
+    pool: GeneratorPool  # holds the policy of version ``pool.version``
+    judge: Judge
+    tokenizer: Any
+    parent: Tracker
+
+
+def _texts(o: Online, completions: list[list[int]]) -> list[str]:
+    return [o.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+
+
+def _generate(o: Online, prompts: list[Prompt], k: int, seed_offset: int) -> tuple[list[dict], float]:
+    """Sample ``k`` completions of each prompt from the pool's policy; the rows and seconds."""
+    t0 = time.perf_counter()
+    samples = o.pool.generate([p.ids for p in prompts], o.cfg.online.sampling.settings(k, seed_offset))
+    seconds = time.perf_counter() - t0
+    rows = [{"prompt_index": p.index, "prompt_ids": p.ids, "completions": s.completions,
+             "texts": _texts(o, s.completions), "logps": s.logps, "finished": s.finished, "version": s.version}
+            for p, s in zip(prompts, samples)]
+    return rows, seconds
+
+
+def _score(o: Online, prompts: list[Prompt], completions: list[list[str]]) -> list[Scored]:
+    return o.judge.score([p.item for p in prompts], completions)
+
+
+def _round_prompts(o: Online, r: int) -> list[Prompt]:
+    import random
+
+    n = o.cfg.online.prompts_per_round
+    train = o.prompts.train
+    if n is None or n >= len(train):
+        return train
+    return sorted(random.Random(o.cfg.online.sampling.seed + r).sample(train, n), key=lambda p: p.index)
+
+
+def generate(o: Online, rd: RoundDir) -> list[dict]:
+    """The round's samples, from the policy of the previous round (the pool holds it)."""
+    if not rd.generations.exists():
+        prompts = _round_prompts(o, rd.round)
+        say(f"[raydpo] round {rd.round}: sampling {o.cfg.online.sampling.k} completions of {len(prompts)} prompts")
+        rows, seconds = _generate(o, prompts, o.cfg.online.sampling.k, rd.round * ROUND_SEED_STRIDE)
+        tokens = sum(len(c) for row in rows for c in row["completions"])
+        rounds.write_json(rd.path / "generation.json", {"seconds": seconds, "tokens": tokens})
+        rounds.write_jsonl(rd.generations, rows)  # last: the stage is complete when this exists
+    rows = rounds.read_jsonl(rd.generations)
+    wrong = {row["version"] for row in rows} - {rd.round - 1}
+    if wrong:  # never train on samples of another policy than the round's
+        raise RuntimeError(f"round {rd.round}: samples of policy version(s) {sorted(wrong)} in {rd.generations}; "
+                           f"expected {rd.round - 1}")
+    return rows
+
+
+def judge(o: Online, rd: RoundDir, generations: list[dict]) -> list[Scored]:
+    if not rd.scores.exists():
+        by_index = {p.index: p for p in o.prompts.train}
+        scored = _score(o, [by_index[g["prompt_index"]] for g in generations], [g["texts"] for g in generations])
+        rounds.write_jsonl(rd.scores, [{"prompt_index": g["prompt_index"], "scores": s.scores, "failures": s.failures}
+                                       for g, s in zip(generations, scored)])
+    return [Scored(row["scores"], row["failures"]) for row in rounds.read_jsonl(rd.scores)]
+
+
+def pair(o: Online, rd: RoundDir, generations: list[dict], scored: list[Scored]) -> dict[str, Any]:
+    """Writes the pairs; returns the accounting (pairs, skipped prompts by reason, judge failures)."""
+    online = o.cfg.online
+    columns, stats = make_pairs([g["prompt_ids"] for g in generations], [g["completions"] for g in generations],
+                                scored, online.pairs, online.min_score_margin)
+    if not rd.pairs.exists():
+        rounds.write_pairs(rd.pairs, columns)
+    say(f"[raydpo] round {rd.round}: {stats.summary()}")
+    return {"pairs": stats.pairs, "skipped": dict(stats.skipped), "judge_failures": dict(stats.judge_failures)}
+
+
+def train(o: Online, rd: RoundDir, child: Tracker, step_offset: int) -> dict[str, Any]:
+    """Reference log-probs for the pairs (cached), then the policy update from the previous
+    round's policy; returns ``{last_step, metrics}``."""
+    from raydpo.data.pipeline import TRAIN_COLUMNS
+    from raydpo.train.policy import train_policy
+
+    if rd.trained.exists():
+        return rounds.read_json(rd.trained)
+    cfg, previous = o.cfg, rounds.policy_path(o.out, rd.round - 1, o.initial)
+    pairs = ray.data.from_arrow(rounds.read_pairs(rd.pairs))
+    if cfg.loss.needs_reference():
+        ref_model = o.initial if cfg.online.reference == "initial" else previous
+        pairs, _ = stages.reference(cfg, ref_model, pairs, child)
+    columns = TRAIN_COLUMNS if cfg.loss.needs_reference() else TRAIN_COLUMNS[:3]
+    result = train_policy(pairs.select_columns(columns).materialize(), None, model_path=previous,
+                          out_dir=rd.train_dir, train=cfg.train, loss=cfg.loss, dtype=cfg.model.dtype,
+                          tracker=child.spec, step_offset=step_offset)
+    trained = {"last_step": result.last_step, "metrics": result.metrics}
+    rounds.write_json(rd.trained, trained)
+    return trained
+
+
+def _initial_logps(o: Online, prompt_ids: list[list[int]], completions: list[list[list[int]]]) -> list[list[float]]:
+    """Each completion's summed log-prob under the initial policy, from the reference actors
+    (through the cache: a completion seen before is not recomputed)."""
+    from actors.reference import reference_stage
+
+    rows = [(p, c) for p, cs in zip(prompt_ids, completions) for c in cs]
+    table = pa.table({"prompt_ids": [p for p, _ in rows], "chosen_ids": [c for _, c in rows],
+                      "rejected_ids": [c for _, c in rows]},  # one sequence per row: the cache computes it once
+                     schema=pa.schema([(k, pa.list_(pa.int32())) for k in ("prompt_ids", "chosen_ids", "rejected_ids")]))
+    with_ref, _ = reference_stage(ray.data.from_arrow(table), stages.cache_for(o.cfg, o.initial),
+                                  model_path=o.initial, gguf_file=None, settings=o.cfg.reference)
+    flat = [float(x) for x in with_ref.to_pandas()["ref_chosen_logps"]]
+    out, i = [], 0
+    for cs in completions:
+        out.append(flat[i: i + len(cs)])
+        i += len(cs)
+    return out
+
+
+def evaluate(o: Online, rd: RoundDir) -> dict[str, float]:
+    """The pool's policy on the fixed evaluation prompts, against the initial policy's samples
+    there (round 0's): mean judge score, win rate (a tie counts half) and a sequence-level KL
+    estimate, mean over its samples y of log pi(y) - log pi_initial(y)."""
+    if rd.eval.exists():
+        return rounds.read_json(rd.eval)
+    prompts, k = o.prompts.eval, o.cfg.online.eval_samples
+    if not prompts:
+        return {}
+    if not rd.eval_generations.exists():
+        rows, _ = _generate(o, prompts, k, EVAL_SEED)
+        rounds.write_jsonl(rd.eval_generations, rows)
+    mine = rounds.read_jsonl(rd.eval_generations)
+    base = rounds.read_jsonl(RoundDir(o.out, 0).eval_generations) if rd.round else mine
+    scored = _score(o, prompts, [m["texts"] + b["texts"] for m, b in zip(mine, base)])
+    wins, games, own = 0.0, 0, []
+    for s in scored:
+        a, b = s.scores[:k], s.scores[k:]
+        own += [x for x in a if x is not None]
+        for x in a:
+            for y in b:
+                if x is not None and y is not None:
+                    wins += 1.0 if x > y else 0.5 if x == y else 0.0
+                    games += 1
+    initial = _initial_logps(o, [m["prompt_ids"] for m in mine], [m["completions"] for m in mine])
+    gaps = [lp - lp0 for m, lps0 in zip(mine, initial) for lp, lp0 in zip(m["logps"], lps0)]
+    metrics = {"round/eval_score_mean": statistics.fmean(own) if own else float("nan"),
+               "round/eval_score_std": statistics.pstdev(own) if len(own) > 1 else 0.0,
+               "round/win_rate_vs_initial": wins / games if games else float("nan"),
+               "round/kl_to_initial": statistics.fmean(gaps) if gaps else float("nan")}
+    rounds.write_json(rd.eval, metrics)
+    return metrics
+
+
+def round_metrics(rd: RoundDir, scored: list[Scored], accounting: dict[str, Any], trained: dict[str, Any],
+                  evaluation: dict[str, float], sync_seconds: float) -> dict[str, float]:
+    scores = [x for s in scored for x in s.scores if x is not None]
+    gen = rounds.read_json(rd.path / "generation.json")
+    return {
+        "round/judge_score_mean": statistics.fmean(scores) if scores else float("nan"),
+        "round/judge_score_std": statistics.pstdev(scores) if len(scores) > 1 else 0.0,
+        "round/pairs": accounting["pairs"],
+        "round/skipped": sum(accounting["skipped"].values()),
+        "round/judge_failures": sum(accounting["judge_failures"].values()),
+        "round/gen_tokens_per_s": gen["tokens"] / gen["seconds"] if gen["seconds"] else float("nan"),
+        "round/sync_seconds": sync_seconds,
+        "round/last_step": trained["last_step"],
+        **evaluation,
+    }
+
+
+def plot_rows(o: Online, upto: int) -> list[dict[str, float]]:
+    """Per policy 0..``upto`` (0: the initial one), its evaluation as ``raydpo.plots.rounds_plot``
+    reads it: score and KL of the same policy, so the frontier is the paper's reward vs KL."""
+    out = []
+    for r in range(upto + 1):
+        path = RoundDir(o.out, r).eval
+        ev = rounds.read_json(path) if path.exists() else {}
+        out.append({"round/judge_score_mean": ev.get("round/eval_score_mean", float("nan")),
+                    "round/judge_score_std": ev.get("round/eval_score_std", 0.0),
+                    "round/kl_to_initial": ev.get("round/kl_to_initial", float("nan"))})
+    return out
+
+
+def tokenizer(model_path: str):
+    from raydpo.models import load_tokenizer
+
+    return load_tokenizer(model_path)
+
+
+def load_prompts(cfg: Config, model_path: str) -> PromptSet:
+    """The config's prompts (files, or the synthetic task's), templated and tokenized with the
+    data section's settings, the evaluation set held out."""
+    from raydpo.data.synthetic import TASKS
+    from raydpo.online.prompts import load_prompts as load, read_prompt_rows
+
+    online, d = cfg.online, cfg.data
+    if online.synthetic is not None:
+        s = online.synthetic
+        rows = [{"prompt": row["prompt"], "answer": row["chosen"]} for row in TASKS[s.task](s.rows, seed=s.seed)]
+    else:
+        rows = read_prompt_rows(online.prompts)
+    prompts = load(rows, tokenizer(model_path), d.tokenize_settings(), d.chat_template, online.eval_prompts, d.seed)
+    if not prompts.train:
+        raise ValueError(f"no training prompts left: {prompts.summary()}")
+    return prompts
+
+
+def make_judge(cfg: Config, pool: GeneratorPool) -> Judge:
+    """The judge the config names (``online.judge``)."""
+    from raydpo.online.judges import VerifierJudge
+
+    j = cfg.online.judge
+    if j.type == "verifier":
+        return VerifierJudge(j.verifier, j.verifier_args)
+    raise NotImplementedError(f"online.judge.type {j.type!r}")
