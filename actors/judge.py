@@ -116,3 +116,30 @@ def generator_complete(generator: Generator, tokenizer: PreTrainedTokenizerBase,
         return [tokenizer.decode(s.completions[0], skip_special_tokens=True) for s in samples]
 
     return complete
+
+
+class RewardModelPool:
+    """``num_actors`` :class:`RewardModelJudge` actors behind one :meth:`score` (a
+    :class:`raydpo.online.judges.Judge`): the prompts are split into contiguous shards, one per actor."""
+
+    def __init__(self, model_path: str, *, num_actors: int, num_cpus: float, num_gpus: float, dtype: str = "float32",
+                 batch_size: int = 16, max_length: int = 1024) -> None:
+        import ray
+
+        actor = ray.remote(RewardModelJudge).options(num_cpus=num_cpus, num_gpus=num_gpus)
+        self.actors = [actor.remote(model_path, dtype, batch_size, max_length) for _ in range(num_actors)]
+
+    def score(self, prompts: list[PromptItem], completions: list[list[str]]) -> list[Scored]:
+        import ray
+
+        n = len(self.actors)
+        bounds = [len(prompts) * i // n for i in range(n + 1)]
+        calls = [a.score.remote(prompts[lo:hi], completions[lo:hi])
+                 for a, lo, hi in zip(self.actors, bounds, bounds[1:]) if hi > lo]
+        return [s for shard in ray.get(calls) for s in shard]
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)

@@ -45,7 +45,7 @@ def setup(cfg: Config, tracker: Tracker) -> Online:
                       "dropped": dict(prompts.dropped), "truncated": prompts.truncated}, "prompts_report.json")
     pool = GeneratorPool(cfg.online.generator, prepared.model_path)
     online = Online(cfg, prepared.out, prepared.model_path, prompts, pool,
-                                  round_stages.make_judge(cfg, pool), round_stages.tokenizer(prepared.model_path),
+                                  round_stages.make_judge(cfg), round_stages.tokenizer(prepared.model_path),
                                   tracker)
     done = rounds.first_incomplete(prepared.out, cfg.online.rounds) - 1
     if done:
@@ -95,6 +95,8 @@ def run_rounds(o: Online) -> list[dict[str, float]]:
 def finish(cfg: Config, o: Online, history: list[dict[str, float]], t0: float) -> Outcome:
     final = rounds.policy_path(o.out, cfg.online.rounds, o.initial)
     o.pool.shutdown()
+    if hasattr(o.judge, "shutdown"):  # a judge with actors of its own
+        o.judge.shutdown()
     if cfg.tracking.log_model:
         o.parent.log_model(final, cfg.tracking.register_as)
     delivered = o.parent.finish("FINISHED", timeout=cfg.tracking.flush_timeout_s)

@@ -242,11 +242,20 @@ def load_prompts(cfg: Config, model_path: str) -> PromptSet:
     return prompts
 
 
-def make_judge(cfg: Config, pool: GeneratorPool) -> Judge:
-    """The judge the config names (``online.judge``)."""
-    from raydpo.online.judges import VerifierJudge
+def make_judge(cfg: Config) -> Judge:
+    """The judge the config names (``online.judge``): a verifier in the driver, a reward model in
+    an actor pool of its own, or an LLM served by generator actors of its own (greedy, version 0)."""
+    from actors.judge import RewardModelPool, generator_complete
+    from raydpo.config import GeneratorConfig
+    from raydpo.online.judges import DEFAULT_PAIRWISE_TEMPLATE, PairwiseLlmJudge, VerifierJudge
 
     j = cfg.online.judge
     if j.type == "verifier":
         return VerifierJudge(j.verifier, j.verifier_args)
-    raise NotImplementedError(f"online.judge.type {j.type!r}")
+    if j.type == "reward_model":
+        return RewardModelPool(j.model, num_actors=j.num_actors, num_cpus=j.num_cpus, num_gpus=j.num_gpus,
+                               batch_size=j.batch_size, max_length=cfg.data.max_length)
+    served = GeneratorPool(GeneratorConfig(backend=cfg.online.generator.backend, num_actors=j.num_actors,
+                                           num_cpus=j.num_cpus, num_gpus=j.num_gpus, env=cfg.online.generator.env),
+                           j.model)
+    return PairwiseLlmJudge(generator_complete(served, tokenizer(j.model)), j.template or DEFAULT_PAIRWISE_TEMPLATE)

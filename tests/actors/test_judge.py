@@ -203,3 +203,26 @@ def test_pairwise_judge_on_a_real_generator_accounts_for_every_question(tmp_path
             assert "unparseable" not in scored.failures and sum(scored.scores) == pytest.approx(len(cs) / 2)
     if kind == "letters":  # the judge model ranks as max_task does: 42 > 07 > 4 and 99 > 10 > 9 > x
         assert [s.scores for s in got] == [[1.0, 0.5, 0.0], [1.0, 0.0, pytest.approx(2 / 3), pytest.approx(1 / 3)]]
+
+
+def test_the_judges_pools_score_as_one_judge_does(ray_local, tmp_path):
+    """The reward model over two actors, and the LLM judge served by a generator pool, give what
+    one in-process judge gives: sharding the prompts changes nothing."""
+    from actors.generator import GeneratorPool
+    from actors.judge import RewardModelPool
+    from raydpo.config import GeneratorConfig
+
+    rm = reward_model(tmp_path / "rm")
+    prompts, completions = PROMPTS * 2, COMPLETIONS * 2
+    pool = RewardModelPool(str(rm), num_actors=2, num_cpus=0.5, num_gpus=0, batch_size=2)
+    expected = RewardModelJudge(str(rm), batch_size=2).score(prompts, completions)
+    assert [s.scores for s in pool.score(prompts, completions)] == [pytest.approx(e.scores, abs=1e-5) for e in expected]
+    pool.shutdown()
+
+    folder = letter_model(tmp_path / "judge")
+    tok = load_tokenizer(str(folder))
+    served = GeneratorPool(GeneratorConfig(backend="transformers", num_actors=2, num_cpus=0.5), str(folder))
+    got = PairwiseLlmJudge(generator_complete(served, tok, max_new_tokens=1)).score(PROMPTS, JUDGED)
+    local = PairwiseLlmJudge(generator_complete(TransformersGenerator(str(folder)), tok, max_new_tokens=1))
+    assert got == local.score(PROMPTS, JUDGED)
+    served.shutdown()
