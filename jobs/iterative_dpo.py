@@ -60,6 +60,8 @@ def run_rounds(o: Online) -> list[dict[str, float]]:
     cfg, out = o.cfg, o.out
     baseline = round_stages.evaluate(o, RoundDir(out, 0))
     o.parent.log_metrics(baseline, step=0)
+    if baseline:
+        say(f"[raydpo] round 0 (the initial policy): eval score {baseline['round/eval_score_mean']:.3f}")
     first = rounds.first_incomplete(out, cfg.online.rounds)
     history = [rounds.read_json(RoundDir(out, r).done) for r in range(1, first)]
     last_step = int(history[-1]["round/last_step"]) if history else 0

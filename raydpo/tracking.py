@@ -635,8 +635,11 @@ def deliver_leftovers(output_dir: Path, uri: str, skip: str | None = None, timeo
 
 def sync(output_dir: Path, timeout: float | None = None, say: Callable[[str], None] | None = None) -> int:
     """``raydpo sync-tracking``: deliver every spool the runs in ``output_dir`` left, each into
-    its own run; returns the operations still pending (0 when all arrived)."""
+    its own run, the nested runs of online rounds (``rounds/NNN/``) included; returns the
+    operations still pending (0 when all arrived)."""
     uri_file = output_dir / SPOOL_DIR / "uri"
     if not uri_file.exists():
         raise TrackingError(f"{output_dir} holds no spooled tracking ({uri_file} is missing)")
-    return deliver_leftovers(output_dir, uri_file.read_text().strip(), timeout=timeout, say=say)
+    uri = uri_file.read_text().strip()
+    folders = [output_dir] + sorted(p for p in (output_dir / "rounds").glob("*") if (p / SPOOL_DIR).is_dir())
+    return sum(deliver_leftovers(folder, uri, timeout=timeout, say=say) for folder in folders)
