@@ -230,6 +230,7 @@ class VllmGenerator:
         # enforce_eager: no CUDA-graph / compile warm-up (minutes on CPU; weights change every round anyway).
         self.llm = LLM(model=model_path, dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
                        enforce_eager=engine.pop("enforce_eager", True),
+                       load_format=engine.pop("load_format", "safetensors"),  # never a pickle
                        worker_extension_cls=f"{__name__}.VllmWeightSync", **engine)
         self.eos_id = load_tokenizer(model_path).eos_token_id
         self.version = 0

@@ -21,7 +21,7 @@ from raydpo.online.judges import PromptItem, Scored
 
 def load_reward_model(model_path: str, dtype: str = "float32") -> PreTrainedModel:
     """A sequence-classification model with one or two labels (a reward model)."""
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=DTYPES[dtype])
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=DTYPES[dtype], use_safetensors=True)
     if model.config.num_labels not in (1, 2):
         raise ValueError(f"reward model {model_path}: {model.config.num_labels} labels; a reward model has "
                          "1 (the score) or 2 (score = logit 1 - logit 0)")

@@ -16,7 +16,7 @@ from typing import Callable
 import ray.data
 
 from actors.reference import log_stats, reference_cache, reference_stage, summary
-from raydpo.config import Config, ConfigError, flatten, trajectory_changes
+from raydpo.config import Config, ConfigError, flatten, trajectory_changes, unflatten
 from raydpo.data.refcache import Cache, RefStats, sources_identity
 from raydpo.progress import say
 from raydpo.tracking import Tracker
@@ -30,11 +30,12 @@ class Prepared:
 
 
 def prepare(cfg: Config) -> Prepared:
-    """The tiny model is built, and a GGUF model de-quantized, once into ``{output_dir}/initial``;
+    """The tiny model is built, a GGUF model de-quantized and a pickled one (``model.allow_pickle``)
+    converted to safetensors, once into ``{output_dir}/initial``;
     the quickstart's synthetic shards are written to ``{output_dir}/data``."""
     from raydpo.data.sources import mixture_weights
     from raydpo.data.synthetic import write_shards
-    from raydpo.models import TINY, write_plain, write_tiny
+    from raydpo.models import TINY, has_only_pickles, write_plain, write_safetensors, write_tiny
 
     out = Path(cfg.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -45,6 +46,8 @@ def prepare(cfg: Config) -> Prepared:
                                     num_heads=t.num_heads, max_positions=t.max_positions, seed=t.seed))
     elif cfg.model.gguf_file:
         model_path = str(write_plain(model_path, cfg.model.gguf_file, out / "initial", cfg.model.dtype))
+    elif has_only_pickles(model_path):  # allowed: check_model passed
+        model_path = str(write_safetensors(model_path, out / "initial", cfg.model.dtype))
     sources = list(cfg.data.train)
     mixture_weights(sources)  # a source in two weighted entries fails here, before Ray starts
     if cfg.data.synthetic is not None:
@@ -133,6 +136,17 @@ def check_resume(cfg: Config, out: Path, resumable: Callable[[Path], bool]) -> N
             f"resume, or start fresh with a new output_dir (or delete {out}).")
 
 
+def check_model(cfg: Config) -> None:
+    """Before any work: a model folder of pickled weights is read only with ``model.allow_pickle``."""
+    from raydpo.models import has_only_pickles
+
+    path = cfg.model.name_or_path
+    if not cfg.model.gguf_file and has_only_pickles(path) and not cfg.model.allow_pickle:
+        raise ConfigError(f"model.name_or_path: {path} holds pickled weights (.bin/.pt) and no safetensors; "
+                          "a pickle can run code when it is loaded. Convert it to safetensors, or set "
+                          "model.allow_pickle: true to convert it once into {output_dir}/initial")
+
+
 def save_run_config(cfg: Config, out: Path) -> None:
     (out / RUN_CONFIG).write_text(json.dumps(flatten(cfg), indent=1, sort_keys=True))
 
@@ -151,16 +165,21 @@ def start_run(cfg: Config, config_path: str | None, verbose: bool, job: str,
 
     out = Path(cfg.output_dir).expanduser().resolve()
     check_resume(cfg, out, resumable)
+    check_model(cfg)
     if not verbose:
         quiet_libraries()
     tracker, resumed = Tracker.start(cfg.tracking, out, cfg.tracking.run_name, tags={"raydpo.job": job})
     say(f"[raydpo] MLflow run {tracker.run_id} ({'resumed' if resumed else 'new'}) at "
         f"{tracking.display_uri(tracker.spec.uri)}")
     # Workers' output stays in Ray's log folder (progress comes from rank 0's spool) unless --verbose.
-    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=verbose,
-             logging_level=logging.INFO if verbose else logging.WARNING)  # local unless RAY_ADDRESS
-    tracker.log_params(flatten(cfg) | tracking.versions())
-    tracker.log_dict(cfg.model_dump(mode="json"), "config.yaml")
-    if config_path:
+    address = os.environ.get("RAY_ADDRESS")  # local unless set
+    local = {} if address else {"dashboard_host": "127.0.0.1"}  # a local Ray serves its dashboard on loopback only
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=verbose,
+             logging_level=logging.INFO if verbose else logging.WARNING, **local)
+    flat = flatten(cfg)
+    tracker.log_params(flat | tracking.versions())  # the tracker masks secrets in params
+    masked = tracking.mask_secrets(flat)
+    tracker.log_dict(unflatten(masked), "config.yaml")
+    if config_path and masked == flat:  # the file as written, unless it holds a secret
         tracker.log_artifact(config_path)
     return tracker

@@ -44,6 +44,9 @@ class ModelConfig(_Strict):
     gguf_file: str | None = None  # a .gguf file inside name_or_path
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     tiny: TinyModel = TinyModel()
+    # Weights are read from safetensors only. A folder of pickles (.bin, .pt) can run code when
+    # loaded: with allow_pickle it is converted once to safetensors in {output_dir}/initial.
+    allow_pickle: bool = False
 
 
 class SyntheticData(_Strict):
@@ -473,6 +476,18 @@ def flatten(cfg: Config) -> dict[str, Any]:
             out[prefix] = node
 
     walk("", cfg.model_dump(mode="json"))  # JSON values: they compare equal after a round trip
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """``flatten``'s inverse: ``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
     return out
 
 

@@ -105,6 +105,29 @@ def write_plain(name_or_path: str, gguf_file: str, out_dir: str | os.PathLike, d
     return out
 
 
+def write_safetensors(name_or_path: str, out_dir: str | os.PathLike, dtype: str = "float32") -> Path:
+    """Convert a model whose weights are pickles into a safetensors folder, once (the config's
+    ``model.allow_pickle`` allows reading it); every actor then loads safetensors only."""
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    load_model(name_or_path, dtype, allow_pickle=True).save_pretrained(tmp)  # safetensors (transformers 5 writes no other)
+    load_tokenizer(name_or_path).save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def has_only_pickles(name_or_path: str) -> bool:
+    """A local folder with pickled weights and no safetensors (a hub id is not looked into: the
+    loaders then ask for safetensors and fail where the repository has none)."""
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        return False
+    return not any(folder.glob("*.safetensors")) and any(
+        f for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for f in folder.glob(pattern))
+
+
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
     if name_or_path == TINY:
         return build_tiny_tokenizer()
@@ -115,12 +138,17 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None) -> PreTraine
     return tok
 
 
-def load_model(name_or_path: str, dtype: str = "float32", gguf_file: str | None = None) -> PreTrainedModel:
-    """Load a trainable causal LM. A GGUF file is de-quantized into a plain model, because
-    transformers marks a GGUF-loaded model as quantized and refuses to train or save it."""
+def load_model(name_or_path: str, dtype: str = "float32", gguf_file: str | None = None,
+               allow_pickle: bool = False) -> PreTrainedModel:
+    """Load a trainable causal LM from safetensors only: a pickle (``.bin``, ``.pt``) can run code
+    when it is loaded, so it is read only with ``allow_pickle`` (``model.allow_pickle``, which
+    ``write_safetensors`` uses once). Remote code is never trusted (transformers' default). A GGUF
+    file is de-quantized into a plain model, because transformers marks a GGUF-loaded model as
+    quantized and refuses to train or save it."""
     torch_dtype = DTYPES[dtype]
     if gguf_file is None:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype,
+                                                    use_safetensors=None if allow_pickle else True)
     quantized = AutoModelForCausalLM.from_pretrained(name_or_path, gguf_file=gguf_file, dtype=torch_dtype)
     config = quantized.config
     if hasattr(config, "quantization_config"):

@@ -516,7 +516,7 @@ class Tracker:
         try:
             import transformers
 
-            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_safetensors=True)
             tok = transformers.AutoTokenizer.from_pretrained(folder)
             mlflow.set_tracking_uri(self.spec.uri)
             # A local folder has no hub model card or license to fetch; MLflow warns about both.
