@@ -301,6 +301,12 @@ class GeneratorActor:
     def version(self) -> int:
         return self.generator.version
 
+    def pid(self) -> int:
+        """The actor's process (fault tests kill it)."""
+        import os
+
+        return os.getpid()
+
     def generate(self, prompts: list[list[int]], sampling: SamplingSettings, expect_version: int) -> list[Samples]:
         """Samples from the policy of ``expect_version``; :class:`VersionMismatch` if this
         generator holds another (a sync that failed or was skipped)."""
@@ -319,19 +325,40 @@ class GeneratorPool:
     ``generate`` splits the prompts into contiguous shards, one per actor, each sampled with the
     seed of its first prompt's position, so the samples do not depend on the number of actors;
     every shard must come from ``version`` (:class:`VersionMismatch` otherwise). ``sync`` loads a
-    policy folder into every actor and returns the slowest actor's seconds."""
+    policy folder into every actor and returns the slowest actor's seconds.
+
+    An actor that dies (its process killed, its node lost) is replaced: the new one loads the
+    policy the pool holds and its shard is sampled again with the same seeds, so the round gets
+    the samples it would have had (up to ``MAX_RESTARTS`` per call)."""
+
+    MAX_RESTARTS = 3
 
     def __init__(self, settings, model_path: str) -> None:
         import ray
 
-        actor = ray.remote(GeneratorActor).options(
+        self._actor = ray.remote(GeneratorActor).options(
             num_cpus=settings.num_cpus, num_gpus=settings.num_gpus,
             runtime_env={"env_vars": dict(settings.env)} if settings.env else None)
-        self.actors = [actor.remote(settings.backend, model_path, settings.dtype, i,
-                                    settings.tensor_parallel_size, **settings.engine)
-                       for i in range(settings.num_actors)]
+        self._settings, self._model_path = settings, model_path
+        self.actors = [self._start(i) for i in range(settings.num_actors)]
         self.sync_timeout_s = settings.sync_timeout_s
-        self.version = 0
+        self.version, self.folder = 0, model_path  # the policy every actor holds
+
+    def _start(self, i: int):
+        s = self._settings
+        return self._actor.remote(s.backend, self._model_path, s.dtype, i, s.tensor_parallel_size, **s.engine)
+
+    def _replace(self, i: int, error: Exception, version: int | None = None) -> None:
+        """A new actor ``i`` holding the pool's policy (or the initial one: ``version`` 0)."""
+        import ray
+
+        from raydpo.progress import say
+
+        version = self.version if version is None else version
+        say(f"[raydpo] generator actor {i} died ({type(error).__name__}); starting another with policy version {version}")
+        self.actors[i] = self._start(i)
+        if version:
+            ray.get(self.actors[i].load_weights.remote(self.folder, version, self.sync_timeout_s))
 
     def backend(self) -> str:
         import ray
@@ -341,19 +368,27 @@ class GeneratorPool:
     def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Samples]:
         import dataclasses
 
-        import ray
+        from actors.shards import run_sharded
 
-        n = len(self.actors)
-        bounds = [len(prompts) * i // n for i in range(n + 1)]
-        calls = [a.generate.remote(prompts[lo:hi], dataclasses.replace(sampling, seed=sampling.seed + lo), self.version)
-                 for a, lo, hi in zip(self.actors, bounds, bounds[1:]) if hi > lo]
-        return [s for shard in ray.get(calls) for s in shard]
+        def call(i: int, lo: int, hi: int):
+            return self.actors[i].generate.remote(prompts[lo:hi], dataclasses.replace(sampling, seed=sampling.seed + lo),
+                                                  self.version)
+
+        shards = run_sharded(len(prompts), len(self.actors), call, self._replace, self.MAX_RESTARTS)
+        return [s for shard in shards for s in shard]
 
     def sync(self, folder: str, version: int) -> float:
         import ray
 
-        seconds = ray.get([a.load_weights.remote(folder, version, self.sync_timeout_s) for a in self.actors])
-        self.version = version
+        refs = [a.load_weights.remote(folder, version, self.sync_timeout_s) for a in self.actors]
+        seconds = []
+        for i, ref in enumerate(refs):
+            try:
+                seconds.append(ray.get(ref))
+            except ray.exceptions.RayActorError as e:  # died before or during its sync: a new one loads the folder
+                self._replace(i, e, version=0)
+                seconds.append(ray.get(self.actors[i].load_weights.remote(folder, version, self.sync_timeout_s)))
+        self.version, self.folder = version, folder
         return max(seconds)
 
     def shutdown(self) -> None:

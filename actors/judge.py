@@ -120,23 +120,33 @@ def generator_complete(generator: Generator, tokenizer: PreTrainedTokenizerBase,
 
 class RewardModelPool:
     """``num_actors`` :class:`RewardModelJudge` actors behind one :meth:`score` (a
-    :class:`raydpo.online.judges.Judge`): the prompts are split into contiguous shards, one per actor."""
+    :class:`raydpo.online.judges.Judge`): the prompts are split into contiguous shards, one per
+    actor; an actor that dies is replaced and its shard scored again (``actors.shards``)."""
+
+    MAX_RESTARTS = 3
 
     def __init__(self, model_path: str, *, num_actors: int, num_cpus: float, num_gpus: float, dtype: str = "float32",
                  batch_size: int = 16, max_length: int = 1024) -> None:
         import ray
 
-        actor = ray.remote(RewardModelJudge).options(num_cpus=num_cpus, num_gpus=num_gpus)
-        self.actors = [actor.remote(model_path, dtype, batch_size, max_length) for _ in range(num_actors)]
+        self._actor = ray.remote(RewardModelJudge).options(num_cpus=num_cpus, num_gpus=num_gpus)
+        self._args = (model_path, dtype, batch_size, max_length)
+        self.actors = [self._actor.remote(*self._args) for _ in range(num_actors)]
+
+    def _replace(self, i: int, error: Exception) -> None:
+        from raydpo.progress import say
+
+        say(f"[raydpo] reward-model actor {i} died ({type(error).__name__}); starting another and scoring its prompts again")
+        self.actors[i] = self._actor.remote(*self._args)
 
     def score(self, prompts: list[PromptItem], completions: list[list[str]]) -> list[Scored]:
-        import ray
+        from actors.shards import run_sharded
 
-        n = len(self.actors)
-        bounds = [len(prompts) * i // n for i in range(n + 1)]
-        calls = [a.score.remote(prompts[lo:hi], completions[lo:hi])
-                 for a, lo, hi in zip(self.actors, bounds, bounds[1:]) if hi > lo]
-        return [s for shard in ray.get(calls) for s in shard]
+        def call(i: int, lo: int, hi: int):
+            return self.actors[i].score.remote(prompts[lo:hi], completions[lo:hi])
+
+        shards = run_sharded(len(prompts), len(self.actors), call, self._replace, self.MAX_RESTARTS)
+        return [s for shard in shards for s in shard]
 
     def shutdown(self) -> None:
         import ray

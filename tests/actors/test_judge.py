@@ -207,7 +207,8 @@ def test_pairwise_judge_on_a_real_generator_accounts_for_every_question(tmp_path
 
 def test_the_judges_pools_score_as_one_judge_does(ray_local, tmp_path):
     """The reward model over two actors, and the LLM judge served by a generator pool, give what
-    one in-process judge gives: sharding the prompts changes nothing."""
+    one in-process judge gives: sharding the prompts changes nothing, nor does a reward-model
+    actor killed by its pid (it is replaced and its shard scored again)."""
     from actors.generator import GeneratorPool
     from actors.judge import RewardModelPool
     from raydpo.config import GeneratorConfig
@@ -216,6 +217,13 @@ def test_the_judges_pools_score_as_one_judge_does(ray_local, tmp_path):
     prompts, completions = PROMPTS * 2, COMPLETIONS * 2
     pool = RewardModelPool(str(rm), num_actors=2, num_cpus=0.5, num_gpus=0, batch_size=2)
     expected = RewardModelJudge(str(rm), batch_size=2).score(prompts, completions)
+    assert [s.scores for s in pool.score(prompts, completions)] == [pytest.approx(e.scores, abs=1e-5) for e in expected]
+    import os
+    import signal
+
+    import ray
+
+    os.kill(ray.get(pool.actors[1].__ray_call__.remote(lambda self: os.getpid())), signal.SIGKILL)
     assert [s.scores for s in pool.score(prompts, completions)] == [pytest.approx(e.scores, abs=1e-5) for e in expected]
     pool.shutdown()
 
