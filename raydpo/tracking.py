@@ -381,6 +381,12 @@ class Tracker:
                 pass
             self._monitor = None
         done = self.flush(timeout)
+        if not done and self._down_since is not None:
+            # Still away: the tag goes last into the spool, so whoever delivers the spool (the
+            # driver, a resumed run, sync-tracking) sets it after everything it vouches for.
+            self.set_tags({f"raydpo.tracking.outage_{self.spool.writer}":
+                           f"{self.outages} outage(s), the last until after this process ended; "
+                           "its spool was delivered later; nothing lost"})
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=30)
