@@ -110,6 +110,8 @@ def pair(o: Online, rd: RoundDir, generations: list[dict], scored: list[Scored])
     if not rd.pairs.exists():
         rounds.write_pairs(rd.pairs, columns)
     say(f"[raydpo] round {rd.round}: {stats.summary()}")
+    if not stats.pairs:  # e.g. a verifier that fails on everything (its first error was logged above)
+        raise RuntimeError(f"round {rd.round}: the judge's scores gave no pair: {stats.summary()}")
     return {"pairs": stats.pairs, "skipped": dict(stats.skipped), "judge_failures": dict(stats.judge_failures)}
 
 
