@@ -13,7 +13,9 @@ class SamplingSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
-    seed: int = 0  # prompt i of a call samples with seed + i (reproducible, independent of batching)
+    # vLLM: prompt i of a call samples with seed + i (independent of batching); transformers:
+    # batch b of a call with seed + b. Either way the same call samples the same.
+    seed: int = 0
 
 
 @dataclass
