@@ -40,6 +40,10 @@ def prepare(cfg: Config) -> Prepared:
     out = Path(cfg.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     model_path = cfg.model.name_or_path
+    if model_path != TINY and Path(model_path).expanduser().exists():
+        # Absolute: Ray Train workers run in folders of their own, where a relative path would
+        # be taken for a hub id.
+        model_path = str(Path(model_path).expanduser().resolve())
     if model_path == TINY:
         t = cfg.model.tiny
         model_path = str(write_tiny(out / "initial", hidden_size=t.hidden_size, num_layers=t.num_layers,
