@@ -9,7 +9,6 @@ round, reusing what it had saved (``raydpo.online.rounds``).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from jobs import round_stages, stages
 from jobs.round_stages import Online
 from raydpo import tracking
-from raydpo.config import Config, ConfigError, load_config_or_report
+from raydpo.config import Config, ConfigError
 from raydpo.online import rounds
 from raydpo.online.rounds import RoundDir
 from raydpo.progress import say
@@ -128,20 +127,9 @@ def run(cfg: Config, config_path: str | None = None, verbose: bool = False) -> O
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="raydpo iterate", description=__doc__)
-    parser.add_argument("config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--verbose", action="store_true", help="also show Ray's and the workers' own logs")
-    ns = parser.parse_args(argv)
-    cfg = load_config_or_report(ns.config, ns.overrides)  # fails before Ray starts
-    if cfg is None:
-        return 2
-    try:
-        run(cfg, ns.config, verbose=ns.verbose)
-    except ConfigError as e:
-        print(f"raydpo: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from jobs import stages
+
+    return stages.training_job_main(argv, "raydpo iterate", __doc__, run)
 
 
 if __name__ == "__main__":

@@ -187,3 +187,29 @@ def start_run(cfg: Config, config_path: str | None, verbose: bool, job: str,
     if config_path and masked == flat:  # the file as written, unless it holds a secret
         tracker.log_artifact(config_path)
     return tracker
+
+
+def training_job_main(argv: list[str] | None, prog: str, description: str | None,
+                      run: Callable[..., object]) -> int:
+    """The command line of a training job (``raydpo train``, ``raydpo iterate``): ``CONFIG
+    [--set KEY=VALUE ...] [--verbose]``; exit 2 on a bad config, before Ray starts, or on a
+    resume with a changed config, before any work."""
+    import argparse
+    import sys
+
+    from raydpo.config import load_config_or_report
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--verbose", action="store_true", help="also show Ray's and the workers' own logs")
+    ns = parser.parse_args(argv)
+    cfg = load_config_or_report(ns.config, ns.overrides)
+    if cfg is None:
+        return 2
+    try:
+        run(cfg, ns.config, verbose=ns.verbose)
+    except ConfigError as e:
+        print(f"raydpo: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -5,14 +5,13 @@ is also what ``ray job submit`` runs. The whole config is seen only here and in 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from raydpo import tracking
-from raydpo.config import Config, ConfigError, load_config_or_report
+from raydpo.config import Config
 from raydpo.progress import say
 from raydpo.tracking import Tracker
 
@@ -79,20 +78,9 @@ def run(cfg: Config, config_path: str | None = None, verbose: bool = False) -> O
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="raydpo train", description=__doc__)
-    parser.add_argument("config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--verbose", action="store_true", help="also show Ray's and the workers' own logs")
-    ns = parser.parse_args(argv)
-    cfg = load_config_or_report(ns.config, ns.overrides)  # fails before Ray starts
-    if cfg is None:
-        return 2
-    try:
-        run(cfg, ns.config, verbose=ns.verbose)
-    except ConfigError as e:  # a resume with a changed config: before any work
-        print(f"raydpo: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from jobs import stages
+
+    return stages.training_job_main(argv, "raydpo train", __doc__, run)
 
 
 if __name__ == "__main__":
