@@ -38,13 +38,14 @@ def setup(cfg: Config, tracker: Tracker) -> Online:
 
     prepared = stages.prepare(cfg)
     stages.save_run_config(cfg, prepared.out)
-    prompts = round_stages.load_prompts(cfg, prepared.model_path)
+    tok = round_stages.tokenizer(prepared.model_path)  # once: the prompts and the decoding of samples
+    prompts = round_stages.load_prompts(cfg, tok)
     say(prompts.summary())
     tracker.log_dict({"read": prompts.read, "train": len(prompts.train), "eval": len(prompts.eval),
                       "dropped": dict(prompts.dropped), "truncated": prompts.truncated}, "prompts_report.json")
     pool = GeneratorPool(cfg.online.generator, prepared.model_path)
     online = Online(cfg, prepared.out, prepared.model_path, prompts, pool,
-                                  round_stages.make_judge(cfg), round_stages.tokenizer(prepared.model_path),
+                                  round_stages.make_judge(cfg), tok,
                                   tracker)
     done = rounds.first_incomplete(prepared.out, cfg.online.rounds) - 1
     if done:

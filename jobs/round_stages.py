@@ -169,8 +169,11 @@ def evaluate(o: Online, rd: RoundDir) -> dict[str, float]:
         rows, _ = _generate(o, prompts, k, EVAL_SEED)
         rounds.write_jsonl(rd.eval_generations, rows)
     mine = rounds.read_jsonl(rd.eval_generations)
-    base = rounds.read_jsonl(RoundDir(o.out, 0).eval_generations) if rd.round else mine
-    scored = _score(o, prompts, [m["texts"] + b["texts"] for m, b in zip(mine, base)])
+    if rd.round:  # scored beside the initial policy's samples: a pairwise judge compares them
+        base = rounds.read_jsonl(RoundDir(o.out, 0).eval_generations)
+        scored = _score(o, prompts, [m["texts"] + b["texts"] for m, b in zip(mine, base)])
+    else:  # the initial policy against itself: the same scores twice, not asked twice
+        scored = [Scored(s.scores * 2, s.failures) for s in _score(o, prompts, [m["texts"] for m in mine])]
     wins, games, own = 0.0, 0, []
     for s in scored:
         a, b = s.scores[:k], s.scores[k:]
@@ -226,7 +229,7 @@ def tokenizer(model_path: str):
     return load_tokenizer(model_path)
 
 
-def load_prompts(cfg: Config, model_path: str) -> PromptSet:
+def load_prompts(cfg: Config, tok) -> PromptSet:
     """The config's prompts (files, or the synthetic task's), templated and tokenized with the
     data section's settings, the evaluation set held out."""
     from raydpo.data.synthetic import TASKS
@@ -238,7 +241,7 @@ def load_prompts(cfg: Config, model_path: str) -> PromptSet:
         rows = [{"prompt": row["prompt"], "answer": row["chosen"]} for row in TASKS[s.task](s.rows, seed=s.seed)]
     else:
         rows = read_prompt_rows(online.prompts)
-    prompts = load(rows, tokenizer(model_path), d.tokenize_settings(), d.chat_template, online.eval_prompts, d.seed)
+    prompts = load(rows, tok, d.tokenize_settings(), d.chat_template, online.eval_prompts, d.seed)
     if not prompts.train:
         raise ValueError(f"no training prompts left: {prompts.summary()}")
     return prompts
