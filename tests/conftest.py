@@ -21,10 +21,34 @@ def ray_local():
     ray.shutdown()
 
 
+_MIGRATED_STORE: list[Path] = []  # one empty SQLite store with MLflow's schema, made once per session
+
+
+def fresh_store(path: Path) -> Path:
+    """A real, empty MLflow SQLite store at ``path``: a copy of one migrated at the first call.
+    MLflow migrates a new SQLite file from scratch (about 4 s in process and 45 s inside a
+    starting ``mlflow server`` on 2 cores); the copy is the same schema in 0.1 s."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if not _MIGRATED_STORE:
+        from mlflow.tracking import MlflowClient
+
+        folder = tempfile.mkdtemp(prefix="raydpo-mlflow-template-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        template = Path(folder) / "mlflow.db"
+        MlflowClient(f"sqlite:///{template}").search_experiments()  # creates and migrates the tables
+        _MIGRATED_STORE.append(template)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_MIGRATED_STORE[0], path)
+    return path
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path: Path) -> str:
     """A real MLflow SQLite store of this test's own."""
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return f"sqlite:///{fresh_store(tmp_path / 'mlflow.db')}"
 
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -45,6 +69,7 @@ class MlflowServer:
     def __init__(self, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root, self.port, self.proc = root, free_port(), None
+        fresh_store(root / "mlflow.db")
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 120.0) -> "MlflowServer":

@@ -64,14 +64,23 @@ def _train(tmp: Path, model_dir: Path, rows: list[dict], engine: str, workers: i
     return load_model(str(out / "final")).state_dict(), result.metrics
 
 
-@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
-def test_two_workers_equal_one(ray_local, tmp_path, engine):
-    model_dir = write_tiny(tmp_path / "model", seed=5)
+@pytest.fixture(scope="module")
+def one_worker(ray_local, tmp_path_factory):
+    """The reference side, trained once for both engines: 1 DDP worker x 1 micro-batch of 8 pairs
+    in one packed row (ZeRO-2 equals DDP to 1e-6 in one process: tests/train/test_engine.py)."""
+    tmp = tmp_path_factory.mktemp("one-worker")
+    model_dir = write_tiny(tmp / "model", seed=5)
     rows = _rows(model_dir)
-    # 1 worker x 1 micro-batch of 8 pairs in one packed row, against 2 workers x 2 micro-batches of
-    # 2 pairs each packed into rows of at most 24 tokens: the loss normalisation and the update are
-    # the same however the global batch is split.
-    one, m1 = _train(tmp_path, model_dir, rows, engine, 1, micro=8)
+    params, metrics = _train(tmp, model_dir, rows, "ddp", 1, micro=8)
+    return model_dir, rows, params, metrics
+
+
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_two_workers_equal_one(one_worker, tmp_path, engine):
+    model_dir, rows, one, m1 = one_worker
+    # 2 workers x 2 micro-batches of 2 pairs each packed into rows of at most 24 tokens, against
+    # the 1-worker run: the loss normalisation and the update are the same however the global
+    # batch is split.
     two, m2 = _train(tmp_path, model_dir, rows, engine, 2, micro=2, max_tokens=24)
     initial = load_model(str(model_dir)).state_dict()
     assert max((one[k] - initial[k]).abs().max().item() for k in one) > 5e-5  # it did update (Adam moves ~lr)
