@@ -12,6 +12,7 @@ from raydpo.config import load_config
 from raydpo.online.rounds import RoundDir, read_json, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["online.synthetic.rows=160"]  # 128 training prompts, 32 held out: half the quickstart's
 
 
 def online(tmp_path: Path, uri: str, *overrides: str):
@@ -31,13 +32,13 @@ def test_rounds_raise_the_score_resume_and_are_tracked(ray_local, tmp_path, mlfl
     # A training worker that fails in round 1 (no restarts) stops the job after the round's
     # generations, scores and pairs are saved.
     with pytest.raises(Exception, match="injected failure"):
-        run(online(tmp_path, mlflow_uri, "train.fail_at_step=2"))
+        run(online(tmp_path, mlflow_uri, *SMALL, "train.fail_at_step=2"))
     r1 = RoundDir(out, 1)
     assert r1.pairs.exists() and not r1.complete()
     saved = {p: p.read_bytes() for p in (r1.generations, r1.scores, r1.pairs)}
     mtimes = {p: p.stat().st_mtime_ns for p in saved}
 
-    outcome = run(online(tmp_path, mlflow_uri))  # the same command: resumes round 1, then round 2
+    outcome = run(online(tmp_path, mlflow_uri, *SMALL))  # the same command: resumes round 1, then round 2
 
     for p, body in saved.items():  # reused, not regenerated
         assert p.read_bytes() == body and p.stat().st_mtime_ns == mtimes[p], p
