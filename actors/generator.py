@@ -351,7 +351,8 @@ class GeneratorPool:
         import ray
 
         self._actor = ray.remote(GeneratorActor).options(
-            num_cpus=settings.num_cpus, num_gpus=settings.num_gpus,
+            num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, accelerator_type=settings.accelerator_type,
+            resources=settings.resources,
             runtime_env={"env_vars": dict(settings.env)} if settings.env else None)
         self._settings, self._model_path = settings, model_path
         self.actors = [self._start(i) for i in range(settings.num_actors)]

@@ -126,10 +126,12 @@ class RewardModelPool:
     MAX_RESTARTS = 3
 
     def __init__(self, model_path: str, *, num_actors: int, num_cpus: float, num_gpus: float, dtype: str = "float32",
-                 batch_size: int = 16, max_length: int = 1024) -> None:
+                 batch_size: int = 16, max_length: int = 1024, accelerator_type: str | None = None,
+                 resources: dict[str, float] | None = None) -> None:
         import ray
 
-        self._actor = ray.remote(RewardModelJudge).options(num_cpus=num_cpus, num_gpus=num_gpus)
+        self._actor = ray.remote(RewardModelJudge).options(num_cpus=num_cpus, num_gpus=num_gpus,
+                                                           accelerator_type=accelerator_type, resources=resources)
         self._args = (model_path, dtype, batch_size, max_length)
         self.actors = [self._actor.remote(*self._args) for _ in range(num_actors)]
 

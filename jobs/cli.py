@@ -1,5 +1,5 @@
-"""The ``raydpo`` command: ``train``, ``iterate`` (online DPO rounds), ``precompute`` (reference log-probs), ``data-check`` and
-``sync-tracking`` (deliver spooled MLflow data). Each command is a job module's ``main``; this
+"""The ``raydpo`` command: ``train``, ``iterate`` (online DPO rounds), ``precompute`` (reference log-probs), ``data-check``,
+``sync-tracking`` (deliver spooled MLflow data) and ``submit`` (a training job on a Ray cluster). Each command is a job module's ``main``; this
 file only dispatches (it imports no job until one is named)."""
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": "jobs.train_dpo", "iterate": "jobs.iterative_dpo", "precompute": "jobs.precompute", "data-check": "jobs.data_check",
-                "sync-tracking": "jobs.sync_tracking"}
+                "sync-tracking": "jobs.sync_tracking", "submit": "jobs.submit"}
     if not argv or argv[0] not in commands:
         print("usage: raydpo {train|iterate|precompute} CONFIG [--set dotted.key=value ...] [--json]\n"
               "       raydpo data-check SOURCE... [--json]\n"
-              "       raydpo sync-tracking OUTPUT_DIR [--timeout S]", file=sys.stderr)
+              "       raydpo sync-tracking OUTPUT_DIR [--timeout S]\n"
+              "       raydpo submit CONFIG --address http://HEAD:8265 [--follow] [--set dotted.key=value ...]",
+              file=sys.stderr)
         return 2
     import importlib
 

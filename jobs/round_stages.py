@@ -259,8 +259,10 @@ def make_judge(cfg: Config) -> Judge:
         return VerifierJudge(j.verifier, j.verifier_args)
     if j.type == "reward_model":
         return RewardModelPool(j.model, num_actors=j.num_actors, num_cpus=j.num_cpus, num_gpus=j.num_gpus,
-                               batch_size=j.batch_size, max_length=cfg.data.max_length)
+                               batch_size=j.batch_size, max_length=cfg.data.max_length,
+                               accelerator_type=j.accelerator_type, resources=j.resources)
     served = GeneratorPool(GeneratorConfig(backend=cfg.online.generator.backend, num_actors=j.num_actors,
-                                           num_cpus=j.num_cpus, num_gpus=j.num_gpus, env=cfg.online.generator.env),
+                                           num_cpus=j.num_cpus, num_gpus=j.num_gpus, accelerator_type=j.accelerator_type,
+                                           resources=j.resources, env=cfg.online.generator.env),
                            j.model)
     return PairwiseLlmJudge(generator_complete(served, tokenizer(j.model)), j.template or DEFAULT_PAIRWISE_TEMPLATE)

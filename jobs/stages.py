@@ -4,7 +4,8 @@ and plain values and calls the library with settings objects. Not a job itself.
     prepare  -> the output folder, the model every actor loads, the sources
     data     -> tokenized pairs, every row kept or counted by reason, the report logged
     reference-> reference log-probs through the cache, in an actor pool of their own
-    start_run-> the checks before any work, the MLflow run, Ray (what every training job starts with)
+    start_run-> the checks before any work, Ray (and, on several nodes, that every node sees the
+                run's folders), the MLflow run (what every training job starts with)
 """
 from __future__ import annotations
 
@@ -124,15 +125,29 @@ def reference(cfg: Config, model_path: str, kept: ray.data.Dataset,
 RUN_CONFIG = "run_config.json"  # in output_dir: the flattened config that trained its checkpoints or rounds
 
 
+def _stored_checkpoints(cfg: Config, out: Path, saved: dict) -> bool:
+    """Whether an offline run's checkpoints lie under ``train.storage_path`` (the saved run's or
+    this config's): the job's own ``resumable`` looks only in ``{output_dir}/ray``."""
+    from raydpo.train.policy import checkpoint_location, has_checkpoints
+
+    if cfg.online is not None:  # rounds: the job's resumable() sees {output_dir}/rounds
+        return False
+    paths = {saved.get("train.storage_path"), cfg.train.storage_path} - {None}
+    return any(has_checkpoints(*checkpoint_location(p, out)) for p in paths)
+
+
 def check_resume(cfg: Config, out: Path, resumable: Callable[[Path], bool]) -> None:
     """Before any work: an ``output_dir`` that holds a run's progress (``resumable``: checkpoints,
-    rounds) resumes only with a config that trains the same way; otherwise it would skip the wrong
-    batches and restore another run's optimizer state. Harmless keys (``config.RESUME_HARMLESS``)
-    may change."""
-    saved = out / RUN_CONFIG
-    if not saved.exists() or not resumable(out):
+    rounds; or checkpoints under ``train.storage_path``) resumes only with a config that trains the
+    same way; otherwise it would skip the wrong batches and restore another run's optimizer state.
+    Harmless keys (``config.RESUME_HARMLESS``) may change."""
+    path = out / RUN_CONFIG
+    if not path.exists():
         return
-    changes = trajectory_changes(json.loads(saved.read_text()), flatten(cfg))
+    saved = json.loads(path.read_text())
+    if not (resumable(out) or _stored_checkpoints(cfg, out, saved)):
+        return
+    changes = trajectory_changes(saved, flatten(cfg))
     if changes:
         raise ConfigError(
             f"output_dir {out} holds checkpoints of a run with another config; resuming would train "
@@ -155,10 +170,105 @@ def save_run_config(cfg: Config, out: Path) -> None:
     (out / RUN_CONFIG).write_text(json.dumps(flatten(cfg), indent=1, sort_keys=True))
 
 
+def local_folder(path: str) -> Path | None:
+    """A folder path (or ``file://`` URI) as an absolute local path; None for a URI of another
+    filesystem (``s3://``, ``gs://``, ...), which every node reaches by itself."""
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    elif "://" in path:
+        return None
+    return Path(path).expanduser().resolve()
+
+
+def run_folders(cfg: Config) -> dict[str, Path]:
+    """The config's local folders that every node of a cluster writes or reads, by key:
+    ``output_dir`` (checkpoint staging, final model, rounds), ``train.storage_path`` (checkpoints)
+    and ``reference.cache_dir`` (reference log-probs: written by the actors, read by the driver)
+    where they are paths, not URIs; the cache only where the run uses one."""
+    folders = {"output_dir": cfg.output_dir}
+    if cfg.train.storage_path:
+        folders["train.storage_path"] = cfg.train.storage_path
+    if cfg.loss.needs_reference() or cfg.online is not None:  # the online evaluation reads it too
+        folders["reference.cache_dir"] = cfg.reference.cache_dir
+    return {key: folder for key, path in folders.items() if (folder := local_folder(path)) is not None}
+
+
+def unshared_folders(folders: dict[str, Path], seen: dict[str, dict[str, bool]]) -> list[str]:
+    """The errors of a multi-node check, one per folder some node does not see. ``seen``: key ->
+    {node: whether a task on that node found the marker the driver wrote in the folder}."""
+    errors = []
+    for key, folder in folders.items():
+        blind = sorted(node for node, saw in seen.get(key, {}).items() if not saw)
+        if blind:
+            uri = "" if key == "output_dir" else ", or an s3:// or gs:// URI"
+            errors.append(f"{key}: {folder} is not on storage every node sees ({len(blind)} of "
+                          f"{len(seen[key])} nodes do not: {', '.join(blind)}); on a cluster of several "
+                          f"nodes give a folder on shared storage (an NFS path every node mounts{uri})")
+    return errors
+
+
+def probe_folders(folders: dict[str, Path], timeout_s: float = 120.0) -> tuple[dict[str, dict[str, bool]], list[str]]:
+    """On a Ray cluster of more than one alive node: the driver writes a marker file in each
+    folder and a task pinned to every alive node (``NodeAffinitySchedulingStrategy``) looks for it.
+    Returns key -> {node: saw it} (empty on one node) and the nodes that did not answer in
+    ``timeout_s`` (busy setting up, say; not counted either way). Nodes that join later (an
+    autoscaler's) are not checked."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = {n["NodeID"]: f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})" for n in ray.nodes() if n["Alive"]}
+    if len(nodes) < 2 or not folders:
+        return {}, []
+    token = uuid.uuid4().hex
+    markers = {}
+    for key, folder in folders.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        markers[key] = folder / f".raydpo-shared-{token}"
+        markers[key].write_text(token)
+
+    def sees(paths: list[str], token: str) -> list[bool]:  # nested: pickled by value, runs anywhere
+        import os
+
+        return [os.path.isfile(p) and open(p).read() == token for p in paths]
+
+    task = ray.remote(num_cpus=0)(sees)  # no CPU: runs on a node whose CPUs are all taken
+    try:
+        refs = {task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+                .remote([str(m) for m in markers.values()], token): node for node in nodes}
+        ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        seen: dict[str, dict[str, bool]] = {key: {} for key in folders}
+        for ref in ready:
+            for key, saw in zip(markers, ray.get(ref)):
+                seen[key][nodes[refs[ref]]] = saw
+    finally:
+        for marker in markers.values():
+            marker.unlink(missing_ok=True)
+    for ref in late:
+        ray.cancel(ref, force=True)
+    return seen, [nodes[refs[ref]] for ref in late]
+
+
+def check_shared_storage(cfg: Config) -> None:
+    """Before any work, on several nodes: every folder of :func:`run_folders` must be one every
+    node sees; a node-local one fails naming its key."""
+    folders = run_folders(cfg)
+    seen, silent = probe_folders(folders)
+    if silent:
+        say(f"[raydpo] storage check: no answer in time from {', '.join(silent)}; not checked there")
+    errors = unshared_folders(folders, seen)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    if seen:
+        say(f"[raydpo] shared storage: {', '.join(seen)} seen from {len(next(iter(seen.values())))} nodes")
+
+
 def start_run(cfg: Config, config_path: str | None, verbose: bool, job: str,
               resumable: Callable[[Path], bool]) -> Tracker:
-    """Checks that fail before any work (a changed config on resume, an unreachable tracking
-    server), then the MLflow run with its params and config, then Ray."""
+    """Checks that fail before any work (a changed config on resume, a node-local folder on a
+    cluster of several nodes, an unreachable tracking server), with Ray started or joined, then
+    the MLflow run with its params and config. Says where the Ray dashboard and the run are."""
     import logging
     import os
 
@@ -172,14 +282,18 @@ def start_run(cfg: Config, config_path: str | None, verbose: bool, job: str,
     check_model(cfg)
     if not verbose:
         quiet_libraries()
+    # Workers' output stays in Ray's log folder (progress comes from rank 0's spool) unless --verbose.
+    address = os.environ.get("RAY_ADDRESS")  # local unless set (`ray job submit` sets it)
+    local = {} if address else {"dashboard_host": "127.0.0.1"}  # a local Ray serves its dashboard on loopback only
+    context = ray.init(address=address, ignore_reinit_error=True, log_to_driver=verbose,
+                       logging_level=logging.INFO if verbose else logging.WARNING, **local)
+    nodes = sum(n["Alive"] for n in ray.nodes())
+    dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else "none (started without one)"
+    say(f"[raydpo] Ray: {'joined ' + address if address else 'local'}, {nodes} node(s); dashboard {dashboard}")
+    check_shared_storage(cfg)
     tracker, resumed = Tracker.start(cfg.tracking, out, cfg.tracking.run_name, tags={"raydpo.job": job})
     say(f"[raydpo] MLflow run {tracker.run_id} ({'resumed' if resumed else 'new'}) at "
         f"{tracking.display_uri(tracker.spec.uri)}")
-    # Workers' output stays in Ray's log folder (progress comes from rank 0's spool) unless --verbose.
-    address = os.environ.get("RAY_ADDRESS")  # local unless set
-    local = {} if address else {"dashboard_host": "127.0.0.1"}  # a local Ray serves its dashboard on loopback only
-    ray.init(address=address, ignore_reinit_error=True, log_to_driver=verbose,
-             logging_level=logging.INFO if verbose else logging.WARNING, **local)
     flat = flatten(cfg)
     tracker.log_params(flat | tracking.versions())  # the tracker masks secrets in params
     masked = tracking.mask_secrets(flat)

@@ -31,6 +31,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class _Placed(_Strict):
+    """A group Ray places: the train workers, or an actor group. Its sections declare, after their
+    GPU key (``use_gpu`` or ``num_gpus``): ``accelerator_type``, a GPU model as Ray names it (A100,
+    H100, L4, ...; see ray.util.accelerators): only nodes with that GPU; and ``resources``, custom
+    resources per worker / actor, e.g. {trainer_node: 1} where a node type of the cluster declares
+    one (the autoscaler then starts such a node). CPUs and GPUs have keys of their own."""
+
+    @field_validator("resources", check_fields=False)
+    @classmethod
+    def _resources(cls, resources: dict[str, float] | None) -> dict[str, float] | None:
+        for name, amount in (resources or {}).items():
+            if name in ("CPU", "GPU") or name.startswith("accelerator_type:"):
+                raise ValueError(f"{name!r}: CPUs, GPUs and the accelerator type have keys of their own "
+                                 "(num_cpus / num_gpus, train.cpus_per_worker / train.use_gpu, accelerator_type)")
+            if not 0 <= amount < float("inf"):
+                raise ValueError(f"{name!r}: an amount must be a finite number >= 0, got {amount}")
+        return resources
+
+    @field_validator("accelerator_type", check_fields=False)
+    @classmethod
+    def _accelerator(cls, accelerator_type: str | None, info: ValidationInfo) -> str | None:
+        if accelerator_type is None:
+            return None
+        if not accelerator_type.strip() or any(c.isspace() or c == ":" for c in accelerator_type):
+            raise ValueError(f"{accelerator_type!r} is not an accelerator type (e.g. A100, H100, L4)")
+        gpu_key = "use_gpu" if "use_gpu" in cls.model_fields else "num_gpus"
+        if not info.data.get(gpu_key):
+            raise ValueError(f"an accelerator type places GPU work: it needs {gpu_key} "
+                             + ("true" if gpu_key == "use_gpu" else "> 0"))
+        return accelerator_type
+
+
 class TinyModel(_Strict):
     hidden_size: int = Field(64, gt=0)
     num_layers: int = Field(2, gt=0)
@@ -212,7 +244,7 @@ class LoraConfig(_Strict):
         return targets
 
 
-class TrainConfig(_Strict):
+class TrainConfig(_Placed):
     engine: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: Literal[2, 3] = 2
     # DeepSpeed only: optimizer state and float32 master weights in CPU memory (ZeRO-Offload).
@@ -220,6 +252,15 @@ class TrainConfig(_Strict):
     num_workers: int = Field(1, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    accelerator_type: str | None = None  # workers only on nodes with this GPU (needs use_gpu)
+    resources: dict[str, float] | None = None  # custom resources per worker, e.g. {trainer_node: 1} (_Placed)
+    # How the workers' bundles spread over nodes (Ray Train's ScalingConfig): PACK fills few nodes,
+    # SPREAD prefers different ones, STRICT_* insist (waiting for the autoscaler, or forever).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Where Ray Train keeps checkpoints (RunConfig.storage_path): None = {output_dir}/ray; else a
+    # folder every node sees (NFS) or a pyarrow URI (s3://bucket/path, gs://bucket/path), under
+    # which each training (the run, or each online round) has a folder of its own.
+    storage_path: str | None = None
     batch_size: int = Field(32, gt=0)  # pairs per optimizer step, over all workers
     micro_batch_size: int = Field(16, gt=0)  # pairs per forward, per worker
     epochs: int = Field(1, gt=0)
@@ -262,6 +303,13 @@ class TrainConfig(_Strict):
             )
         return self
 
+    @field_validator("storage_path")
+    @classmethod
+    def _storage(cls, path: str | None) -> str | None:
+        if path is not None and not path.strip():
+            raise ValueError("give a folder or a URI (s3://..., gs://...), or leave it unset")
+        return path
+
     @field_validator("offload_optimizer")
     @classmethod
     def _offload_needs_deepspeed(cls, offload: bool, info: ValidationInfo) -> bool:
@@ -288,13 +336,15 @@ class TrackingConfig(_Strict):
         return self
 
 
-class GeneratorConfig(_Strict):
+class GeneratorConfig(_Placed):
     """``online.generator``: the actors that sample from the current policy (``actors/generator.py``)."""
 
     backend: Literal["vllm", "transformers", "auto"] = "auto"  # auto: vLLM where it imports
     num_actors: int = Field(1, gt=0)
     num_cpus: float = Field(1.0, ge=0)  # per actor
     num_gpus: float = Field(0.0, ge=0)  # per actor
+    accelerator_type: str | None = None  # only nodes with this GPU (needs num_gpus)
+    resources: dict[str, float] | None = None  # custom resources per actor
     tensor_parallel_size: int = Field(1, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     sync_timeout_s: float = Field(300.0, gt=0)  # a weight sync that takes longer fails the round
@@ -318,7 +368,7 @@ class SamplingConfig(_Strict):
                                 max_new_tokens=self.max_new_tokens, seed=self.seed + seed_offset)
 
 
-class JudgeConfig(_Strict):
+class JudgeConfig(_Placed):
     """``online.judge``: what scores the samples (``raydpo/online/judges.py``, ``actors/judge.py``)."""
 
     type: Literal["verifier", "reward_model", "llm"] = "verifier"
@@ -329,6 +379,8 @@ class JudgeConfig(_Strict):
     num_actors: int = Field(1, gt=0)  # reward_model and llm: actors and their resources
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    accelerator_type: str | None = None  # only nodes with this GPU (needs num_gpus)
+    resources: dict[str, float] | None = None  # custom resources per actor
     batch_size: int = Field(16, gt=0)
 
     @model_validator(mode="after")
@@ -499,6 +551,7 @@ RESUME_HARMLESS = (
     "reference.window", "reference.max_padding", "reference.cache_dir", "reference.fail_after_blocks",
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.max_failures", "train.fail_at_step", "train.cpus_per_worker", "train.use_gpu",
+    "train.accelerator_type", "train.resources", "train.placement_strategy",
     # The same update computed another way: the loss is normalised over the global batch however it
     # is split into micro-batches (tests/train/test_workers.py), checkpointing recomputes, the head's
     # chunk only bounds memory.
@@ -507,18 +560,21 @@ RESUME_HARMLESS = (
     "online.rounds", "online.generator.num_actors", "online.generator.num_cpus", "online.generator.num_gpus",
     "online.generator.sync_timeout_s", "online.generator.env", "online.judge.num_actors",
     "online.judge.num_cpus", "online.judge.num_gpus", "online.judge.batch_size",
+    "online.generator.accelerator_type", "online.generator.resources", "online.judge.accelerator_type",
+    "online.judge.resources",
 )
 
 
 def trajectory_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Flattened keys (``flatten``) whose change between ``saved`` and ``current`` would alter the
-    training trajectory of a resumed run, as ``key: old -> new`` lines."""
+    training trajectory of a resumed run, as ``key: old -> new`` lines. A key one side lacks reads
+    as None there: a key added since the run started, left at its None default, is no change."""
     out = []
     for key in sorted(set(saved) | set(current)):
         if key.startswith(RESUME_HARMLESS):
             continue
         old, new = saved.get(key, "<unset>"), current.get(key, "<unset>")
-        if old != new:
+        if old != new and not (old in ("<unset>", None) and new in ("<unset>", None)):
             out.append(f"{key}: {old!r} -> {new!r}")
     return out
 

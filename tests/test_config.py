@@ -336,3 +336,67 @@ def test_a_chat_template_that_does_not_compile_fails_at_load_naming_the_key():
 def test_a_set_value_that_is_not_yaml_fails_naming_the_key():
     with pytest.raises(ConfigError, match=r"--set data\.chat_template: the value is not YAML"):
         load_config(QUICKSTART, ["data.chat_template={% for m in messages %}"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement and storage on a cluster.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_placement_defaults_place_as_before() -> None:
+    """Unset, the new keys ask Ray for what it was asked before: PACK, no accelerator, no custom
+    resources, checkpoints in {output_dir}/ray."""
+    t = load_config(QUICKSTART).train
+    assert (t.placement_strategy, t.accelerator_type, t.resources, t.storage_path) == ("PACK", None, None, None)
+    online = load_config(ROOT / "configs/quickstart_online.yaml").online
+    for group in (online.generator, online.judge):
+        assert (group.accelerator_type, group.resources) == (None, None)
+
+
+def test_placement_keys_load() -> None:
+    online = load_config(ROOT / "configs/quickstart_online.yaml", [
+        "train.use_gpu=true", "train.accelerator_type=A100", "train.placement_strategy=STRICT_SPREAD",
+        "train.resources={trainer_node: 1}", "train.storage_path=s3://bucket/raydpo",
+        "online.generator.num_gpus=1", "online.generator.accelerator_type=L4", "online.generator.resources={gen: 0.5}",
+        "online.judge.num_gpus=0.5", "online.judge.accelerator_type=H100"])
+    assert online.train.placement_strategy == "STRICT_SPREAD" and online.train.resources == {"trainer_node": 1.0}
+    assert online.train.storage_path == "s3://bucket/raydpo" and online.train.accelerator_type == "A100"
+    assert online.online.generator.resources == {"gen": 0.5} and online.online.judge.accelerator_type == "H100"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["train.placement_strategy=RANDOM"], "train.placement_strategy"),
+        (["train.accelerator_type=A100"], "train.accelerator_type"),  # without train.use_gpu
+        (["train.use_gpu=true", "train.accelerator_type=A 100"], "train.accelerator_type"),
+        (["train.resources={CPU: 2}"], "train.resources"),  # CPUs: train.cpus_per_worker
+        (["train.resources={'accelerator_type:A100': 1}"], "train.resources"),
+        (["train.resources={gpu_node: -1}"], "train.resources"),
+        (["train.resources={gpu_node: many}"], "train.resources.gpu_node"),
+        (["train.storage_path=''"], "train.storage_path"),
+    ],
+)
+def test_bad_placement_names_its_key(overrides: list[str], key: str) -> None:
+    assert _line_for(error_of(QUICKSTART, overrides), key)
+
+
+@pytest.mark.parametrize("group", ["generator", "judge"])
+def test_actor_group_accelerator_needs_gpus(group: str) -> None:
+    online = ROOT / "configs/quickstart_online.yaml"
+    assert _line_for(error_of(online, [f"online.{group}.accelerator_type=A100"]), f"online.{group}.accelerator_type")
+    assert _line_for(error_of(online, [f"online.{group}.resources={{GPU: 1}}"]), f"online.{group}.resources")
+
+
+def test_a_run_from_before_the_placement_keys_resumes() -> None:
+    """A run saved before ``train.storage_path`` existed (no such key) resumes with it unset,
+    not with another storage; placement keys are harmless to change."""
+    from raydpo.config import trajectory_changes
+
+    saved = flatten(load_config(QUICKSTART))
+    del saved["train.storage_path"]
+    assert trajectory_changes(saved, flatten(load_config(QUICKSTART))) == []
+    moved = flatten(load_config(QUICKSTART, ["train.storage_path=/nfs/ckpt"]))
+    assert trajectory_changes(saved, moved) == ["train.storage_path: '<unset>' -> '/nfs/ckpt'"]
+    placed = flatten(load_config(QUICKSTART, ["train.placement_strategy=SPREAD", "train.resources={n: 1}"]))
+    assert trajectory_changes(saved, placed) == []

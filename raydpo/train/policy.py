@@ -5,6 +5,7 @@ folder and a step offset, so the rounds' metrics continue one step axis in the s
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,29 @@ class PolicyResult:
     final_dir: Path  # a plain HF folder (from_pretrained loads it)
     metrics: dict[str, float]  # the last step's metrics (and the last eval's)
     last_step: int  # step_offset + the optimizer steps trained
+
+
+def checkpoint_location(storage_path: str | None, out_dir: Path) -> tuple[str, str]:
+    """``(RunConfig.storage_path, RunConfig.name)`` of the training that writes ``out_dir``:
+    ``{out_dir}/ray`` and ``train`` by default (``train.storage_path`` unset). Under a storage
+    path, a folder named after ``out_dir`` and a hash of its absolute path, so every output folder
+    and every online round (each its own ``out_dir``) keeps its own checkpoints there, and the same
+    ``output_dir`` finds them again on a re-run."""
+    if storage_path is None:
+        return str(out_dir / "ray"), "train"
+    digest = hashlib.sha256(str(out_dir).encode()).hexdigest()[:12]
+    if "://" not in storage_path:  # a local or NFS folder: absolute, as Ray Train wants it
+        storage_path = str(Path(storage_path).expanduser().resolve())
+    return storage_path.rstrip("/"), f"{out_dir.name}-{digest}"
+
+
+def has_checkpoints(storage_path: str, name: str) -> bool:
+    """Whether Ray Train's folder ``{storage_path}/{name}`` (any pyarrow filesystem) holds a checkpoint."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+    found = fs.get_file_info(pyarrow.fs.FileSelector(f"{root.rstrip('/')}/{name}", allow_not_found=True))
+    return any(f.base_name.startswith("checkpoint_") for f in found)
 
 
 def train_policy(
@@ -67,16 +91,20 @@ def train_policy(
         offload_optimizer=train.offload_optimizer, packing=train.packing,
         max_tokens_per_batch=train.max_tokens_per_batch, chunk_tokens=train.logprob_chunk_tokens,
     )
+    storage_path, name = checkpoint_location(train.storage_path, out_dir)
     say(f"[raydpo] training: {n_train} pairs ({n_eval} held out), {train.num_workers} worker(s), "
-        f"{total} steps of {train.batch_size} pairs")
+        f"{total} steps of {train.batch_size} pairs"
+        + (f"; checkpoints in {storage_path}/{name}" if train.storage_path else ""))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"args": args},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
-                                     resources_per_worker={"CPU": train.cpus_per_worker}),
+                                     resources_per_worker={"CPU": train.cpus_per_worker, **(train.resources or {})},
+                                     placement_strategy=train.placement_strategy,
+                                     accelerator_type=train.accelerator_type),
         run_config=RunConfig(
-            name="train",
-            storage_path=str(out_dir / "ray"),
+            name=name,
+            storage_path=storage_path,  # a local folder or a pyarrow URI (s3://, gs://)
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=train.max_failures),
         ),

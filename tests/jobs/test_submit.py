@@ -1,0 +1,149 @@
+"""``raydpo submit`` on a real two-node Ray cluster on this machine (``ray start --head`` and a
+second ``ray start --address`` with a custom resource, each with its own temp dir and ports).
+
+The test process only talks to that cluster over HTTP (job API, state API) and reads the MLflow
+store the jobs write, so the session-wide ``ray_local`` driver is untouched.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.ray_cluster import LocalCluster
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A head (2 CPUs, the dashboard on 127.0.0.1) and a node with ``node_b`` that, where the
+    machine allows mount namespaces, has a folder of its own (``.private``); stopped by pid."""
+    cluster = LocalCluster(head_cpus=2)
+    try:
+        cluster.private = cluster.add_node(2, {"node_b": 1}, private=True)
+        cluster.wait_for_nodes(2)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def shrunk(tmp: Path) -> list[str]:
+    """The quickstart, shrunk: 2 workers that must sit on different nodes, a checkpoint every 2 steps."""
+    return [f"output_dir={tmp / 'out'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", "tracking.experiment=test",
+            f"reference.cache_dir={tmp / 'ref-cache'}", "tracking.log_model=false",
+            "data.synthetic.rows=200", "data.eval_fraction=0.0", "train.max_steps=4", "train.num_workers=2",
+            "train.batch_size=16", "train.micro_batch_size=8", "train.placement_strategy=STRICT_SPREAD",
+            "train.checkpoint_every=2", "train.log_every=1", "train.eval_every=0"]
+
+
+def submit(config: Path | str, address: str, sets: list[str], capsys) -> tuple[int, str, str]:
+    """``raydpo submit CONFIG --address A --follow --set ...`` in-process: exit code, submission id, output."""
+    from jobs.submit import main
+
+    code = main([str(config), "--address", address, "--follow", *(f"--set={s}" for s in sets)])
+    out = capsys.readouterr().out
+    match = re.search(r"\[raydpo\] submitted (\S+):", out)
+    return code, match.group(1) if match else "", out
+
+
+def train_worker_nodes(address: str, submission_id: str) -> set[str]:
+    """The nodes the job's Ray Train workers ran on (Ray's state API keeps dead actors)."""
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors
+
+    job_id = JobSubmissionClient(address).get_job_info(submission_id).job_id
+    actors = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", job_id)],
+                         detail=True, raise_on_missing_output=False)
+    return {a.node_id for a in actors}
+
+
+def test_a_bad_config_fails_before_anything_is_submitted(capsys):
+    """Exit 2 naming the key, without reaching for the cluster (port 1 answers nothing)."""
+    from jobs.submit import main
+
+    assert main(["configs/quickstart.yaml", "--address", "http://127.0.0.1:1", "--set", "train.placement_strategy=RANDOM"]) == 2
+    assert "train.placement_strategy" in capsys.readouterr().err
+
+
+def test_train_on_two_nodes_fail_then_resume(two_nodes, tmp_path, capsys):
+    """A job whose workers fail after step 3 exits FAILED (1), having checkpointed step 2; the
+    same run re-submitted (the config now from outside the project, travelling in the job's
+    environment) resumes from that checkpoint and succeeds (0). Both jobs put their 2 workers on
+    the two nodes, pass the shared-storage check on both, and report to one MLflow run."""
+    sets = shrunk(tmp_path)
+    code, first, out = submit("configs/quickstart.yaml", two_nodes.dashboard, [*sets, "train.fail_at_step=3"], capsys)
+    assert code == 1, out[-3000:]
+    assert f"job {first}: FAILED" in out and "injected failure after step 3" in out
+    assert "2 node(s); dashboard http://127.0.0.1:" in out  # the job's own console: where the dashboard is
+    assert "shared storage: output_dir, reference.cache_dir seen from 2 nodes" in out
+    assert f"Ray dashboard: {two_nodes.dashboard}/#/jobs/{first}" in out and "MLflow: " in out
+
+    config = tmp_path / "my-quickstart.yaml"
+    shutil.copy(ROOT / "configs/quickstart.yaml", config)
+    code, second, out = submit(config, two_nodes.dashboard, sets, capsys)
+    assert code == 0, out[-3000:]
+    assert f"job {second}: SUCCEEDED" in out and "(resumed)" in out
+
+    node_ids = {n.node_id for n in two_nodes.alive_nodes()}
+    for job in (first, second):
+        assert train_worker_nodes(two_nodes.dashboard, job) == node_ids, job  # one worker on each node
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = (tmp_path / "out" / "mlflow_run_id").read_text().strip()
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["raydpo.job"] == "train"
+    assert run.data.params["train.placement_strategy"] == "STRICT_SPREAD"
+    logged = Counter(m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss"))
+    # Steps 1-2 trained once (the second job started from the step-2 checkpoint), 3 by both jobs.
+    assert logged[1] == 1 and logged[2] == 1 and logged[3] == 2 and logged[4] == 1, logged
+    assert (tmp_path / "out" / "final" / "config.json").exists()
+
+
+def test_ctrl_c_stops_the_job(two_nodes, tmp_path, capsys):
+    """Ctrl-C while following stops the job on the cluster; the exit code is STOPPED's (130)."""
+    import _thread
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(two_nodes.dashboard)
+    before = {j.submission_id for j in client.list_jobs()}
+    interrupted: list[str] = []
+
+    def interrupt_once_running() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            running = [j.submission_id for j in client.list_jobs()
+                       if j.submission_id not in before and j.status == JobStatus.RUNNING]
+            if running:
+                interrupted.append(running[0])
+                _thread.interrupt_main()  # what Ctrl-C does
+                return
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=interrupt_once_running, daemon=True)
+    watcher.start()
+    code, sid, out = submit("configs/quickstart.yaml", two_nodes.dashboard, shrunk(tmp_path), capsys)
+    watcher.join(timeout=10)
+    assert interrupted == [sid]
+    assert code == 130, out[-3000:]
+    assert client.get_job_status(sid) == JobStatus.STOPPED and f"job {sid}: STOPPED" in out
+
+
+def test_a_folder_one_node_does_not_see_fails_naming_the_key(two_nodes, tmp_path, capsys):
+    """An output_dir in node b's private folder: the head writes to its own disk there, node b
+    sees an empty tmpfs. The job fails before any work (no MLflow run), naming output_dir and
+    the node that does not see it."""
+    if two_nodes.private is None:
+        pytest.skip("needs a mount namespace (unshare -m) to give one node a folder of its own")
+    code, sid, out = submit("configs/quickstart.yaml", two_nodes.dashboard,
+                            [*shrunk(tmp_path), f"output_dir={two_nodes.private / 'out'}"], capsys)
+    assert code == 1, out[-3000:]
+    assert f"output_dir: {two_nodes.private / 'out'} is not on storage every node sees (1 of 2 nodes do not" in out
+    assert "MLflow run" not in out and not (tmp_path / "mlflow.db").exists()

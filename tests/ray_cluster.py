@@ -1,0 +1,168 @@
+"""Real Ray clusters of a test's own on this machine, started with the ``ray start`` CLI.
+
+Each node is one ``ray start --block`` process in a session of its own, with its own temp dir
+(short, under /tmp: Unix socket paths are limited to 107 bytes) and its own ports, so it never
+meets another Ray on the machine (the session-wide ``ray_local`` fixture, other test runs). Nodes
+are stopped by pid: the ``ray start`` process and every process under it (gcs, raylet,
+dashboard, workers, and the nodes a fake autoscaler started), then whatever is left that names the
+cluster's temp dir. Never ``ray stop``: it stops every Ray process on the machine.
+
+The test process never connects a driver to these clusters: it talks to them over HTTP (the job
+API, the state API), so the session-wide ``ray_local`` driver is untouched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from tests.conftest import free_port
+
+BIN = Path(sys.executable).parent  # the venv's ray and python: the jobs' `python` resolves here
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # No token: the cluster listens on 127.0.0.1 only, and a token would be read from ~/.ray,
+    # which other Ray instances on this machine share.
+    env["RAY_AUTH_MODE"] = "disabled"
+    return env | (extra or {})
+
+
+def can_unshare() -> bool:
+    """Whether this process may start one in a mount namespace of its own with a tmpfs mounted."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            "mount -t tmpfs tmpfs /mnt || mount -t tmpfs tmpfs /tmp"], capture_output=True)
+    return probe.returncode == 0
+
+
+def node_ports() -> list[str]:
+    """The ports one node listens on, all free ones (two raylets on one machine must not share)."""
+    return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+            "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
+            "--min-worker-port", "0", "--max-worker-port", "0"]  # 0: workers take ports the OS picks
+
+
+class LocalCluster:
+    """A head started with ``ray start --head`` (dashboard on 127.0.0.1) and worker nodes joined
+    with ``ray start --address``; :meth:`stop` ends every process it started, by pid."""
+
+    def __init__(self, head_cpus: int, object_store_bytes: int = 200 * 2**20,
+                 head_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="rdp-", dir="/tmp"))
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.gcs_port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.object_store_bytes = object_store_bytes
+        self.env = _env(env)
+        self.nodes: list[subprocess.Popen] = []
+        self._start("head", ["--head", "--port", str(self.gcs_port), "--num-cpus", str(head_cpus),
+                             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                             "--dashboard-port", str(self.dashboard_port),
+                             *(head_args or [])])
+
+    def _start(self, name: str, args: list[str], wrap: list[str] | None = None) -> None:
+        temp = self.root / name
+        temp.mkdir()
+        log = open(self.root / f"{name}.log", "ab")
+        self.nodes.append(subprocess.Popen(
+            [*(wrap or []), str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp),
+             "--object-store-memory", str(self.object_store_bytes), "--disable-usage-stats", *node_ports(), *args],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+
+    def add_node(self, cpus: int, resources: dict[str, float] | None = None, private: bool = False) -> Path | None:
+        """A node joining the head. With ``private`` (where ``unshare -m`` is allowed: root, or a
+        user namespace), the node runs in a mount namespace of its own with an empty tmpfs over
+        the folder returned: a folder it does not share with the head, as a node-local disk."""
+        name = f"node{len(self.nodes)}"
+        folder = self.root / f"{name}-local" if private and can_unshare() else None
+        wrap = []
+        if folder is not None:
+            folder.mkdir()
+            wrap = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                    'mount -t tmpfs tmpfs "$0" && exec "$@"', str(folder)]
+        self._start(name, ["--address", self.address, "--num-cpus", str(cpus),
+                           *(["--resources", json.dumps(resources)] if resources else [])], wrap)
+        return folder
+
+    def alive_nodes(self) -> list[dict]:
+        from ray.util.state import list_nodes
+
+        return [n for n in list_nodes(address=self.dashboard, raise_on_missing_output=False)
+                if n.state == "ALIVE"]
+
+    def wait_for_nodes(self, n: int, timeout_s: float = 180.0) -> list:
+        """The alive nodes, once there are ``n`` (the dashboard answers only once the head is up)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for proc in self.nodes:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"a `ray start` exited ({proc.returncode}):\n{self.logs()}")
+            try:
+                nodes = self.alive_nodes()
+                if len(nodes) == n:
+                    return nodes
+            except Exception:  # the dashboard is not up yet
+                nodes = []
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(nodes)} of {n} nodes alive after {timeout_s}s:\n{self.logs()}")
+            time.sleep(1.0)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.root.glob("*.log"))
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process this cluster runs: the `ray start` processes' trees, and any process whose
+        command line names the cluster's own temp dir (one that lost its parent)."""
+        found: dict[int, psutil.Process] = {}
+        for proc in self.nodes:
+            try:
+                top = psutil.Process(proc.pid)
+                for p in [top, *top.children(recursive=True)]:
+                    found[p.pid] = p
+            except psutil.NoSuchProcess:
+                pass
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(str(self.root) in arg for arg in p.info["cmdline"] or []):
+                    found[p.pid] = p
+            except psutil.Error:
+                pass
+        found.pop(os.getpid(), None)
+        return list(found.values())
+
+    def stop(self) -> None:
+        """SIGTERM to every process of the cluster, SIGKILL to what is left after 5 s (a test
+        cluster keeps nothing worth a slow shutdown)."""
+        procs = self.processes()
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=5)
+        for p in alive + self.processes():  # and any started meanwhile
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+        for proc in self.nodes:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        shutil.rmtree(self.root, ignore_errors=True)
