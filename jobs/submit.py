@@ -128,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray.job_submission import JobSubmissionClient
 
-    logging.getLogger("ray").setLevel(logging.WARNING)  # the upload's INFO lines: library internals
+    for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # the upload's INFO lines: library internals
+    # Its warning that .git and .venv now stay behind by default: EXCLUDES leaves them out anyway.
+    logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
     left_behind = large_files()
     if left_behind:
         say(f"[raydpo] left out of the upload (over {MAX_FILE_BYTES // 2**20} MiB): {', '.join(left_behind)}")

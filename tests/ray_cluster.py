@@ -60,10 +60,10 @@ class LocalCluster:
     """A head started with ``ray start --head`` (dashboard on 127.0.0.1) and worker nodes joined
     with ``ray start --address``; :meth:`stop` ends every process it started, by pid."""
 
-    def __init__(self, head_cpus: int, object_store_bytes: int = 200 * 2**20,
+    def __init__(self, head_cpus: int, object_store_bytes: int = 200 * 2**20, gcs_port: int | None = None,
                  head_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="rdp-", dir="/tmp"))
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.gcs_port, self.dashboard_port = gcs_port or free_port(), free_port()
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.object_store_bytes = object_store_bytes

@@ -105,3 +105,26 @@ def test_large_files_stay_behind(tmp_path):
     (tmp_path / "outputs").mkdir()
     (tmp_path / "outputs" / "model.safetensors").write_bytes(b"x" * 4096)
     assert large_files(tmp_path, limit=1024) == ["data/big.jsonl"]
+
+
+def test_the_job_and_how_its_config_travels(tmp_path):
+    """A config in the project travels with the working_dir (a relative path); one from elsewhere in
+    an environment variable, written to a fresh folder by the entrypoint. An online config runs
+    the iterative job."""
+    import subprocess
+
+    from jobs.submit import CONFIG_ENV, entrypoint, job_module
+
+    assert job_module(load_config(QUICKSTART)) == "jobs.train_dpo"
+    assert job_module(load_config(ROOT / "configs/quickstart_online.yaml")) == "jobs.iterative_dpo"
+    command, env = entrypoint(QUICKSTART, ["train.lr=0.01", "output_dir=/tmp/a b"], "jobs.train_dpo", [])
+    assert command == "python -m jobs.train_dpo configs/quickstart.yaml --set train.lr=0.01 --set 'output_dir=/tmp/a b'"
+    assert env == {}
+    mine = tmp_path / "my run.yaml"
+    mine.write_text("model: {name_or_path: tiny}\n")
+    command, env = entrypoint(mine, [], "jobs.train_dpo", [])
+    assert env == {CONFIG_ENV: mine.read_text()}
+    # The shell part as the job runs it (here with `cat` for python): the file arrives whole, under its name.
+    shown = subprocess.run(command.replace("exec python -m jobs.train_dpo", "exec cat"), shell=True, env=env,
+                           capture_output=True, text=True, check=True)
+    assert shown.stdout == mine.read_text()

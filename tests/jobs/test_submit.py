@@ -73,16 +73,21 @@ def test_a_bad_config_fails_before_anything_is_submitted(capsys):
 
 
 def test_train_on_two_nodes_fail_then_resume(two_nodes, tmp_path, capsys):
-    """A job whose workers fail after step 3 exits FAILED (1), having checkpointed step 2; the
-    same run re-submitted (the config now from outside the project, travelling in the job's
-    environment) resumes from that checkpoint and succeeds (0). Both jobs put their 2 workers on
-    the two nodes, pass the shared-storage check on both, and report to one MLflow run."""
-    sets = shrunk(tmp_path)
+    """A job whose workers fail after step 3 exits FAILED (1), having checkpointed step 2 in
+    ``train.storage_path``; the same run re-submitted (the config now from outside the project,
+    travelling in the job's environment) resumes from that checkpoint and succeeds (0). Both jobs
+    put their 2 workers on the two nodes, pass the shared-storage check on both, and report to one
+    MLflow run."""
+    from raydpo.train.policy import checkpoint_location, has_checkpoints
+
+    sets = [*shrunk(tmp_path), f"train.storage_path={tmp_path / 'checkpoints'}"]
     code, first, out = submit("configs/quickstart.yaml", two_nodes.dashboard, [*sets, "train.fail_at_step=3"], capsys)
     assert code == 1, out[-3000:]
     assert f"job {first}: FAILED" in out and "injected failure after step 3" in out
     assert "2 node(s); dashboard http://127.0.0.1:" in out  # the job's own console: where the dashboard is
-    assert "shared storage: output_dir, reference.cache_dir seen from 2 nodes" in out
+    assert "shared storage: output_dir, train.storage_path, reference.cache_dir seen from 2 nodes" in out
+    assert has_checkpoints(*checkpoint_location(str(tmp_path / "checkpoints"), tmp_path / "out"))
+    assert not (tmp_path / "out" / "ray").exists()  # the checkpoints are in the storage path only
     assert f"Ray dashboard: {two_nodes.dashboard}/#/jobs/{first}" in out and "MLflow: " in out
 
     config = tmp_path / "my-quickstart.yaml"
