@@ -125,6 +125,10 @@ def reference_stage(
             compute=ray.data.ActorPoolStrategy(size=s.num_actors),
             num_cpus=s.num_cpus,
             num_gpus=s.num_gpus,
+            # Not set here: Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1
+            # (actor_pool_map_operator.py; passing them is deprecated in 2.60), so a killed actor
+            # is restarted and its windows run again. A window writes the same bytes, so the same
+            # block name: nothing is lost or cached twice (tests/jobs/test_faults.py).
         )
         # A window on a large model on CPUs can take longer than Ray Data's no-progress timeout
         # (30 min; it killed a SmolLM2 run on a loaded 2-core machine): the actors are working

@@ -5,7 +5,9 @@ synced into the generators in place.
 One MLflow run holds the whole run (``round/*`` metrics at step = round, the rounds plot, the
 final model), with a nested run per round (its training metrics, continuing one step axis across
 rounds, and its ``round/*`` metrics). Re-running the same command resumes at the first incomplete
-round, reusing what it had saved (``raydpo.online.rounds``).
+round, reusing what it had saved (``raydpo.online.rounds``). A SIGTERM checkpoints a round's
+training at the next step (or, outside training, stops at once, keeping the round's finished
+parts) and exits 143; the same command resumes (docs/reliability.md).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from actors.preemption import EXIT_CODE, Preempted, SigtermStop
 from jobs import round_stages, stages
 from jobs.round_stages import Online
 from raydpo import tracking
@@ -55,8 +58,9 @@ def setup(cfg: Config, tracker: Tracker) -> Online:
     return online
 
 
-def run_rounds(o: Online) -> list[dict[str, float]]:
-    """Round 0 evaluates the initial policy; rounds 1..R each train the next one."""
+def run_rounds(o: Online, stop: SigtermStop) -> list[dict[str, float]]:
+    """Round 0 evaluates the initial policy; rounds 1..R each train the next one. Raises
+    :class:`Preempted` where ``stop`` had a SIGTERM."""
     cfg, out = o.cfg, o.out
     baseline = round_stages.evaluate(o, RoundDir(out, 0))
     o.parent.log_metrics(baseline, step=0)
@@ -73,14 +77,18 @@ def run_rounds(o: Online) -> list[dict[str, float]]:
             generations = round_stages.generate(o, rd)
             scored = round_stages.judge(o, rd, generations)
             accounting = round_stages.pair(o, rd, generations, scored)
-            trained = round_stages.train(o, rd, child, last_step)
+            with stop.training(rd.train_dir):
+                trained = round_stages.train(o, rd, child, last_step)
+            if stop.stopped_at is not None:
+                rd.trained.unlink(missing_ok=True)  # written for a training that stopped early: not done
+                stop.raise_if_stopped()
             sync_seconds = o.pool.sync(str(rd.policy), r)
             evaluation = round_stages.evaluate(o, rd)
             metrics = round_stages.round_metrics(rd, scored, accounting, trained, evaluation, sync_seconds)
             child.log_metrics(metrics, step=trained["last_step"])
             rounds.write_json(rd.done, metrics)  # the round is complete
-        except BaseException:
-            child.finish("FAILED", timeout=cfg.tracking.flush_timeout_s)
+        except BaseException as e:
+            child.finish("KILLED" if isinstance(e, Preempted) else "FAILED", timeout=cfg.tracking.flush_timeout_s)
             raise
         child.finish("FINISHED", timeout=cfg.tracking.flush_timeout_s)
         o.parent.log_metrics(metrics, step=r)
@@ -111,26 +119,31 @@ def finish(cfg: Config, o: Online, history: list[dict[str, float]], t0: float) -
 
 
 def run(cfg: Config, config_path: str | None = None, verbose: bool = False) -> Outcome:
-    """The whole job. The MLflow run is marked FAILED if anything raises; re-running the same
-    command resumes at the first incomplete round."""
+    """The whole job. The MLflow run is marked FAILED if anything raises (KILLED on a SIGTERM);
+    re-running the same command resumes at the first incomplete round."""
     if cfg.online is None:
         raise ConfigError("raydpo iterate needs an online section (see configs/quickstart_online.yaml)")
     t0 = time.perf_counter()
     tracker = stages.start_run(cfg, config_path, verbose, job="iterate",
                                resumable=lambda out: (out / "rounds").exists())
-    try:
-        o = setup(cfg, tracker)
-        history = run_rounds(o)
-    except BaseException:
-        tracker.finish("FAILED", timeout=cfg.tracking.flush_timeout_s)
-        raise
+    with SigtermStop() as stop:  # after start_run: ray.init installs a SIGTERM handler of its own
+        try:
+            o = setup(cfg, tracker)
+            history = run_rounds(o, stop)
+        except BaseException as e:
+            tracker.finish("KILLED" if isinstance(e, Preempted) else "FAILED", timeout=cfg.tracking.flush_timeout_s)
+            raise
     return finish(cfg, o, history, t0)
 
 
 def main(argv: list[str] | None = None) -> int:
     from jobs import stages
 
-    return stages.training_job_main(argv, "raydpo iterate", __doc__, run)
+    try:
+        return stages.training_job_main(argv, "raydpo iterate", __doc__, run)
+    except Preempted as e:
+        print(f"raydpo: {e}", file=sys.stderr)
+        return EXIT_CODE
 
 
 if __name__ == "__main__":

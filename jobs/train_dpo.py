@@ -2,18 +2,22 @@
 
 ``python -m jobs.train_dpo CONFIG [--set key=value ...] [--verbose]`` (or ``raydpo train``); this
 is also what ``ray job submit`` runs. The whole config is seen only here and in ``jobs.stages``.
+A SIGTERM checkpoints at the next step and exits 143; the same command resumes (docs/reliability.md).
 """
 from __future__ import annotations
 
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raydpo import tracking
 from raydpo.config import Config
 from raydpo.progress import say
 from raydpo.tracking import Tracker
+
+if TYPE_CHECKING:
+    from actors.preemption import SigtermStop
 
 
 @dataclass
@@ -25,8 +29,9 @@ class Outcome:
     seconds: float
 
 
-def train(cfg: Config, tracker: Tracker):
-    """Data -> reference log-probs -> the policy update; returns the data report and the result."""
+def train(cfg: Config, tracker: Tracker, stop: SigtermStop):
+    """Data -> reference log-probs -> the policy update; returns the data report and the result.
+    Raises :class:`Preempted` where ``stop`` had a SIGTERM."""
     from jobs import stages
     from raydpo.data.pipeline import TRAIN_COLUMNS, kept_rows
     from raydpo.train.policy import train_policy
@@ -40,8 +45,10 @@ def train(cfg: Config, tracker: Tracker):
     train_ds = kept_rows(kept, "train").select_columns(columns).materialize()
     eval_ds = kept_rows(kept, "eval").select_columns(columns).materialize()
     stages.save_run_config(cfg, prepared.out)  # what the checkpoints train
-    result = train_policy(train_ds, eval_ds, model_path=prepared.model_path, out_dir=prepared.out, train=cfg.train,
-                          loss=cfg.loss, dtype=cfg.model.dtype, tracker=tracker.spec)
+    with stop.training(prepared.out):
+        result = train_policy(train_ds, eval_ds, model_path=prepared.model_path, out_dir=prepared.out,
+                              train=cfg.train, loss=cfg.loss, dtype=cfg.model.dtype, tracker=tracker.spec)
+    stop.raise_if_stopped()
     return report, result
 
 
@@ -62,25 +69,52 @@ def finish(cfg: Config, tracker: Tracker, report: dict[str, Any], result, t0: fl
 
 
 def run(cfg: Config, config_path: str | None = None, verbose: bool = False) -> Outcome:
-    """The whole job. The MLflow run is marked FAILED if anything raises; re-running the same
-    command resumes it from the latest checkpoint."""
+    """The whole job. The MLflow run is marked FAILED if anything raises (KILLED on a SIGTERM);
+    re-running the same command resumes it from the latest checkpoint."""
+    from actors.preemption import Preempted, SigtermStop
     from jobs import stages
 
     t0 = time.perf_counter()
     tracker = stages.start_run(cfg, config_path, verbose, job="train",
                                resumable=lambda out: any((out / "ray" / "train").glob("checkpoint_*")))
-    try:
-        report, result = train(cfg, tracker)
-    except BaseException:
-        tracker.finish("FAILED", timeout=cfg.tracking.flush_timeout_s)
-        raise
+    with SigtermStop() as stop:  # after start_run: ray.init installs a SIGTERM handler of its own
+        try:
+            report, result = train(cfg, tracker, stop)
+        except BaseException as e:
+            tracker.finish("KILLED" if isinstance(e, Preempted) else "FAILED", timeout=cfg.tracking.flush_timeout_s)
+            failure = checkpoint_failure(e)
+            if failure is not None:
+                raise failure from None  # its message says it all; Ray's wrapping repeats the worker's traceback
+            raise
     return finish(cfg, tracker, report, result, t0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from jobs import stages
+def checkpoint_failure(error: BaseException) -> BaseException | None:
+    """The workers' :class:`CheckpointWriteError` inside Ray Train's error, if that is what failed."""
+    from raydpo.train.loop import CheckpointWriteError
 
-    return stages.training_job_main(argv, "raydpo train", __doc__, run)
+    for failure in getattr(error, "worker_failures", {}).values():  # ray.train.WorkerGroupError
+        failure = getattr(failure, "_base_exc", failure)  # Ray Train 2.60 keeps the worker's exception here
+        while failure is not None:
+            if isinstance(failure, CheckpointWriteError):
+                return failure
+            failure = failure.__cause__
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from actors.preemption import EXIT_CODE, Preempted
+    from jobs import stages
+    from raydpo.train.loop import CheckpointWriteError
+
+    try:
+        return stages.training_job_main(argv, "raydpo train", __doc__, run)
+    except Preempted as e:
+        print(f"raydpo: {e}", file=sys.stderr)
+        return EXIT_CODE
+    except CheckpointWriteError as e:
+        print(f"raydpo: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

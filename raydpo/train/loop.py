@@ -5,10 +5,20 @@ it the same as many. Determinism: each epoch's rows come from a permutation of t
 set seeded by (seed, epoch) (see :mod:`raydpo.train.shuffle`), and a checkpoint records the step,
 so resuming starts at exactly the batch after the last one trained on and reproduces the
 uninterrupted loss curve.
+
+Faults (docs/reliability.md): each rank appends the rows it trains on, step by step, to
+``{output_dir}/trained_rows/rank{r}.jsonl`` (cut back to the checkpoint on a resume, so the file is
+what the current weights were trained on). Before each step rank 0 asks the driver's stop signal
+(``actors.preemption``, found by name) whether to stop; on a SIGTERM of the driver every rank stops
+there, checkpoints and returns without the final folder. A checkpoint that cannot be written
+(a full disk, a folder that cannot be made) fails with :class:`CheckpointWriteError`, naming the
+folder, the cause and the previous checkpoint, which is left as it was.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import shutil
 import sys
@@ -25,10 +35,11 @@ import torch.distributed as dist
 
 from raydpo.logprobs import DEFAULT_CHUNK_TOKENS, PolicyScorer
 from raydpo.losses import LossParams
+from raydpo.metrics import all_reduce_sum
 from raydpo.models import load_model, load_tokenizer
 from raydpo.train.adapters import ModelPrep, prepare_model, save_final
 from raydpo.train.engine import OptimConfig, build_engine
-from raydpo.train.shuffle import ShuffledShard
+from raydpo.train.shuffle import ShuffledShard, epoch_order, worker_positions
 from raydpo.train.step import LossSpec, RunningMean, evaluate, train_step
 from raydpo.tracking import Tracker, TrackerSpec
 
@@ -123,26 +134,123 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_checkpoint(engine, args: LoopArgs, step: int, metrics: dict[str, float], bco: RunningMean) -> None:
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a folder that cannot be made or written)."""
+
+
+def _write_failure(step: int, where: str, error: BaseException, previous: int,
+                   local: Path | None = None) -> CheckpointWriteError:
+    """The error a user can act on: the step, where it was written, the cause (with the free space
+    of a ``local`` folder's filesystem: torch's writer reports a full disk as a bare RuntimeError),
+    and the checkpoint a re-run resumes from."""
+    cause = f"{type(error).__name__}: {error}"
+    existing = next((p for p in (local, *local.parents) if p.is_dir()), None) if local else None
+    if existing is not None:
+        cause += f" ({shutil.disk_usage(existing).free / 2**20:.1f} MiB free on the filesystem of {existing})"
+    kept = (f"the previous checkpoint (step {previous}) is intact; free space or fix the folder, then "
+            "re-run the same command to resume from it") if previous else "no earlier checkpoint exists"
+    return CheckpointWriteError(f"the checkpoint of step {step} could not be written to {where}: {cause}; {kept}")
+
+
+def _save_checkpoint(engine, args: LoopArgs, step: int, metrics: dict[str, float], bco: RunningMean,
+                     previous: int) -> None:
     """Collective: engine state + loop position + RNG, reported to Ray Train by every rank.
+    ``previous``: the step of the latest checkpoint (0: none), named if this one fails.
 
     Every rank makes the staging folder itself (on a multi-node cluster ``output_dir`` may be
-    node-local) and reports it; Ray Train merges the ranks' files into one checkpoint in storage."""
+    node-local) and reports it; Ray Train merges the ranks' files into one checkpoint in storage,
+    in a new folder: a failure on the way leaves the previous checkpoint as it was."""
     staging = Path(args.output_dir) / ".staging" / f"step_{step:08d}"
-    staging.mkdir(parents=True, exist_ok=True)
-    if dist.is_initialized():
-        dist.barrier()
-    engine.save(str(staging))
-    torch.save(_rng_state(), staging / f"rng_rank{_rank()}.pt")
-    if _rank() == 0:
-        (staging / "loop_state.json").write_text(json.dumps({"step": step, "bco": asdict(bco)}))
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        if dist.is_initialized():
+            dist.barrier()
+        engine.save(str(staging))
+        torch.save(_rng_state(), staging / f"rng_rank{_rank()}.pt")
+        if _rank() == 0:
+            (staging / "loop_state.json").write_text(json.dumps({"step": step, "bco": asdict(bco)}))
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch's file writer
+        raise _write_failure(step, str(staging), e, previous, local=staging) from e
     if dist.is_initialized():
         dist.barrier()  # every rank's files are written before rank 0 hands the folder over
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)))  # ray: uploads
+    try:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)))  # ray: uploads
+    except OSError as e:
+        raise _write_failure(step, f"Ray Train's storage (from {staging})", e, previous) from e
     if dist.is_initialized():
         dist.barrier()  # every rank's upload is done before any rank removes a shared folder
     if _rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def stop_signal_name(output_dir: str, job_id: str) -> str:
+    """The Ray actor name of the driver's stop signal (``actors.preemption.StopSignal``) for the
+    training that writes ``output_dir`` in job ``job_id`` (the driver's and its workers')."""
+    return f"raydpo-stop-{job_id}-{hashlib.sha256(output_dir.encode()).hexdigest()[:16]}"
+
+
+class StopCheck:
+    """Whether the driver asked the workers to stop (a SIGTERM: spot preemption, ``ray job stop``).
+
+    Rank 0 asks the driver's ``StopSignal`` actor, found by name (none: a driver without one, never
+    a stop); every rank takes rank 0's answer, so all stop at the same step boundary. By a Ray
+    actor, not a file: on a cluster ``output_dir`` may be a folder of the driver's node only."""
+
+    def __init__(self, output_dir: str, rank: int) -> None:
+        self.actor = None
+        if rank == 0:
+            try:
+                self.actor = ray.get_actor(stop_signal_name(output_dir, ray.get_runtime_context().get_job_id()))
+            except ValueError:  # no such actor
+                pass
+
+    def requested(self, device: torch.device) -> bool:
+        """COLLECTIVE (every rank, every step): one small all-reduce, and rank 0's call to the actor."""
+        flag = 0.0
+        if self.actor is not None:
+            try:
+                flag = float(ray.get(self.actor.requested.remote()))
+            except ray.exceptions.RayActorError:  # the driver is gone; so will its workers be
+                self.actor = None
+        return bool(all_reduce_sum(torch.tensor([flag], dtype=torch.float64, device=device)).item() > 0)
+
+    def stopped(self, step: int) -> None:
+        """Rank 0: tell the driver the step whose checkpoint the next run resumes from."""
+        if self.actor is not None:
+            ray.get(self.actor.stopped.remote(step))
+
+
+class TrainedRows:
+    """``{output_dir}/trained_rows/rank{r}.jsonl``: one line per step this rank trained, ``step``,
+    ``epoch``, ``rows`` (positions in the materialized training set), ``digest`` (a hash of the
+    batch's token ids: what was trained, not only where it came from), ``pid`` and ``time`` (Unix
+    seconds). A resume cuts it back to the checkpoint's step: the file holds what the current
+    weights were trained on."""
+
+    def __init__(self, output_dir: str, rank: int, start_step: int) -> None:
+        self.path = Path(output_dir) / "trained_rows" / f"rank{rank}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in (self.path.read_text().splitlines() if self.path.exists() else [])
+                if line and json.loads(line)["step"] <= start_step]
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+        self.file = self.path.open("a")
+
+    def write(self, step: int, epoch: int, rows: np.ndarray, batch: dict[str, np.ndarray]) -> None:
+        h = hashlib.blake2b(digest_size=16)
+        for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            for ids in batch[name]:
+                ids = np.asarray(ids, dtype="<i4")
+                h.update(len(ids).to_bytes(4, "little"))
+                h.update(ids.tobytes())
+        line = {"step": step, "epoch": epoch, "rows": [int(r) for r in rows], "digest": h.hexdigest(),
+                "pid": os.getpid(), "time": round(time.time(), 3)}
+        self.file.write(json.dumps(line) + "\n")
+        self.file.flush()  # a killed worker leaves every step it finished
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _restore(engine, bco: RunningMean) -> int:
@@ -194,18 +302,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ShuffledShard(args.train_blocks, args.train_rows, args.seed, rank, world,
                                 args.local_batch_size, args.steps_per_epoch)  # its part of each epoch
     eval_shard = ray.train.get_dataset_shard("eval") if args.has_eval else None  # ray
-    step = start_step
+    trained_rows = TrainedRows(args.output_dir, rank, start_step)
+    stop = StopCheck(args.output_dir, rank)
+    step, saved, stopping = start_step, start_step, False
     engine.module.train()
     t_last, pairs_last = time.perf_counter(), 0
     for epoch in range(start_step // args.steps_per_epoch, 10**9):
-        if step >= args.total_steps:
+        if step >= args.total_steps or stopping:
             break
         skip = step - epoch * args.steps_per_epoch  # batches of this epoch already trained on
+        positions = worker_positions(epoch_order(args.train_rows, args.seed, epoch), rank, world,
+                                     args.local_batch_size, args.steps_per_epoch)  # what ShuffledShard reads
         for i, batch in train_shard.batches(epoch, start=skip):
             if step >= args.total_steps:
                 break
+            if stop.requested(engine.device):  # at a step boundary, the same one on every rank
+                stopping = True
+                break
             metrics = train_step(engine, _micro(batch, args.micro_batch_size), spec, pad_id, bco, **layout)
             step += 1
+            trained_rows.write(step, epoch, positions[i], batch)
             metrics["epoch"] = epoch + (i + 1) / args.steps_per_epoch
             pairs_last += args.local_batch_size * world
             last = step == args.total_steps
@@ -224,12 +340,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     tracker.log_metrics(eval_metrics, args.step_offset + step)
                     tracker.log_plots(args.step_offset + step, margins)
             if (args.checkpoint_every and step % args.checkpoint_every == 0) or last:
-                _save_checkpoint(engine, args, step, {**metrics, "step": step}, bco)
+                _save_checkpoint(engine, args, step, {**metrics, "step": step}, bco, saved)
+                saved = step
             if args.fail_at_step == step:
                 _inject_failure(args, step)
-    _save_final(engine, lm, tokenizer, args)
+    trained_rows.close()
+    if stopping:
+        if saved != step:
+            _save_checkpoint(engine, args, step, {"step": step}, bco, saved)
+        stop.stopped(step)
+        if rank == 0:
+            _say(f"[raydpo] stopped at step {step}/{args.total_steps} as asked; checkpointed")
+    else:
+        _save_final(engine, lm, tokenizer, args)
     if tracker:
-        if eval_shard is None:
+        if eval_shard is None and not stopping:
             tracker.log_plots(args.step_offset + step)
         tracker.close(timeout=10)  # what is left, the driver delivers (or the next run)
 
