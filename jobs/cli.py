@@ -1,6 +1,7 @@
-"""The ``raydpo`` command: ``train``, ``iterate`` (online DPO rounds), ``precompute`` (reference log-probs), ``data-check``,
-``sync-tracking`` (deliver spooled MLflow data) and ``submit`` (a training job on a Ray cluster). Each command is a job module's ``main``; this
-file only dispatches (it imports no job until one is named)."""
+"""The ``raydpo`` command: ``train``, ``iterate`` (online DPO rounds), ``precompute`` (reference
+log-probs), ``data-check``, ``sync-tracking`` (deliver spooled MLflow data) and ``submit`` (a
+training job on a Ray cluster). Each command is a job module's ``main``; this file only
+dispatches (it imports no job until one is named)."""
 from __future__ import annotations
 
 import sys

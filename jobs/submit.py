@@ -112,7 +112,9 @@ def wait_terminal(client, submission_id: str, timeout_s: float = 60.0) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="raydpo submit", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="raydpo submit", description="Run a training job (train, or iterate for a config with online:) on a "
+        "Ray cluster through Ray's job API; exit with its final status when followed.")
     parser.add_argument("config")
     parser.add_argument("--address", default=None,
                         help="the cluster's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, then RAY_ADDRESS)")
