@@ -107,6 +107,10 @@ class SigtermStop:
         finally:
             actor, self.actor = self.actor, None
             ray.kill(actor)
+            try:  # until it is dead and its name free: a next training of this folder makes it again
+                ray.get(actor.requested.remote(), timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
 
     def raise_if_stopped(self) -> None:
         """After :meth:`training`: :class:`Preempted` if its workers stopped early."""

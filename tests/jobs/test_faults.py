@@ -438,6 +438,7 @@ def test_a_full_disk_fails_naming_the_folder_and_keeps_the_previous_checkpoint(d
 
 
 def test_the_run_after_a_full_disk_resumes_from_the_previous_checkpoint(preempted):
+    """Space freed, the same command resumes from the checkpoint the error named."""
     assert preempted.notes["resumed_after_disk_full_from"] == 4
 
 
