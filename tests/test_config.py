@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -223,17 +222,14 @@ def test_train_job_rejects_bad_config_before_ray(tmp_path: Path) -> None:
     tree["train"]["bogus"] = 1
     tree["output_dir"] = str(tmp_path / "out")
     path = write(tmp_path, tree)
-    t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.train_dpo", str(path), "--set", "loss.beta=abc"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT, capture_output=True, text=True, timeout=300,  # a hang guard, not a timing
     )
-    seconds = time.perf_counter() - t0
     assert proc.returncode == 2, proc.stderr
     assert "train.bogus" in proc.stderr and "loss.beta" in proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
     assert not (tmp_path / "out").exists()  # setup() never ran
-    assert seconds < 20, f"took {seconds:.1f}s: did it start something?"
 
 
 # ---------------------------------------------------------------------------------------------
