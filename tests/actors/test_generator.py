@@ -111,10 +111,12 @@ def test_a_failed_sync_says_why_and_keeps_the_version(backend, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         gen.load_weights(str(tmp_path / "nowhere"), 1)
     assert gen.version == 0  # a folder that is not there changes nothing
-    with pytest.raises(SyncTimeout, match="did not finish within 1e-06 s"):
-        gen.load_weights(str(policy(tmp_path / "v1", 1)), 1, timeout_s=1e-6)
+    v1 = str(policy(tmp_path / "v1", 1))
+    with gen.engine.lock:  # the engine busy (a generate call, a stuck reload): waiting counts toward the timeout
+        with pytest.raises(SyncTimeout, match="did not finish within 0.5 s"):
+            gen.load_weights(v1, 1, timeout_s=0.5)
     assert gen.version == UNKNOWN_VERSION  # maybe half-loaded: no version holds until a sync succeeds
-    gen.load_weights(str(tmp_path / "v1"), 1)  # queued behind (vLLM) or over (transformers) the abandoned one
+    gen.load_weights(v1, 1)  # queued behind (vLLM) or over (transformers) the abandoned one
     assert gen.version == 1
 
 
