@@ -125,6 +125,8 @@ def reference_stage(
             compute=ray.data.ActorPoolStrategy(size=s.num_actors),
             num_cpus=s.num_cpus,
             num_gpus=s.num_gpus,
+            accelerator_type=s.accelerator_type,
+            resources=s.resources,
             # Not set here: Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1
             # (actor_pool_map_operator.py; passing them is deprecated in 2.60), so a killed actor
             # is restarted and its windows run again. A window writes the same bytes, so the same

@@ -178,10 +178,12 @@ class DataConfig(_Strict):
         return self
 
 
-class ReferenceConfig(_Strict):
+class ReferenceConfig(_Placed):
     num_actors: int = Field(1, gt=0)
     num_cpus: float = Field(1.0, ge=0)  # per actor
     num_gpus: float = Field(0.0, ge=0)  # per actor
+    accelerator_type: str | None = None  # only nodes with this GPU (needs num_gpus)
+    resources: dict[str, float] | None = None  # custom resources per actor
     batch_tokens: int = Field(8192, gt=0)  # tokens per forward, padding included
     window: int = Field(1024, gt=0)  # sequences sorted by length together; one cache block each
     max_padding: float = Field(1.05, ge=1.0)  # cap on tokens computed / real tokens, per batch
@@ -547,7 +549,8 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
 # (logging, evaluation and checkpoint cadence, resources, fault injection, where things are kept).
 RESUME_HARMLESS = (
     "tracking.", "output_dir", "data.max_drop_fraction",
-    "reference.num_actors", "reference.num_cpus", "reference.num_gpus", "reference.batch_tokens",
+    "reference.num_actors", "reference.num_cpus", "reference.num_gpus", "reference.accelerator_type",
+    "reference.resources", "reference.batch_tokens",
     "reference.window", "reference.max_padding", "reference.cache_dir", "reference.fail_after_blocks",
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.max_failures", "train.fail_at_step", "train.cpus_per_worker", "train.use_gpu",

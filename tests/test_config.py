@@ -345,7 +345,7 @@ def test_placement_defaults_place_as_before() -> None:
     t = load_config(QUICKSTART).train
     assert (t.placement_strategy, t.accelerator_type, t.resources, t.storage_path) == ("PACK", None, None, None)
     online = load_config(ROOT / "configs/quickstart_online.yaml").online
-    for group in (online.generator, online.judge):
+    for group in (online.generator, online.judge, load_config(QUICKSTART).reference):
         assert (group.accelerator_type, group.resources) == (None, None)
 
 
@@ -354,10 +354,12 @@ def test_placement_keys_load() -> None:
         "train.use_gpu=true", "train.accelerator_type=A100", "train.placement_strategy=STRICT_SPREAD",
         "train.resources={trainer_node: 1}", "train.storage_path=s3://bucket/raydpo",
         "online.generator.num_gpus=1", "online.generator.accelerator_type=L4", "online.generator.resources={gen: 0.5}",
-        "online.judge.num_gpus=0.5", "online.judge.accelerator_type=H100"])
+        "online.judge.num_gpus=0.5", "online.judge.accelerator_type=H100",
+        "reference.num_gpus=1", "reference.accelerator_type=L4", "reference.resources={ref: 1}"])
     assert online.train.placement_strategy == "STRICT_SPREAD" and online.train.resources == {"trainer_node": 1.0}
     assert online.train.storage_path == "s3://bucket/raydpo" and online.train.accelerator_type == "A100"
     assert online.online.generator.resources == {"gen": 0.5} and online.online.judge.accelerator_type == "H100"
+    assert online.reference.accelerator_type == "L4" and online.reference.resources == {"ref": 1.0}
 
 
 @pytest.mark.parametrize(
@@ -377,11 +379,11 @@ def test_bad_placement_names_its_key(overrides: list[str], key: str) -> None:
     assert _line_for(error_of(QUICKSTART, overrides), key)
 
 
-@pytest.mark.parametrize("group", ["generator", "judge"])
+@pytest.mark.parametrize("group", ["online.generator", "online.judge", "reference"])
 def test_actor_group_accelerator_needs_gpus(group: str) -> None:
     online = ROOT / "configs/quickstart_online.yaml"
-    assert _line_for(error_of(online, [f"online.{group}.accelerator_type=A100"]), f"online.{group}.accelerator_type")
-    assert _line_for(error_of(online, [f"online.{group}.resources={{GPU: 1}}"]), f"online.{group}.resources")
+    assert _line_for(error_of(online, [f"{group}.accelerator_type=A100"]), f"{group}.accelerator_type")
+    assert _line_for(error_of(online, [f"{group}.resources={{GPU: 1}}"]), f"{group}.resources")
 
 
 def test_a_run_from_before_the_placement_keys_resumes() -> None:
