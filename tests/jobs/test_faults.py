@@ -35,6 +35,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from raydpo.config import load_config
+from tests.conftest import fresh_store
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, EVERY, PER_EPOCH, BATCH = 16, 4, 12, 32  # 400 pairs // 32 = 12 steps an epoch
@@ -256,6 +257,7 @@ def clean(ray_local, tmp_path_factory) -> Clean:
     from jobs.train_dpo import run
 
     shared = Shared(tmp_path_factory.mktemp("faults"))
+    fresh_store(shared.root / "mlflow.db")
     out = shared.root / "clean"
     t0 = time.monotonic()
     outcome = run(shared.config(out))
@@ -512,8 +514,9 @@ def test_a_reference_actor_killed_mid_precompute_is_replaced_and_the_cache_is_th
         struck["blocks"] = len(list(cache.glob("*/blocks/*.parquet")))
         os.kill(pid, signal.SIGKILL)
 
+    store = fresh_store(tmp_path / "mlflow.db")
     cfg = load_config(ROOT / "configs/quickstart.yaml", clean.shared.overrides(
-        tmp_path / "out", f"reference.cache_dir={cache}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"))
+        tmp_path / "out", f"reference.cache_dir={cache}", f"tracking.uri=sqlite:///{store}"))
     with Strike(sigkill):
         stats = run(cfg)
     clean_stats = MlflowClient(clean.shared.uri).get_run(clean.run_id).data.metrics
