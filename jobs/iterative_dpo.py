@@ -79,9 +79,7 @@ def run_rounds(o: Online, stop: SigtermStop) -> list[dict[str, float]]:
             accounting = round_stages.pair(o, rd, generations, scored)
             with stop.training(rd.train_dir):
                 trained = round_stages.train(o, rd, child, last_step)
-            if stop.stopped_at is not None:
-                rd.trained.unlink(missing_ok=True)  # written for a training that stopped early: not done
-                stop.raise_if_stopped()
+            stop.raise_if_stopped()
             sync_seconds = o.pool.sync(str(rd.policy), r)
             evaluation = round_stages.evaluate(o, rd)
             metrics = round_stages.round_metrics(rd, scored, accounting, trained, evaluation, sync_seconds)

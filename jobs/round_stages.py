@@ -133,7 +133,8 @@ def train(o: Online, rd: RoundDir, child: Tracker, step_offset: int) -> dict[str
                           out_dir=rd.train_dir, train=cfg.train, loss=cfg.loss, dtype=cfg.model.dtype,
                           tracker=child.spec, step_offset=step_offset)
     trained = {"last_step": result.last_step, "metrics": result.metrics}
-    rounds.write_json(rd.trained, trained)
+    if result.final_dir.exists():  # else stopped early (SIGTERM): checkpointed, not trained
+        rounds.write_json(rd.trained, trained)
     return trained
 
 
