@@ -4,8 +4,9 @@ Each node is one ``ray start --block`` process in a session of its own, with its
 (short, under /tmp: Unix socket paths are limited to 107 bytes) and its own ports, so it never
 meets another Ray on the machine (the session-wide ``ray_local`` fixture, other test runs). Nodes
 are stopped by pid: the ``ray start`` process and every process under it (gcs, raylet,
-dashboard, workers, and the nodes a fake autoscaler started), then whatever is left that names the
-cluster's temp dir. Never ``ray stop``: it stops every Ray process on the machine.
+dashboard, workers, and the nodes a fake autoscaler started), collected by parentage from the
+pids this module started, never matched by name (Ray's own stop command would end every Ray
+process on the machine).
 
 The test process never connects a driver to these clusters: it talks to them over HTTP (the job
 API, the state API), so the session-wide ``ray_local`` driver is untouched.
@@ -125,8 +126,7 @@ class LocalCluster:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.root.glob("*.log"))
 
     def processes(self) -> list[psutil.Process]:
-        """Every process this cluster runs: the `ray start` processes' trees, and any process whose
-        command line names the cluster's own temp dir (one that lost its parent)."""
+        """Every process this cluster runs: the trees under the `ray start` processes it started."""
         found: dict[int, psutil.Process] = {}
         for proc in self.nodes:
             try:
@@ -134,12 +134,6 @@ class LocalCluster:
                 for p in [top, *top.children(recursive=True)]:
                     found[p.pid] = p
             except psutil.NoSuchProcess:
-                pass
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if any(str(self.root) in arg for arg in p.info["cmdline"] or []):
-                    found[p.pid] = p
-            except psutil.Error:
                 pass
         found.pop(os.getpid(), None)
         return list(found.values())
