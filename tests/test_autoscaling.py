@@ -6,7 +6,7 @@ a custom resource only the ``trainer`` node type has, so the autoscaler adds two
 job completes on them, and the idle nodes are removed. The timings are printed (run with ``-s``)
 and recorded in docs/benchmarks.md.
 
-``AutoscalingCluster`` itself is not used: its ``start`` and ``shutdown`` end Ray processes machine-wide,
+``AutoscalingCluster`` itself is not used: its ``start`` and ``shutdown`` call Ray's machine-wide stop,
 which stops every Ray process on the machine, and the example config it reads is not in the wheel.
 The head here is started as it does (``RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config``),
 with its own temp dir and ports, and stopped by pid with the nodes the autoscaler started.
