@@ -6,6 +6,8 @@ folder and a step offset, so the rounds' metrics continue one step axis in the s
 from __future__ import annotations
 
 import hashlib
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,10 +115,16 @@ def train_policy(
     )
     # One line per logged step, read from rank 0's tracking spool (the workers' output stays in Ray's logs).
     progress = TrainProgress(Spool(tracker.spool_dir, "rank0"), step_offset + total).start() if tracker else None
+    # fit() installs a SIGINT handler bound to this run's controller and leaves it behind; after the
+    # fit, Ctrl-C (in a later round's generation, or while `raydpo submit` follows a job) must reach
+    # the caller's handler again, not abort a controller that is gone.
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         result = trainer.fit()
     finally:
         if progress:
             progress.stop()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     return PolicyResult(out_dir / "final", metrics, step_offset + total)

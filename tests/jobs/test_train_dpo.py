@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,9 @@ def test_quickstart_learns_and_is_tracked(ray_local, tmp_path, mlflow_uri):
 
     cfg = quick(tmp_path, mlflow_uri, "data.synthetic.rows=2600", "train.eval_every=20", "train.log_every=1",
                 "train.checkpoint_every=0")
+    sigint = signal.getsignal(signal.SIGINT)
     outcome = run(cfg)
+    assert signal.getsignal(signal.SIGINT) is sigint  # Ray Train's handler for the fit does not outlive it
 
     client = MlflowClient(mlflow_uri)
     run_data = client.get_run(outcome.run_id).data
