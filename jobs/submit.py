@@ -16,10 +16,14 @@ import asyncio
 import fnmatch
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from raydpo.config import Config, load_config_or_report
 from raydpo.progress import say
@@ -101,6 +105,20 @@ async def _print_logs(client, submission_id: str) -> None:
         print(lines, end="", flush=True)
 
 
+@contextmanager
+def python_sigint() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt while following, whatever handler a library left installed
+    in this process (Ray Train's fit leaves one bound to its controller); the previous one after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def wait_terminal(client, submission_id: str, timeout_s: float = 60.0) -> str:
     """The job's status once terminal (the log stream may close a moment before it is set)."""
     deadline = time.monotonic() + timeout_s
@@ -146,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     dashboard = client.get_address().rstrip("/")
 
-    # Run: submitted, then followed (Ctrl-C stops it) or left running.
+    # Run: submitted, then followed (Ctrl-C stops it, the final status is the exit code) or left running.
     submission_id = f"raydpo-{module.split('.')[-1]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     try:
         client.submit_job(entrypoint=command, runtime_env=runtime_env(left_behind, env_vars),
@@ -154,21 +172,26 @@ def main(argv: list[str] | None = None) -> int:
     except (ConnectionError, RuntimeError, ValueError) as e:  # the upload or the request refused
         print(f"raydpo: submitting to {dashboard} failed: {e}", file=sys.stderr)
         return 1
-    try:  # from here on, Ctrl-C stops the job
-        say(f"[raydpo] submitted {submission_id}: "
-            + (command if not env_vars else f"python -m {module} {Path(ns.config).name} (the config in ${CONFIG_ENV})"))
-        say(f"[raydpo] Ray dashboard: {dashboard}/#/jobs/{submission_id}")
-        say(f"[raydpo] MLflow: {mlflow_hint(cfg)}")
-        if not ns.follow:
-            say(f"[raydpo] follow it: ray job logs --follow {submission_id} --address {dashboard}; "
-                f"stop it: ray job stop {submission_id} --address {dashboard}")
-            return 0
-        asyncio.run(_print_logs(client, submission_id))  # until the job ends
+    say(f"[raydpo] submitted {submission_id}: "
+        + (command if not env_vars else f"python -m {module} {Path(ns.config).name} (the config in ${CONFIG_ENV})"))
+    say(f"[raydpo] Ray dashboard: {dashboard}/#/jobs/{submission_id}")
+    say(f"[raydpo] MLflow: {mlflow_hint(cfg)}")
+    if not ns.follow:
+        say(f"[raydpo] follow it: ray job logs --follow {submission_id} --address {dashboard}; "
+            f"stop it: ray job stop {submission_id} --address {dashboard}")
+        return 0
+    with python_sigint():
+        return follow(client, submission_id)
+
+
+def follow(client, submission_id: str) -> int:
+    """Print the job's logs until it ends (Ctrl-C stops it, a second one leaves it stopping);
+    its final status as an exit code."""
+    try:
+        asyncio.run(_print_logs(client, submission_id))
     except KeyboardInterrupt:
         say(f"\n[raydpo] Ctrl-C: stopping job {submission_id} (Ctrl-C again: exit, leaving it stopping)")
         client.stop_job(submission_id)
-
-    # Finish: the final status is the exit code.
     try:
         status = wait_terminal(client, submission_id)
     except KeyboardInterrupt:

@@ -2,12 +2,26 @@
 from __future__ import annotations
 
 import os
+import signal
+import warnings
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def sigint_handler_kept(request):
+    """A test that leaves another SIGINT handler behind is named (a warning) and the handler put
+    back: a later test's Ctrl-C (tests/jobs/test_submit.py) must reach Python's own."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after is not before:
+        warnings.warn(f"{request.node.nodeid} left the SIGINT handler {after!r} (was {before!r}); put back")
+        signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import threading
 import time
 from collections import Counter
@@ -112,7 +113,9 @@ def test_train_on_two_nodes_fail_then_resume(two_nodes, tmp_path, capsys):
 
 
 def test_ctrl_c_stops_the_job(two_nodes, tmp_path, capsys):
-    """Ctrl-C while following stops the job on the cluster; the exit code is STOPPED's (130)."""
+    """Ctrl-C while following stops the job on the cluster; the exit code is STOPPED's (130). It
+    does so even where a library left its own SIGINT handler in the process (Ray Train's fit does:
+    one that ignores Ctrl-C stands in for it here)."""
     import _thread
 
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -137,9 +140,14 @@ def test_ctrl_c_stops_the_job(two_nodes, tmp_path, capsys):
             time.sleep(0.5)
 
     watcher = threading.Thread(target=interrupt_once_running, daemon=True)
-    watcher.start()
-    code, sid, out = submit("configs/quickstart.yaml", two_nodes.dashboard, shrunk(tmp_path), capsys)
-    watcher.join(timeout=10)
+    left_behind = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        watcher.start()
+        code, sid, out = submit("configs/quickstart.yaml", two_nodes.dashboard, shrunk(tmp_path), capsys)
+        watcher.join(timeout=10)
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # submit put the caller's back
+    finally:
+        signal.signal(signal.SIGINT, left_behind)
     assert interrupted == [sid]
     assert code == 130, out[-3000:]
     assert client.get_job_status(sid) == JobStatus.STOPPED and f"job {sid}: STOPPED" in out
