@@ -398,10 +398,14 @@ class Tracker:
         return done
 
     def finish(self, status: str, timeout: float | None = 120.0) -> bool:
-        """The driver's end: every process's spool delivered, then the run marked ``status``."""
-        self.deliver_all(timeout=0)
+        """The driver's end: every other process's spool delivered (the workers' last steps;
+        waiting at most ``timeout`` s in all for an away server), then the run marked ``status``.
+        What is still undelivered then stays in the spools, and the run's status with it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        others = self.deliver_all(timeout)
         self.end(status)
-        return self.close(timeout)
+        done = self.close(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+        return others and done
 
     def _run(self) -> None:
         delay = 1.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -119,7 +120,9 @@ def test_unreachable_server_fails_fast_before_any_work(tmp_path):
 
 def test_server_outage_mid_run_loses_and_duplicates_nothing(mlflow_server, tmp_path):
     """Steps logged while the server is stopped return at once (the spool takes them) and
-    arrive, each exactly once and in order, after it restarts on the same port and store."""
+    arrive, each exactly once and in order, after it restarts on the same port and store. The
+    run ends while the server is still down: the driver's finish waits for it and delivers the
+    training worker's leftover steps before it marks the run FINISHED."""
     out = tmp_path / "out"
     tracker, _ = Tracker.start(settings(mlflow_server.uri), out, "outage")
     for step in range(1, 6):
@@ -127,17 +130,22 @@ def test_server_outage_mid_run_loses_and_duplicates_nothing(mlflow_server, tmp_p
     assert tracker.flush(timeout=60)
 
     mlflow_server.stop(kill=True)  # a crash: down at once
-    for step in range(6, 16):  # "training" goes on while the server is down
+    for step in range(6, 11):  # "training" goes on while the server is down
         tracker.log_metrics({"loss": 1.0 / step, "rewards/accuracies": 0.5}, step)
     deadline = time.monotonic() + 60
     while tracker.outages == 0 and time.monotonic() < deadline:  # the sender tries, fails, keeps the spool
         time.sleep(0.2)
     assert tracker.outages == 1
     assert tracker.spool.pending_count() > 0
-    mlflow_server.start()
-    for step in range(16, 21):
-        tracker.log_metrics({"loss": 1.0 / step, "rewards/accuracies": 0.5}, step)
+    worker = Tracker.open(tracker.spec, "rank0")  # a training worker that ends while the server is down
+    for step in range(11, 21):
+        worker.log_metrics({"loss": 1.0 / step, "rewards/accuracies": 0.5}, step)
+    assert not worker.close(timeout=1)
+
+    restart = threading.Timer(2.0, mlflow_server.start)  # back while the driver is finishing
+    restart.start()
     assert tracker.finish("FINISHED", timeout=120)
+    restart.join()
 
     client = MlflowClient(mlflow_server.uri)  # read back over HTTP
     assert _steps(client, tracker.run_id, "loss") == list(range(1, 21))
