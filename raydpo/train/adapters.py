@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from raydpo.config import TrainConfig
+
 __all__ = ["LoraSettings", "ModelPrep", "prepare_model", "save_final"]
 
 ADAPTER_DIR = "adapter"
@@ -60,6 +62,11 @@ class ModelPrep:
 
     gradient_checkpointing: bool = False
     lora: LoraSettings | None = None
+
+    @classmethod
+    def from_train(cls, train: TrainConfig) -> ModelPrep:
+        lora = LoraSettings(**train.lora.model_dump()) if train.lora else None
+        return cls(gradient_checkpointing=train.gradient_checkpointing, lora=lora)
 
 
 def _peft_config(lora: LoraSettings) -> Any:

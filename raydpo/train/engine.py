@@ -55,14 +55,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from raydpo.config import TrainConfig
+
 __all__ = ["OptimConfig", "Engine", "DDPEngine", "DeepSpeedEngine", "build_engine"]
 
 _SCHEDULES = ("constant", "linear", "cosine")
+_TRAIN = TrainConfig.model_fields  # the defaults, defined once there
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW + LR schedule settings shared by every engine kind.
+    """AdamW + LR schedule settings shared by every engine kind: the optimizer's part of
+    ``train:`` (its defaults are ``TrainConfig``'s), plus the run's step count.
 
     Attributes:
         lr: peak learning rate (reached at the end of warmup).
@@ -78,13 +82,18 @@ class OptimConfig:
     """
 
     lr: float
-    weight_decay: float = 0.0
+    weight_decay: float = _TRAIN["weight_decay"].default
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    warmup_steps: int = 0
+    warmup_steps: int = _TRAIN["warmup_steps"].default
     total_steps: int = 1
-    schedule: str = "linear"
-    max_grad_norm: float = 1.0
+    schedule: str = _TRAIN["schedule"].default
+    max_grad_norm: float = _TRAIN["max_grad_norm"].default
+
+    @classmethod
+    def from_train(cls, train: TrainConfig, total_steps: int) -> OptimConfig:
+        return cls(lr=train.lr, weight_decay=train.weight_decay, warmup_steps=train.warmup_steps,
+                   total_steps=total_steps, schedule=train.schedule, max_grad_norm=train.max_grad_norm)
 
     def __post_init__(self) -> None:
         # Fail at construction time rather than deep inside transformers/DeepSpeed.

@@ -33,8 +33,8 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from raydpo.logprobs import DEFAULT_CHUNK_TOKENS, PolicyScorer
-from raydpo.losses import LossParams
+from raydpo.config import LossConfig, TrainConfig
+from raydpo.logprobs import PolicyScorer
 from raydpo.metrics import all_reduce_sum
 from raydpo.models import load_model, load_tokenizer
 from raydpo.train.adapters import ModelPrep, prepare_model, save_final
@@ -46,44 +46,25 @@ from raydpo.tracking import Tracker, TrackerSpec
 
 @dataclass
 class LoopArgs:
+    """What the driver hands every worker: the ``train:`` and ``loss:`` settings whole, and what it
+    derived from the model and the data."""
+
+    train: TrainConfig
+    loss: LossConfig
     model_path: str
     output_dir: str  # absolute; {output_dir}/final gets the HF folder
-    engine: str
-    zero_stage: int
-    local_batch_size: int  # pairs per worker per optimizer step
-    micro_batch_size: int
-    total_steps: int
+    local_batch_size: int  # pairs per worker per optimizer step (train.batch_size / workers)
+    total_steps: int  # of this training (train.max_steps, else epochs x steps_per_epoch)
     steps_per_epoch: int
-    lr: float
-    weight_decay: float
-    warmup_steps: int
-    schedule: str
-    max_grad_norm: float
-    bf16: bool
-    seed: int
     # The materialized training set: refs to its Arrow blocks in order, and its row count. The
     # driver keeps the dataset alive while training runs.
     train_blocks: list[Any]
     train_rows: int
-    log_every: int
-    eval_every: int
-    checkpoint_every: int
-    loss_weights: dict[str, float]
-    loss_params: dict[str, float]
-    reference_free: bool
-    fail_at_step: int | None = None
     dtype: str = "float32"
     gguf_file: str | None = None
     tracker: TrackerSpec | None = None  # rank 0 logs metrics and plots into the driver's run
     step_offset: int = 0  # logged step = step_offset + step (an online round continues the run's axis)
     has_eval: bool = True
-    prep: ModelPrep = ModelPrep()  # gradient checkpointing, LoRA
-    offload_optimizer: bool = False
-    # Each micro-batch's 2 x micro_batch_size sequences packed into rows of at most this many
-    # tokens (positions restart per sequence, no attention across them); None: one padded batch.
-    packing: bool = True
-    max_tokens_per_batch: int | None = None
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # positions per LM-head chunk
 
 
 class FixedShards(ray.train.DataConfig):
@@ -273,24 +254,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     args: LoopArgs = config["args"]
     # One line per log step is the progress; per-iteration Ray Data bars from every worker are noise.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    torch.manual_seed(args.seed)
+    train = args.train
+    torch.manual_seed(train.seed)
     rank = _rank()
     world = dist.get_world_size() if dist.is_initialized() else 1
     tokenizer = load_tokenizer(args.model_path, args.gguf_file)
     pad_id = tokenizer.pad_token_id
-    lm = prepare_model(load_model(args.model_path, args.dtype, args.gguf_file), args.prep)
-    optim = OptimConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-                        total_steps=args.total_steps, schedule=args.schedule, max_grad_norm=args.max_grad_norm)
-    scorer = PolicyScorer(lm, args.chunk_tokens)
+    lm = prepare_model(load_model(args.model_path, args.dtype, args.gguf_file), ModelPrep.from_train(train))
+    scorer = PolicyScorer(lm, train.logprob_chunk_tokens)
     engine = build_engine(
-        args.engine, scorer, optim, grad_accum_steps=args.local_batch_size // args.micro_batch_size,
-        micro_batch_size=args.micro_batch_size, zero_stage=args.zero_stage, bf16=args.bf16,
-        offload_optimizer=args.offload_optimizer,
+        train.engine, scorer, OptimConfig.from_train(train, args.total_steps),
+        grad_accum_steps=args.local_batch_size // train.micro_batch_size, micro_batch_size=train.micro_batch_size,
+        zero_stage=train.zero_stage, bf16=train.bf16, offload_optimizer=train.offload_optimizer,
     )
-    if args.engine == "deepspeed" and args.zero_stage == 3:
+    if train.engine == "deepspeed" and train.zero_stage == 3:
         scorer.register_zero3()  # the chunked head reads the partitioned head weight directly
-    spec = LossSpec(args.loss_weights, LossParams(**args.loss_params), args.reference_free)
-    layout = {"packed": args.packing, "max_tokens": args.max_tokens_per_batch}
+    spec = LossSpec.from_config(args.loss)
+    # Packed: each micro-batch's 2 x micro_batch_size sequences in rows of at most max_tokens tokens
+    # (positions restart per sequence, no attention across them); else one padded batch.
+    layout = {"packed": train.packing, "max_tokens": train.max_tokens_per_batch}
     # Rank 0 logs: writes go to the spool on disk and a thread delivers them, so a slow or
     # stopped tracking server never stalls the step.
     tracker = Tracker.open(args.tracker, "rank0", say=_say) if rank == 0 and args.tracker else None
@@ -299,7 +281,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0 and start_step:
         _say(f"[raydpo] resumed at step {start_step}/{args.total_steps}")
 
-    train_shard = ShuffledShard(args.train_blocks, args.train_rows, args.seed, rank, world,
+    train_shard = ShuffledShard(args.train_blocks, args.train_rows, train.seed, rank, world,
                                 args.local_batch_size, args.steps_per_epoch)  # its part of each epoch
     eval_shard = ray.train.get_dataset_shard("eval") if args.has_eval else None  # ray
     trained_rows = TrainedRows(args.output_dir, rank, start_step)
@@ -311,7 +293,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step >= args.total_steps or stopping:
             break
         skip = step - epoch * args.steps_per_epoch  # batches of this epoch already trained on
-        positions = worker_positions(epoch_order(args.train_rows, args.seed, epoch), rank, world,
+        positions = worker_positions(epoch_order(args.train_rows, train.seed, epoch), rank, world,
                                      args.local_batch_size, args.steps_per_epoch)  # what ShuffledShard reads
         for i, batch in train_shard.batches(epoch, start=skip):
             if step >= args.total_steps:
@@ -319,30 +301,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if stop.requested(engine.device):  # at a step boundary, the same one on every rank
                 stopping = True
                 break
-            metrics = train_step(engine, _micro(batch, args.micro_batch_size), spec, pad_id, bco, **layout)
+            metrics = train_step(engine, _micro(batch, train.micro_batch_size), spec, pad_id, bco, **layout)
             step += 1
             trained_rows.write(step, epoch, positions[i], batch)
             metrics["epoch"] = epoch + (i + 1) / args.steps_per_epoch
             pairs_last += args.local_batch_size * world
             last = step == args.total_steps
-            if step % args.log_every == 0 or last:
+            if step % train.log_every == 0 or last:
                 now = time.perf_counter()
                 metrics["pairs_per_s"] = pairs_last / max(now - t_last, 1e-9)
                 t_last, pairs_last = now, 0
                 if tracker:
                     tracker.log_metrics(metrics, args.step_offset + step)
-            if eval_shard is not None and ((args.eval_every and step % args.eval_every == 0) or last):
-                eval_batches = eval_shard.iter_batches(batch_size=args.micro_batch_size, batch_format="numpy")
+            if eval_shard is not None and ((train.eval_every and step % train.eval_every == 0) or last):
+                eval_batches = eval_shard.iter_batches(batch_size=train.micro_batch_size, batch_format="numpy")
                 margins: list[float] = []  # every eval pair's reward margin, for the histogram
                 eval_metrics = evaluate(engine, eval_batches, spec, pad_id, margins=margins, **layout)
                 metrics |= eval_metrics
                 if tracker:
                     tracker.log_metrics(eval_metrics, args.step_offset + step)
                     tracker.log_plots(args.step_offset + step, margins)
-            if (args.checkpoint_every and step % args.checkpoint_every == 0) or last:
+            if (train.checkpoint_every and step % train.checkpoint_every == 0) or last:
                 _save_checkpoint(engine, args, step, {**metrics, "step": step}, bco, saved)
                 saved = step
-            if args.fail_at_step == step:
+            if train.fail_at_step == step:
                 _inject_failure(args, step)
     trained_rows.close()
     if stopping:

@@ -20,7 +20,6 @@ from raydpo.data.pipeline import DataError
 from raydpo.progress import TrainProgress, say
 from raydpo.spool import Spool
 from raydpo.tracking import TrackerSpec
-from raydpo.train.adapters import LoraSettings, ModelPrep
 from raydpo.train.loop import FixedShards, LoopArgs, train_loop_per_worker
 
 
@@ -78,20 +77,10 @@ def train_policy(
         raise DataError(f"{n_train} training pairs is less than one batch (train.batch_size {train.batch_size})")
     total = min(train.max_steps or 10**12, steps_per_epoch * train.epochs)
     args = LoopArgs(
-        model_path=model_path, output_dir=str(out_dir), engine=train.engine, zero_stage=train.zero_stage,
-        local_batch_size=local_batch, micro_batch_size=train.micro_batch_size, total_steps=total,
-        steps_per_epoch=steps_per_epoch, lr=train.lr, weight_decay=train.weight_decay,
-        warmup_steps=train.warmup_steps, schedule=train.schedule, max_grad_norm=train.max_grad_norm,
-        bf16=train.bf16, seed=train.seed,
+        train=train, loss=loss, model_path=model_path, output_dir=str(out_dir), local_batch_size=local_batch,
+        total_steps=total, steps_per_epoch=steps_per_epoch,
         train_blocks=train_ds.to_arrow_refs(), train_rows=n_train,  # each epoch permutes all rows
-        log_every=train.log_every, eval_every=train.eval_every, checkpoint_every=train.checkpoint_every,
-        fail_at_step=train.fail_at_step, loss_weights=loss.weight_map(), loss_params=loss.params(),
-        reference_free=not loss.needs_reference(), dtype=dtype, gguf_file=None,
-        tracker=tracker, step_offset=step_offset, has_eval=n_eval > 0,
-        prep=ModelPrep(gradient_checkpointing=train.gradient_checkpointing,
-                       lora=LoraSettings(**train.lora.model_dump()) if train.lora else None),
-        offload_optimizer=train.offload_optimizer, packing=train.packing,
-        max_tokens_per_batch=train.max_tokens_per_batch, chunk_tokens=train.logprob_chunk_tokens,
+        dtype=dtype, tracker=tracker, step_offset=step_offset, has_eval=n_eval > 0,
     )
     storage_path, name = checkpoint_location(train.storage_path, out_dir)
     say(f"[raydpo] training: {n_train} pairs ({n_eval} held out), {train.num_workers} worker(s), "

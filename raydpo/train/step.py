@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from raydpo.config import LossConfig
 from raydpo.logprobs import pair_batch, scorer_of, to_device
 from raydpo.losses import LossParams, PairLogps, bco_batch_reward, combined_loss, rewards
 from raydpo.metrics import SUM_FIELDS, all_reduce_sum, reduce_sums, zeros
@@ -24,6 +25,10 @@ class LossSpec:
     weights: dict[str, float]  # loss name -> weight; a single loss is {name: 1.0}
     params: LossParams
     reference_free: bool = False
+
+    @classmethod
+    def from_config(cls, loss: LossConfig) -> LossSpec:
+        return cls(loss.weight_map(), LossParams(**loss.params()), not loss.needs_reference())
 
 
 @dataclass

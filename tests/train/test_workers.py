@@ -15,6 +15,7 @@ import torch
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from raydpo.config import LossConfig, TrainConfig
 from raydpo.data.synthetic import max_rows
 from raydpo.data.tokenize import TokenizeSettings, tokenize_pair
 from raydpo.logprobs import model_sequence_logps, pair_batch
@@ -46,13 +47,12 @@ def _train(tmp: Path, model_dir: Path, rows: list[dict], engine: str, workers: i
            max_tokens: int | None = None) -> tuple[dict, dict]:
     out = tmp / f"{engine}-{workers}"
     train = ray.data.from_items(rows).materialize()
+    train_cfg = TrainConfig(engine=engine, num_workers=workers, batch_size=GLOBAL_BATCH, micro_batch_size=micro,
+                            lr=1e-4, schedule="constant", max_tokens_per_batch=max_tokens)
     args = LoopArgs(
-        model_path=str(model_dir), output_dir=str(out), engine=engine, zero_stage=2,
-        local_batch_size=GLOBAL_BATCH // workers, micro_batch_size=micro, total_steps=1, steps_per_epoch=1,
-        lr=1e-4, weight_decay=0.0, warmup_steps=0, schedule="constant", max_grad_norm=1.0, bf16=False,
-        seed=0, train_blocks=train.to_arrow_refs(), train_rows=len(rows), log_every=1, eval_every=0, checkpoint_every=0,
-        loss_weights={"sigmoid": 1.0}, loss_params={"beta": 0.5}, reference_free=False, has_eval=False,
-        packing=True, max_tokens_per_batch=max_tokens,
+        train=train_cfg, loss=LossConfig(beta=0.5), model_path=str(model_dir), output_dir=str(out),
+        local_batch_size=GLOBAL_BATCH // workers, total_steps=1, steps_per_epoch=1,
+        train_blocks=train.to_arrow_refs(), train_rows=len(rows), has_eval=False,
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
