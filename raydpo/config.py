@@ -286,6 +286,13 @@ class TrainConfig(_Placed):
     # LM-head positions projected at a time: the head holds chunk x vocabulary float32 logits.
     logprob_chunk_tokens: int = Field(1024, gt=0)
     seed: int = 0
+    # glibc malloc of the training workers: blocks from this many bytes up get their own mmap,
+    # returned to the OS when freed. glibc's default raises its threshold as large blocks are freed
+    # (up to 32 MiB), so the step's mid-sized activations fragment the heap and the worker's RSS
+    # climbs step after step. 4 MiB held SmolLM2's CPU step at 3.4 GB instead of 5.2 GB, for 1.3x
+    # the CPU time (docs/benchmarks.md). None: glibc's own behaviour (faster, more memory).
+    malloc_mmap_threshold: int | None = Field(4194304, ge=0)
+    env: dict[str, str] | None = None  # more environment of the training workers, e.g. NCCL_DEBUG
     log_every: int = Field(1, gt=0)
     eval_every: int = Field(0, ge=0)  # steps; 0: only at the end
     checkpoint_every: int = Field(0, ge=0)  # steps; 0: only at the end
@@ -554,7 +561,8 @@ RESUME_HARMLESS = (
     "reference.window", "reference.max_padding", "reference.cache_dir", "reference.fail_after_blocks",
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.max_failures", "train.fail_at_step", "train.cpus_per_worker", "train.use_gpu",
-    "train.accelerator_type", "train.resources", "train.placement_strategy",
+    "train.accelerator_type", "train.resources", "train.placement_strategy", "train.malloc_mmap_threshold",
+    "train.env",
     # The same update computed another way: the loss is normalised over the global batch however it
     # is split into micro-batches (tests/train/test_workers.py), checkpointing recomputes, the head's
     # chunk only bounds memory.

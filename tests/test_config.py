@@ -398,3 +398,15 @@ def test_a_run_from_before_the_placement_keys_resumes() -> None:
     assert trajectory_changes(saved, moved) == ["train.storage_path: '<unset>' -> '/nfs/ckpt'"]
     placed = flatten(load_config(QUICKSTART, ["train.placement_strategy=SPREAD", "train.resources={n: 1}"]))
     assert trajectory_changes(saved, placed) == []
+
+
+def test_training_workers_get_the_malloc_setting_and_train_env() -> None:
+    """glibc's mmap threshold (4 MiB unless set; null leaves glibc's own) plus train.env, which wins."""
+    from raydpo.train.policy import worker_env
+
+    assert worker_env(load_config(QUICKSTART).train) == {"MALLOC_MMAP_THRESHOLD_": "4194304"}
+    assert worker_env(load_config(QUICKSTART, ["train.malloc_mmap_threshold=null"]).train) == {}
+    both = load_config(QUICKSTART, ["train.malloc_mmap_threshold=1048576", "train.env={NCCL_DEBUG: INFO}"])
+    assert worker_env(both.train) == {"MALLOC_MMAP_THRESHOLD_": "1048576", "NCCL_DEBUG": "INFO"}
+    mine = load_config(QUICKSTART, ["train.env={MALLOC_MMAP_THRESHOLD_: '65536'}"])
+    assert worker_env(mine.train) == {"MALLOC_MMAP_THRESHOLD_": "65536"}

@@ -44,6 +44,13 @@ def checkpoint_location(storage_path: str | None, out_dir: Path) -> tuple[str, s
     return storage_path.rstrip("/"), f"{out_dir.name}-{digest}"
 
 
+def worker_env(train: TrainConfig) -> dict[str, str]:
+    """The training workers' environment variables. Ray starts each worker process with them, so
+    glibc reads its malloc settings before the first allocation."""
+    env = {} if train.malloc_mmap_threshold is None else {"MALLOC_MMAP_THRESHOLD_": str(train.malloc_mmap_threshold)}
+    return env | (train.env or {})
+
+
 def has_checkpoints(storage_path: str, name: str) -> bool:
     """Whether Ray Train's folder ``{storage_path}/{name}`` (any pyarrow filesystem) holds a checkpoint."""
     import pyarrow.fs
@@ -98,6 +105,7 @@ def train_policy(
             storage_path=storage_path,  # a local folder or a pyarrow URI (s3://, gs://)
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=train.max_failures),
+            worker_runtime_env={"env_vars": worker_env(train)},
         ),
         datasets={"eval": eval_ds} if n_eval else {},  # train rows: LoopArgs.train_blocks
         dataset_config=FixedShards(),

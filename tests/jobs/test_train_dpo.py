@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,23 @@ def quick(tmp_path: Path, uri: str, *overrides: str):
     )
 
 
+def worker_environ(out: Path, timeout_s: float = 600.0) -> dict[str, str]:
+    """The environment of the training worker of the run writing ``out``, read from /proc while
+    it trains (its pid: the first line of its trained-rows file); {} if none was seen in time."""
+    deadline = time.monotonic() + timeout_s
+    rows = out / "trained_rows" / "rank0.jsonl"
+    while time.monotonic() < deadline:
+        lines = rows.read_text().splitlines() if rows.exists() else []
+        if lines:
+            try:
+                raw = Path(f"/proc/{json.loads(lines[0])['pid']}/environ").read_bytes()
+            except (OSError, ValueError, KeyError):
+                return {}
+            return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+        time.sleep(0.2)
+    return {}
+
+
 def history(uri: str, run_id: str, key: str) -> dict[int, float]:
     """step -> value; a step logged twice (a resumed run) keeps its last value."""
     out: dict[int, float] = {}
@@ -41,10 +60,16 @@ def test_quickstart_learns_and_is_tracked(ray_local, tmp_path, mlflow_uri):
     from jobs.train_dpo import run
 
     cfg = quick(tmp_path, mlflow_uri, "data.synthetic.rows=2600", "train.eval_every=20", "train.log_every=1",
-                "train.checkpoint_every=0")
+                "train.checkpoint_every=0", "train.env={RAYDPO_TEST_MARK: quick}")
     sigint = signal.getsignal(signal.SIGINT)
+    environ: list[dict[str, str]] = []
+    watcher = threading.Thread(target=lambda: environ.append(worker_environ(tmp_path / "out")), daemon=True)
+    watcher.start()
     outcome = run(cfg)
+    watcher.join(timeout=10)
     assert signal.getsignal(signal.SIGINT) is sigint  # Ray Train's handler for the fit does not outlive it
+    # The training worker process started with the malloc setting (glibc reads it at start) and train.env.
+    assert environ and environ[0].get("MALLOC_MMAP_THRESHOLD_") == "4194304" and environ[0].get("RAYDPO_TEST_MARK") == "quick"
 
     client = MlflowClient(mlflow_uri)
     run_data = client.get_run(outcome.run_id).data
@@ -143,9 +168,6 @@ def test_training_goes_on_while_the_mlflow_server_is_down(ray_local, tmp_path, m
     """A real `mlflow server` stopped mid-run (after rank 0 logged a few steps) and restarted
     later on the same port and store: training never waits for it, and every step's metrics
     reach the server exactly once."""
-    import threading
-    import time
-
     from jobs.train_dpo import run
 
     out = tmp_path / "out"
