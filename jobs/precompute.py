@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 from raydpo.config import Config, load_config_or_report
 from raydpo.data.refcache import RefStats
+from raydpo.progress import quiet_libraries
 from raydpo.tracking import Tracker
 
 
@@ -26,12 +28,14 @@ def run(cfg: Config) -> RefStats:
 
     from jobs import stages
 
+    quiet_libraries()  # progress lines, not MLflow's store set-up, Ray Data's operator logs or weight-loading bars
     # A new run each time, spooled in {output_dir}/precompute; an unreachable server fails here.
     tracker, _ = Tracker.start(cfg.tracking, Path(cfg.output_dir).expanduser().resolve() / "precompute",
                                cfg.tracking.run_name or "precompute", tags={"raydpo.job": "precompute"}, resume=False)
     try:
         prepared = stages.prepare(cfg)
-        ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
+        ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=False,
+                 logging_level=logging.WARNING)
         kept, _ = stages.data(cfg, prepared, tracker)
         _, stats = stages.reference(cfg, prepared.model_path, kept, tracker)
     except BaseException:
