@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 
@@ -24,8 +22,6 @@ from raydpo.tracking import Tracker
 
 def run(cfg: Config) -> RefStats:
     """Tokenize the config's data as ``train`` would and fill the cache for its kept pairs."""
-    import ray
-
     from jobs import stages
 
     quiet_libraries()  # progress lines, not MLflow's store set-up, Ray Data's operator logs or weight-loading bars
@@ -34,8 +30,7 @@ def run(cfg: Config) -> RefStats:
                                cfg.tracking.run_name or "precompute", tags={"raydpo.job": "precompute"}, resume=False)
     try:
         prepared = stages.prepare(cfg)
-        ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=False,
-                 logging_level=logging.WARNING)
+        stages.start_ray(verbose=False)
         kept, _ = stages.data(cfg, prepared, tracker)
         _, stats = stages.reference(cfg, prepared.model_path, kept, tracker)
     except BaseException:

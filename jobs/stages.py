@@ -264,16 +264,29 @@ def check_shared_storage(cfg: Config) -> None:
         say(f"[raydpo] shared storage: {', '.join(seen)} seen from {len(next(iter(seen.values())))} nodes")
 
 
-def start_run(cfg: Config, config_path: str | None, verbose: bool, job: str,
-              resumable: Callable[[Path], bool]) -> Tracker:
-    """Checks that fail before any work (a changed config on resume, a node-local folder on a
-    cluster of several nodes, an unreachable tracking server), with Ray started or joined, then
-    the MLflow run with its params and config. Says where the Ray dashboard and the run are."""
+def start_ray(verbose: bool) -> None:
+    """Start a local Ray, or join ``RAY_ADDRESS`` (``ray job submit`` sets it), and say which.
+    The workers' output stays in Ray's log folder (progress comes from rank 0's spool) unless
+    ``verbose``."""
     import logging
     import os
 
     import ray
 
+    address = os.environ.get("RAY_ADDRESS")
+    local = {} if address else {"dashboard_host": "127.0.0.1"}  # a local Ray serves its dashboard on loopback only
+    context = ray.init(address=address, ignore_reinit_error=True, log_to_driver=verbose,
+                       logging_level=logging.INFO if verbose else logging.WARNING, **local)
+    nodes = sum(n["Alive"] for n in ray.nodes())
+    dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else "none (started without one)"
+    say(f"[raydpo] Ray: {'joined ' + address if address else 'local'}, {nodes} node(s); dashboard {dashboard}")
+
+
+def start_run(cfg: Config, config_path: str | None, verbose: bool, job: str,
+              resumable: Callable[[Path], bool]) -> Tracker:
+    """Checks that fail before any work (a changed config on resume, a node-local folder on a
+    cluster of several nodes, an unreachable tracking server), with Ray started or joined, then
+    the MLflow run with its params and config. Says where the Ray dashboard and the run are."""
     from raydpo import tracking
     from raydpo.progress import quiet_libraries
 
@@ -282,14 +295,7 @@ def start_run(cfg: Config, config_path: str | None, verbose: bool, job: str,
     check_model(cfg)
     if not verbose:
         quiet_libraries()
-    # Workers' output stays in Ray's log folder (progress comes from rank 0's spool) unless --verbose.
-    address = os.environ.get("RAY_ADDRESS")  # local unless set (`ray job submit` sets it)
-    local = {} if address else {"dashboard_host": "127.0.0.1"}  # a local Ray serves its dashboard on loopback only
-    context = ray.init(address=address, ignore_reinit_error=True, log_to_driver=verbose,
-                       logging_level=logging.INFO if verbose else logging.WARNING, **local)
-    nodes = sum(n["Alive"] for n in ray.nodes())
-    dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else "none (started without one)"
-    say(f"[raydpo] Ray: {'joined ' + address if address else 'local'}, {nodes} node(s); dashboard {dashboard}")
+    start_ray(verbose)
     check_shared_storage(cfg)
     tracker, resumed = Tracker.start(cfg.tracking, out, cfg.tracking.run_name, tags={"raydpo.job": job})
     say(f"[raydpo] MLflow run {tracker.run_id} ({'resumed' if resumed else 'new'}) at "
