@@ -29,14 +29,19 @@ from raydpo.progress import say
 EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
 
 
-class Preempted(BaseException):
-    """The driver was asked to stop. A BaseException, like KeyboardInterrupt, so that no library's
-    ``except Exception`` on the way out swallows it."""
+class Preempted(KeyboardInterrupt):
+    """The driver was asked to stop. A KeyboardInterrupt, so no library's ``except Exception`` on
+    the way out swallows it, and because Ray's ``ray.get`` runs signal handlers while it waits and
+    passes on only a KeyboardInterrupt raised there, as one of its own (any other exception is
+    lost there, and the wait goes on): :class:`SigtermStop` turns that back into this."""
 
-    def __init__(self, step: int | None) -> None:
-        self.step = step  # the checkpointed step; None: stopped outside training
-        where = (f"at step {step}: checkpointed" if step else
-                 "before training: nothing to checkpoint (finished stages keep what they saved)")
+    def __init__(self, step: int | None, finished: bool = False) -> None:
+        self.step = step  # the checkpointed step; None: stopped outside training, or after it finished
+        self.finished = finished  # the SIGTERM came during the last step: the training finished first
+        where = ("when training had finished: its result is saved" if finished else
+                 f"at step {step}: checkpointed" if step else
+                 "outside training: nothing to checkpoint (the reference-cache blocks and round "
+                 "parts already written are kept)")
         super().__init__(f"preempted (SIGTERM) {where}; re-run the same command to resume")
 
 
@@ -70,6 +75,7 @@ class SigtermStop:
         self.actor = None  # the StopSignal while a training runs
         self.received = False
         self.stopped_at: int | None = None  # the step the last training stopped at, if asked to stop
+        self.raised: Preempted | None = None  # what the handler raised, to stop at once
         self._previous = None
         self._installed = False
 
@@ -79,14 +85,27 @@ class SigtermStop:
             self._installed = True
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if self._installed:
             signal.signal(signal.SIGTERM, self._previous)
             self._installed = False
+        preempted = self.preempted(exc)
+        if preempted is not None and preempted is not exc:
+            raise preempted from None  # Ray's KeyboardInterrupt for ours
+
+    def preempted(self, error: BaseException | None) -> "Preempted | None":
+        """The :class:`Preempted` that ``error`` is: itself, or the one the handler raised where
+        Ray's ``ray.get`` passed it on as a plain KeyboardInterrupt; None for any other error."""
+        if isinstance(error, Preempted):
+            return error
+        if isinstance(error, KeyboardInterrupt) and self.raised is not None:
+            return self.raised
+        return None
 
     def _handle(self, signum, frame) -> None:
-        if self.received or self.actor is None:
-            raise Preempted(None)  # nothing to checkpoint now, or a second SIGTERM
+        if self.received or self.actor is None:  # nothing to checkpoint now, or a second SIGTERM
+            self.raised = Preempted(None)
+            raise self.raised
         self.received = True
         say("[raydpo] SIGTERM: the workers checkpoint at the next step boundary and stop")
         self.actor.request.remote()
@@ -113,6 +132,10 @@ class SigtermStop:
                 pass
 
     def raise_if_stopped(self) -> None:
-        """After :meth:`training`: :class:`Preempted` if its workers stopped early."""
+        """After :meth:`training`: :class:`Preempted` if a SIGTERM came, whether its workers
+        stopped early or had already begun the last step (then the training finished first, and
+        the job still stops here rather than go on to its next stage or round)."""
         if self.stopped_at is not None:
             raise Preempted(self.stopped_at)
+        if self.received:
+            raise Preempted(None, finished=True)

@@ -25,6 +25,7 @@ from raydpo.data.refcache import (Cache, CacheKey, RefStats, add_keys, count_hit
 from raydpo.data.tokenize import TokenizeSettings
 from raydpo.logprobs import budgeted_logps
 from raydpo.models import load_model, load_tokenizer
+from raydpo.progress import say
 from raydpo.tracking import Tracker
 
 
@@ -39,7 +40,6 @@ class ReferenceLogps:
         dtype: str = "float32",
         batch_tokens: int = 8192,
         max_padding: float = 1.05,
-        fail_after_blocks: int | None = None,
     ) -> None:
         self.cache = cache
         self.cache.record_load()
@@ -48,8 +48,6 @@ class ReferenceLogps:
         self.pad_id = load_tokenizer(model_path, gguf_file).pad_token_id
         self.batch_tokens = batch_tokens
         self.max_padding = max_padding
-        self.fail_after_blocks = fail_after_blocks  # fault injection, for testing resume
-        self.blocks = 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         t0 = time.perf_counter()
@@ -59,9 +57,6 @@ class ReferenceLogps:
                                        self.device, self.max_padding)
         tokens = np.array([len(p) + len(c) for p, c in zip(prompts, completions)], dtype=np.int32)
         self.cache.write_block(batch["key"].combine_chunks(), logps, tokens)
-        self.blocks += 1
-        if self.fail_after_blocks is not None and self.blocks >= self.fail_after_blocks:
-            raise RuntimeError(f"fault injection: reference.fail_after_blocks={self.fail_after_blocks}")
         return pa.table({
             "sequences": [batch.num_rows],
             "tokens": [int(tokens.sum())],
@@ -118,8 +113,7 @@ def reference_stage(
         pool = missing.map_batches(
             ReferenceLogps,
             fn_constructor_kwargs={"cache": cache, "model_path": model_path, "gguf_file": gguf_file, "dtype": s.dtype,
-                                   "batch_tokens": s.batch_tokens, "max_padding": s.max_padding,
-                                   "fail_after_blocks": s.fail_after_blocks},
+                                   "batch_tokens": s.batch_tokens, "max_padding": s.max_padding},
             batch_size=s.window,  # sequences sorted by length together
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=s.num_actors),
@@ -136,7 +130,14 @@ def reference_stage(
         # (30 min; it killed a SmolLM2 run on a loaded 2-core machine): the actors are working
         # inside the window, not stuck.
         pool.context.execution_no_progress_timeout_s = -1
-        computed = pool.take_all()
+        computed, said = [], 0.0
+        for window in pool.iter_rows():  # one row per finished window, as it finishes
+            computed.append(window)
+            done, elapsed = sum(c["sequences"] for c in computed), time.perf_counter() - t1
+            if elapsed - said >= 10 or done == n_missing:  # a line at most every 10 s, and the last
+                said = elapsed
+                say(f"[raydpo] reference: {done}/{n_missing} sequences ({100 * done / n_missing:.0f}%), "
+                    f"{elapsed:.0f}s, ETA {elapsed / done * (n_missing - done):.0f}s")
         stats.compute_seconds = time.perf_counter() - t1
         stats.sequences_computed = sum(c["sequences"] for c in computed)
         stats.tokens = sum(c["tokens"] for c in computed)

@@ -115,10 +115,19 @@ def write_pairs(model: str, data: Path, n: int, max_length: int, max_prompt_leng
 # child processes
 
 
-def run_child(name: str, argv: list[str], logs: Path, timeout: float) -> dict:
+def worker_env_default() -> dict[str, str]:
+    """The environment ``raydpo train`` gives its training workers by default (its malloc setting)."""
+    from raydpo.config import TrainConfig
+    from raydpo.train.policy import worker_env
+
+    return worker_env(TrainConfig())
+
+
+def run_child(name: str, argv: list[str], logs: Path, timeout: float, extra_env: dict[str, str] | None = None) -> dict:
     """Run ``argv`` alone, wait for it with ``os.wait4`` (its own rusage), return its JSON line
-    plus ``child_maxrss_mib`` and ``wall_s``."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    plus ``child_maxrss_mib`` and ``wall_s``. ``extra_env``: variables for this child only."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "TQDM_DISABLE": "1", **(extra_env or {})}
     out_path, err_path = logs / f"{name}.out", logs / f"{name}.err"
     print(f"[step_vs_trl] {name}: {shlex.join(argv)}", flush=True)
     t0 = time.perf_counter()
@@ -245,6 +254,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--raydpo", action="append", default=None, metavar="NAME=ARGS",
                    help=f"a raydpo configuration: a name and bench/raydpo_step.py train flags (repeatable; default {DEFAULT_RAYDPO})")
+    p.add_argument("--raydpo-env", action="append", default=None, metavar="KEY=VALUE",
+                   help="environment of the raydpo training processes (default: what `raydpo train` gives its "
+                        "workers, train.malloc_mmap_threshold's default; --raydpo-env none: glibc's own)")
     p.add_argument("--trl-python", default=str(BENCH / "trl-venv/bin/python"))
     p.add_argument("--trl-gc", default="on,off",
                    help="TRL's gradient checkpointing settings to run, each with and without precompute: on,off (default), "
@@ -269,6 +281,8 @@ def main() -> None:
         if not name or not name.replace("-", "").replace("_", "").isalnum():
             p.error(f"--raydpo {spec!r}: NAME=ARGS with a plain name")
         configs.append((name, shlex.split(flags)))
+    raydpo_env = worker_env_default() if ns.raydpo_env is None else dict(
+        kv.split("=", 1) for kv in ns.raydpo_env if kv != "none")
     trl_gc = [g for g in ns.trl_gc.split(",") if g]
     trl_precompute = [g == "on" for g in ns.trl_precompute.split(",") if g]
     if any(g not in ("on", "off") for g in ns.trl_precompute.split(",") if g):
@@ -319,8 +333,8 @@ def main() -> None:
         for name, flags in configs if "error" not in res["ref"] else []:
             r = run_child(f"raydpo-{name}", [py, str(ROOT / "bench/raydpo_step.py"), "train", *common, "--ref", str(ref_npz),
                                              "--batch", str(ns.batch), "--warmup-steps", str(ns.warmup_steps),
-                                             "--steps", str(steps), *flags], logs, ns.timeout)
-            r["side"] = "raydpo"
+                                             "--steps", str(steps), *flags], logs, ns.timeout, raydpo_env)
+            r["side"], r["env"] = "raydpo", raydpo_env
             r["label"] = f"raydpo {name} ({shlex.join(flags)})" if flags else f"raydpo {name}"
             res["runs"].append(r)
             save()

@@ -86,7 +86,7 @@ def run_rounds(o: Online, stop: SigtermStop) -> list[dict[str, float]]:
             child.log_metrics(metrics, step=trained["last_step"])
             rounds.write_json(rd.done, metrics)  # the round is complete
         except BaseException as e:
-            child.finish("KILLED" if isinstance(e, Preempted) else "FAILED", timeout=cfg.tracking.flush_timeout_s)
+            child.finish("KILLED" if stop.preempted(e) else "FAILED", timeout=cfg.tracking.flush_timeout_s)
             raise
         child.finish("FINISHED", timeout=cfg.tracking.flush_timeout_s)
         o.parent.log_metrics(metrics, step=r)
@@ -100,11 +100,16 @@ def run_rounds(o: Online, stop: SigtermStop) -> list[dict[str, float]]:
     return history
 
 
-def finish(cfg: Config, o: Online, history: list[dict[str, float]], t0: float) -> Outcome:
-    final = rounds.policy_path(o.out, cfg.online.rounds, o.initial)
+def shutdown(o: Online) -> None:
+    """The generators and the judge's actors, ended however the job ends (a caller in the same
+    process, a test or a notebook, must not keep them holding CPUs)."""
     o.pool.shutdown()
     if hasattr(o.judge, "shutdown"):  # a judge with actors of its own
         o.judge.shutdown()
+
+
+def finish(cfg: Config, o: Online, history: list[dict[str, float]], t0: float) -> Outcome:
+    final = rounds.policy_path(o.out, cfg.online.rounds, o.initial)
     if cfg.tracking.log_model:
         o.parent.log_model(final, cfg.tracking.register_as)
     delivered = o.parent.finish("FINISHED", timeout=cfg.tracking.flush_timeout_s)
@@ -124,24 +129,33 @@ def run(cfg: Config, config_path: str | None = None, verbose: bool = False) -> O
     t0 = time.perf_counter()
     tracker = stages.start_run(cfg, config_path, verbose, job="iterate",
                                resumable=lambda out: (out / "rounds").exists())
+    o = None
     with SigtermStop() as stop:  # after start_run: ray.init installs a SIGTERM handler of its own
         try:
             o = setup(cfg, tracker)
             history = run_rounds(o, stop)
         except BaseException as e:
-            tracker.finish("KILLED" if isinstance(e, Preempted) else "FAILED", timeout=cfg.tracking.flush_timeout_s)
+            tracker.finish("KILLED" if stop.preempted(e) else "FAILED", timeout=cfg.tracking.flush_timeout_s)
             raise
+        finally:
+            if o is not None:
+                shutdown(o)
     return finish(cfg, o, history, t0)
 
 
 def main(argv: list[str] | None = None) -> int:
     from jobs import stages
+    from raydpo.train.loop import CheckpointWriteError
+    from raydpo.train.policy import WorkersLost
 
     try:
         return stages.training_job_main(argv, "raydpo iterate", __doc__, run)
     except Preempted as e:
         print(f"raydpo: {e}", file=sys.stderr)
         return EXIT_CODE
+    except (CheckpointWriteError, WorkersLost) as e:  # their messages say it all
+        print(f"raydpo: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ reads; both call the same reference stage (``actors.reference``), so a precomput
 train computes nothing twice. With ``--json`` stdout is exactly one JSON object: ``cache_key``,
 ``rows``, ``hits``, ``misses``, ``seconds``, ``tokens_per_s`` and the rest of ``RefStats``. The
 same figures go to MLflow, in a run of their own.
+
+A SIGTERM (spot preemption, ``ray job stop``) stops it at once with exit code 143; the cache keeps
+every block finished so far, and the same command computes only the rest.
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ from raydpo.tracking import Tracker
 
 
 def run(cfg: Config) -> RefStats:
-    """Tokenize the config's data as ``train`` would and fill the cache for its kept pairs."""
+    """Tokenize the config's data as ``train`` would and fill the cache for its kept pairs. The
+    MLflow run ends FAILED if anything raises, KILLED on a SIGTERM (:class:`Preempted`)."""
+    from actors.preemption import Preempted, SigtermStop
     from jobs import stages
 
     quiet_libraries()  # progress lines, not MLflow's store set-up, Ray Data's operator logs or weight-loading bars
@@ -31,16 +36,19 @@ def run(cfg: Config) -> RefStats:
     try:
         prepared = stages.prepare(cfg)
         stages.start_ray(verbose=False)
-        kept, _ = stages.data(cfg, prepared, tracker)
-        _, stats = stages.reference(cfg, prepared.model_path, kept, tracker)
-    except BaseException:
-        tracker.finish("FAILED", timeout=cfg.tracking.flush_timeout_s)
+        with SigtermStop():  # after ray.init, which installs a SIGTERM handler of its own
+            kept, _ = stages.data(cfg, prepared, tracker)
+            _, stats = stages.reference(cfg, prepared.model_path, kept, tracker)
+    except BaseException as e:
+        tracker.finish("KILLED" if isinstance(e, Preempted) else "FAILED", timeout=cfg.tracking.flush_timeout_s)
         raise
     tracker.finish("FINISHED", timeout=cfg.tracking.flush_timeout_s)
     return stats
 
 
 def main(argv: list[str] | None = None) -> int:
+    from actors.preemption import EXIT_CODE, Preempted
+
     parser = argparse.ArgumentParser(prog="raydpo precompute", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
@@ -51,8 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     stdout = sys.stdout
-    with contextlib.redirect_stdout(sys.stderr) if ns.json else contextlib.nullcontext():
-        stats = run(cfg)
+    try:
+        with contextlib.redirect_stdout(sys.stderr) if ns.json else contextlib.nullcontext():
+            stats = run(cfg)
+    except Preempted as e:
+        print(f"raydpo: {e}", file=sys.stderr)
+        return EXIT_CODE
     if ns.json:
         stdout.write(json.dumps(stats.to_dict()) + "\n")
         stdout.flush()

@@ -71,7 +71,7 @@ def finish(cfg: Config, tracker: Tracker, report: dict[str, Any], result, t0: fl
 def run(cfg: Config, config_path: str | None = None, verbose: bool = False) -> Outcome:
     """The whole job. The MLflow run is marked FAILED if anything raises (KILLED on a SIGTERM);
     re-running the same command resumes it from the latest checkpoint."""
-    from actors.preemption import Preempted, SigtermStop
+    from actors.preemption import SigtermStop
     from jobs import stages
 
     t0 = time.perf_counter()
@@ -81,7 +81,7 @@ def run(cfg: Config, config_path: str | None = None, verbose: bool = False) -> O
         try:
             report, result = train(cfg, tracker, stop)
         except BaseException as e:
-            tracker.finish("KILLED" if isinstance(e, Preempted) else "FAILED", timeout=cfg.tracking.flush_timeout_s)
+            tracker.finish("KILLED" if stop.preempted(e) else "FAILED", timeout=cfg.tracking.flush_timeout_s)
             failure = checkpoint_failure(e)
             if failure is not None:
                 raise failure from None  # its message says it all; Ray's wrapping repeats the worker's traceback
@@ -106,13 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     from actors.preemption import EXIT_CODE, Preempted
     from jobs import stages
     from raydpo.train.loop import CheckpointWriteError
+    from raydpo.train.policy import WorkersLost
 
     try:
         return stages.training_job_main(argv, "raydpo train", __doc__, run)
     except Preempted as e:
         print(f"raydpo: {e}", file=sys.stderr)
         return EXIT_CODE
-    except CheckpointWriteError as e:
+    except (CheckpointWriteError, WorkersLost) as e:  # their messages say it all
         print(f"raydpo: {e}", file=sys.stderr)
         return 1
 

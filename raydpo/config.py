@@ -189,8 +189,6 @@ class ReferenceConfig(_Placed):
     max_padding: float = Field(1.05, ge=1.0)  # cap on tokens computed / real tokens, per batch
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     cache_dir: str = "~/.cache/raydpo/ref"  # a local path or any pyarrow URI (s3://, gs://, file://)
-    # Fault injection, for testing resume: each actor raises after writing this many blocks.
-    fail_after_blocks: int | None = Field(None, gt=0)
 
 
 class LossConfig(_Strict):
@@ -558,7 +556,7 @@ RESUME_HARMLESS = (
     "tracking.", "output_dir", "data.max_drop_fraction",
     "reference.num_actors", "reference.num_cpus", "reference.num_gpus", "reference.accelerator_type",
     "reference.resources", "reference.batch_tokens",
-    "reference.window", "reference.max_padding", "reference.cache_dir", "reference.fail_after_blocks",
+    "reference.window", "reference.max_padding", "reference.cache_dir",
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.max_failures", "train.fail_at_step", "train.cpus_per_worker", "train.use_gpu",
     "train.accelerator_type", "train.resources", "train.placement_strategy", "train.malloc_mmap_threshold",

@@ -69,7 +69,8 @@ class LocalCluster:
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.object_store_bytes = object_store_bytes
         self.env = _env(env)
-        self.nodes: list[subprocess.Popen] = []
+        self.nodes: list[subprocess.Popen] = []  # the running ones; a killed node leaves this list
+        self.started = 0  # nodes ever started: each gets its own name and temp dir
         self._start("head", ["--head", "--port", str(self.gcs_port), "--num-cpus", str(head_cpus),
                              "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                              "--dashboard-port", str(self.dashboard_port),
@@ -78,6 +79,7 @@ class LocalCluster:
     def _start(self, name: str, args: list[str], wrap: list[str] | None = None) -> None:
         temp = self.root / name
         temp.mkdir()
+        self.started += 1
         log = open(self.root / f"{name}.log", "ab")
         self.nodes.append(subprocess.Popen(
             [*(wrap or []), str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp),
@@ -88,7 +90,7 @@ class LocalCluster:
         """A node joining the head. With ``private`` (where ``unshare -m`` is allowed: root, or a
         user namespace), the node runs in a mount namespace of its own with an empty tmpfs over
         the folder returned: a folder it does not share with the head, as a node-local disk."""
-        name = f"node{len(self.nodes)}"
+        name = f"node{self.started}"
         folder = self.root / f"{name}-local" if private and can_unshare() else None
         wrap = []
         if folder is not None:
@@ -98,6 +100,25 @@ class LocalCluster:
         self._start(name, ["--address", self.address, "--num-cpus", str(cpus),
                            *(["--resources", json.dumps(resources)] if resources else [])], wrap)
         return folder
+
+    def kill_node(self, index: int) -> int:
+        """SIGKILL node ``index`` of :attr:`nodes` (0 is the head) and every process under it, as
+        a machine that crashed: no drain, no goodbye to the head. It leaves :attr:`nodes`.
+        Returns how many processes it had."""
+        node = self.nodes.pop(index)
+        try:
+            top = psutil.Process(node.pid)
+            procs = [top, *top.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=30)
+        node.wait(30)
+        return len(procs)
 
     def alive_nodes(self) -> list[dict]:
         from ray.util.state import list_nodes

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray.data
+import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -49,6 +50,37 @@ def worker_env(train: TrainConfig) -> dict[str, str]:
     glibc reads its malloc settings before the first allocation."""
     env = {} if train.malloc_mmap_threshold is None else {"MALLOC_MMAP_THRESHOLD_": str(train.malloc_mmap_threshold)}
     return env | (train.env or {})
+
+
+class WorkersLost(RuntimeError):
+    """Training workers died (their process killed, or their node lost) with no restart left
+    (``train.max_failures``); the message says which, and what a re-run resumes from."""
+
+
+def lost_workers(error: BaseException) -> dict[int, str]:
+    """rank -> Ray's account, for each training worker whose process died in Ray Train's
+    ``WorkerGroupError`` ``error``; empty for any other failure (an exception in the loop)."""
+    from ray.exceptions import RayActorError
+
+    lost = {}
+    for rank, failure in getattr(error, "worker_failures", {}).items():
+        failure = getattr(failure, "health_check_failure", failure)  # Ray Train 2.60 wraps a dead worker's error
+        if isinstance(failure, RayActorError):
+            lost[rank] = str(failure)
+    return lost
+
+
+def workers_lost(lost: dict[int, str], storage_path: str, name: str) -> WorkersLost:
+    """The error a user can act on: which ranks, Ray's account (a node that went down shows
+    first as its workers' connections refused: Ray cannot tell a crashed node from a killed
+    process at that moment), and what the same command resumes from."""
+    ranks = ", ".join(map(str, sorted(lost)))
+    why = " ".join(next(iter(lost.values())).split())  # Ray's account, on one line
+    resume = (f"re-run the same command to resume from the latest checkpoint in {storage_path}/{name}"
+              if has_checkpoints(storage_path, name) else "no checkpoint was written yet: a re-run starts over")
+    return WorkersLost(f"training stopped: a training worker was lost, its process or its node (rank {ranks}: "
+                       f"{why}); {resume}, once the cluster has the nodes again. train.max_failures > 0 lets the "
+                       "job restart its workers itself, waiting for the nodes")
 
 
 def has_checkpoints(storage_path: str, name: str) -> bool:
@@ -118,6 +150,11 @@ def train_policy(
     sigint = signal.getsignal(signal.SIGINT)
     try:
         result = trainer.fit()
+    except ray.train.WorkerGroupError as e:
+        lost = lost_workers(e)
+        if lost:
+            raise workers_lost(lost, storage_path, name) from e
+        raise
     finally:
         if progress:
             progress.stop()

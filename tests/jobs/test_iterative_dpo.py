@@ -1,8 +1,10 @@
 """Online DPO end to end (``raydpo iterate``) on a real local Ray, a real MLflow store and the
-real generators: the quickstart's rounds, shrunk; a run killed mid-round resumes and reuses what
-it saved; the judge score rises."""
+real generators: the quickstart's rounds, shrunk; a run stopped by SIGTERM mid-round checkpoints,
+resumes from there and reuses what the round saved; the judge score rises."""
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from raydpo.config import load_config
 from raydpo.online.rounds import RoundDir, read_json, read_jsonl
+from tests.jobs.strike import Strike, checkpoints, freeze, trained_rows, wait_for_step, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["online.synthetic.rows=160"]  # 128 training prompts, 32 held out: half the quickstart's
@@ -26,20 +29,45 @@ def steps(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
 
 
 def test_rounds_raise_the_score_resume_and_are_tracked(ray_local, tmp_path, mlflow_uri):
-    from jobs.iterative_dpo import run
+    import ray
 
-    out = tmp_path / "out"
-    # A training worker that fails in round 1 (no restarts) stops the job after the round's
-    # generations, scores and pairs are saved.
-    with pytest.raises(Exception, match="injected failure"):
-        run(online(tmp_path, mlflow_uri, *SMALL, "train.fail_at_step=2"))
-    r1 = RoundDir(out, 1)
-    assert r1.pairs.exists() and not r1.complete()
+    from actors.preemption import Preempted
+    from jobs.iterative_dpo import run
+    from raydpo.train.loop import stop_signal_name
+
+    out, r1 = tmp_path / "out", RoundDir(tmp_path / "out", 1)
+    # A real SIGTERM (a spot instance's notice) to this process, the driver, while round 1 trains:
+    # its worker is frozen after step 1 so the signal lands mid-training on any machine, and
+    # thawed once the driver has asked the workers to stop.
+    struck: dict[str, int] = {}
+
+    def sigterm(running) -> None:
+        worker = wait_for_step(r1.train_dir, 1, set(), running)["pid"]
+        try:
+            struck["after_step"], struck["worker"] = freeze(worker, r1.train_dir), worker
+            os.kill(os.getpid(), signal.SIGTERM)
+            stop = ray.get_actor(stop_signal_name(str(r1.train_dir), ray.get_runtime_context().get_job_id()))
+            wait_until(lambda: ray.get(stop.requested.remote()), "the stop request", running)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+
+    smaller = ["train.batch_size=16", "train.micro_batch_size=16"]  # about 6 steps a round: the stop lands before the last
+    with Strike(sigterm), pytest.raises(Preempted) as preempted:
+        run(online(tmp_path, mlflow_uri, *SMALL, *smaller))
+    stopped = preempted.value.step  # the step round 1's training checkpointed on the way out
+    assert stopped is not None and stopped >= struck["after_step"], str(preempted.value)
+    assert checkpoints(r1.train_dir)[-1] == stopped
+    assert r1.pairs.exists() and not r1.complete() and not r1.policy.exists()
+    client = MlflowClient(mlflow_uri)
+    run_id = (out / "mlflow_run_id").read_text().strip()
+    assert client.get_run(run_id).info.status == "KILLED"
     saved = {p: p.read_bytes() for p in (r1.generations, r1.scores, r1.pairs)}
     mtimes = {p: p.stat().st_mtime_ns for p in saved}
 
-    outcome = run(online(tmp_path, mlflow_uri, *SMALL))  # the same command: resumes round 1, then round 2
+    outcome = run(online(tmp_path, mlflow_uri, *SMALL, *smaller))  # the same command: resumes round 1's training, then round 2
 
+    resumed = [line for line in trained_rows(r1.train_dir) if line["pid"] != struck["worker"]]
+    assert min(line["step"] for line in resumed) == stopped + 1  # from the checkpoint, nothing trained twice
     for p, body in saved.items():  # reused, not regenerated
         assert p.read_bytes() == body and p.stat().st_mtime_ns == mtimes[p], p
     assert len(outcome.history) == 2 and Path(outcome.final_dir) == RoundDir(out, 2).policy
@@ -64,8 +92,8 @@ def test_rounds_raise_the_score_resume_and_are_tracked(ray_local, tmp_path, mlfl
 
     # One parent run (the same one after the resume) with round/* at step = round, and a nested
     # run per round whose training steps continue one axis.
-    client = MlflowClient(mlflow_uri)
     parent = client.get_run(outcome.run_id)
+    assert parent.info.run_id == run_id and parent.info.status == "FINISHED"
     assert sorted(steps(client, parent.info.run_id, "round/eval_score_mean")) == [0, 1, 2]
     assert sorted(steps(client, parent.info.run_id, "round/pairs")) == [1, 2]
     assert "plots/rounds.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}

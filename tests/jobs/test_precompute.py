@@ -112,32 +112,59 @@ def test_same_inputs_in_another_output_dir_are_the_same_key(tmp_path):
     assert len(paths) == 1
 
 
-def test_interrupted_precompute_resumes_to_the_clean_values(clean, tmp_path):
-    """The actor dies after 2 of 5 blocks; the re-run keeps them, computes the rest, and every
-    value equals the uninterrupted run's."""
-    from jobs.precompute import run
-
-    stats, want = clean
+def test_a_precompute_stopped_by_sigterm_resumes_to_the_clean_values(clean, tmp_path):
+    """``raydpo precompute`` as a user runs it (a job of its own on this cluster) gets a real
+    SIGTERM once its actor has written a cache block (the actor is frozen first, so the signal
+    lands mid-precompute on any machine): it exits 143 saying so, the MLflow run is KILLED, and
+    the same command keeps the finished blocks, computes the rest, and every value equals the
+    uninterrupted run's."""
     import os
+    import signal
     import subprocess
     import sys
+    import time
 
     import ray
 
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    args = overrides(tmp_path / "out", tmp_path / "cache", "reference.fail_after_blocks=2", uri=uri)
-    # A job of its own on this cluster, so its failure ends its process and its actors, as for a user.
+    from jobs.precompute import run
+
+    stats, want = clean
+    uri, cache = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "cache"
+    small_windows = "reference.window=16"  # about 19 blocks, so the stop lands before the last
+    args = overrides(tmp_path / "out", cache, small_windows, uri=uri)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    proc = subprocess.run([sys.executable, "-m", "jobs.precompute", str(ROOT / "configs/quickstart.yaml"),
-                           *(a for kv in args for a in ("--set", kv))],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode != 0 and "fault injection" in proc.stderr + proc.stdout
-    cfg = config(tmp_path / "out", tmp_path / "cache", uri=uri)
-    partial = values(stats.cache_dir.replace(str(Path(stats.cache_dir).parent), str(tmp_path / "cache")))
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.precompute", str(ROOT / "configs/quickstart.yaml"),
+                             *(a for kv in args for a in ("--set", kv))],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    actor = None
+    try:
+        deadline = time.monotonic() + 300
+        while not list(cache.glob("v1-*/blocks/*.parquet")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no block written"
+            time.sleep(0.01)
+        actor = json.loads(next(cache.glob("v1-*/loads/*.json")).read_text())["pid"]  # the block's writer
+        os.kill(actor, signal.SIGSTOP)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if actor is not None:
+            try:
+                os.kill(actor, signal.SIGCONT)
+            except ProcessLookupError:  # ended with its job
+                pass
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "raydpo: preempted (SIGTERM) outside training" in stderr and "re-run the same command" in stderr
+    run_id = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("test-precompute").experiment_id])[0]
+    assert run_id.info.status == "KILLED"
+    cfg = config(tmp_path / "out", cache, small_windows, uri=uri)
+    partial = values(stats.cache_dir.replace(str(Path(stats.cache_dir).parent), str(cache)))
     assert 0 < len(partial) < len(want)
     resumed = run(cfg)
-    assert 0 < resumed.hits < resumed.rows and resumed.misses > 0
-    assert resumed.sequences_computed == len(want) - len(partial)
+    # Only the missing sequences are computed. (A pair counts as a hit only when both of its
+    # sequences are cached, and windows sort sequences by length: after a few blocks, maybe none.)
+    assert resumed.misses > 0 and resumed.sequences_computed == len(want) - len(partial)
     got = values(resumed.cache_dir)
     assert got.keys() == want.keys()
     np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-5)
