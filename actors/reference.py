@@ -130,10 +130,10 @@ def reference_stage(
         # (30 min; it killed a SmolLM2 run on a loaded 2-core machine): the actors are working
         # inside the window, not stuck.
         pool.context.execution_no_progress_timeout_s = -1
-        computed, said = [], 0.0
+        computed, done, said = [], 0, 0.0
         for window in pool.iter_rows():  # one row per finished window, as it finishes
             computed.append(window)
-            done, elapsed = sum(c["sequences"] for c in computed), time.perf_counter() - t1
+            done, elapsed = done + window["sequences"], time.perf_counter() - t1
             if elapsed - said >= 10 or done == n_missing:  # a line at most every 10 s, and the last
                 said = elapsed
                 say(f"[raydpo] reference: {done}/{n_missing} sequences ({100 * done / n_missing:.0f}%), "

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from actors.preemption import EXIT_CODE, Preempted, SigtermStop
+from actors.preemption import SigtermStop
 from jobs import round_stages, stages
 from jobs.round_stages import Online
 from raydpo import tracking
@@ -145,17 +145,8 @@ def run(cfg: Config, config_path: str | None = None, verbose: bool = False) -> O
 
 def main(argv: list[str] | None = None) -> int:
     from jobs import stages
-    from raydpo.train.loop import CheckpointWriteError
-    from raydpo.train.policy import WorkersLost
 
-    try:
-        return stages.training_job_main(argv, "raydpo iterate", __doc__, run)
-    except Preempted as e:
-        print(f"raydpo: {e}", file=sys.stderr)
-        return EXIT_CODE
-    except (CheckpointWriteError, WorkersLost) as e:  # their messages say it all
-        print(f"raydpo: {e}", file=sys.stderr)
-        return 1
+    return stages.training_job_main(argv, "raydpo iterate", __doc__, run)
 
 
 if __name__ == "__main__":

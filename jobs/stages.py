@@ -313,7 +313,8 @@ def training_job_main(argv: list[str] | None, prog: str, description: str | None
                       run: Callable[..., object]) -> int:
     """The command line of a training job (``raydpo train``, ``raydpo iterate``): ``CONFIG
     [--set KEY=VALUE ...] [--verbose]``; exit 2 on a bad config, before Ray starts, or on a
-    resume with a changed config, before any work."""
+    resume with a changed config, before any work; 143 on a SIGTERM; 1, with the message alone,
+    where the workers' checkpoint could not be written or they were lost."""
     import argparse
     import sys
 
@@ -327,9 +328,19 @@ def training_job_main(argv: list[str] | None, prog: str, description: str | None
     cfg = load_config_or_report(ns.config, ns.overrides)
     if cfg is None:
         return 2
+    from actors.preemption import EXIT_CODE, Preempted  # after the config check: a bad one fails without torch
+    from raydpo.train.loop import CheckpointWriteError
+    from raydpo.train.policy import WorkersLost
+
     try:
         run(cfg, ns.config, verbose=ns.verbose)
     except ConfigError as e:
         print(f"raydpo: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"raydpo: {e}", file=sys.stderr)
+        return EXIT_CODE
+    except (CheckpointWriteError, WorkersLost) as e:  # their messages say it all
+        print(f"raydpo: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -103,19 +103,9 @@ def checkpoint_failure(error: BaseException) -> BaseException | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from actors.preemption import EXIT_CODE, Preempted
     from jobs import stages
-    from raydpo.train.loop import CheckpointWriteError
-    from raydpo.train.policy import WorkersLost
 
-    try:
-        return stages.training_job_main(argv, "raydpo train", __doc__, run)
-    except Preempted as e:
-        print(f"raydpo: {e}", file=sys.stderr)
-        return EXIT_CODE
-    except (CheckpointWriteError, WorkersLost) as e:  # their messages say it all
-        print(f"raydpo: {e}", file=sys.stderr)
-        return 1
+    return stages.training_job_main(argv, "raydpo train", __doc__, run)
 
 
 if __name__ == "__main__":
