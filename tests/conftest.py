@@ -10,6 +10,44 @@ import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s by default, so each fit ends (and registers a
+# checkpoint) up to 2 s after the workers did; the suite runs about 20 fits. Ray Train passes this
+# setting to its controller from the driver's environment; set here, it also reaches the jobs the
+# tests start as subprocesses and the test clusters' nodes. Polling is all it changes.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
+
+_PREBUILD: list = []  # the background build of DeepSpeed's C++ ops (pytest_collection_finish)
+
+
+def pytest_collection_finish(session) -> None:
+    """Where the session runs DeepSpeed tests, build DeepSpeed's JIT ops (``cpu_adam``, the CPU
+    ``shm_comm``: 1-2 minutes on 2 cores the first time) in a background process while the first
+    tests run, instead of inside the first test that needs them. torch's extension loader holds a
+    lock in the build folder, so a test that gets there first waits for this build instead of
+    starting another; an op built before only loads."""
+    import importlib.util
+    import subprocess
+    import sys
+    import tempfile
+
+    if not any("deepspeed" in item.nodeid or "zero" in item.nodeid for item in session.items):
+        return
+    if importlib.util.find_spec("deepspeed") is None:
+        return
+    log = open(Path(tempfile.gettempdir()) / "raydpo-deepspeed-ops.log", "w")  # the compiler's output, if it fails
+    _PREBUILD.append(subprocess.Popen([sys.executable, "-m", "tests.deepspeed_ops"], cwd=session.config.rootpath,
+                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """The background build is waited for (one cut short would leave its lock behind)."""
+    for proc in _PREBUILD:
+        try:
+            proc.wait(600)
+        except Exception:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(autouse=True)

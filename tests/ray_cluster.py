@@ -181,3 +181,43 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 pass
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+IDLE_TIMEOUT_MIN = 0.1  # 6 s: how long an autoscaled node stays idle before the autoscaler removes it
+
+
+def fake_cluster_config(gcs_address: str, head_cpus: int) -> dict:
+    """A cluster launcher config for Ray's fake multi-node provider (``fake_multinode``, what
+    ``ray.cluster_utils.AutoscalingCluster`` configures), which starts and stops real raylets on
+    this machine: a head and a ``trainer`` node type (1 CPU, 1 ``trainer_node``) from 0 to 2 nodes.
+
+    ``AutoscalingCluster`` itself is not used: its ``start`` and ``shutdown`` call Ray's
+    machine-wide stop, and the example config it reads is not in the wheel. The head is started as
+    it does (``RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config``), with its own temp dir and
+    ports, and stopped by pid with the nodes the autoscaler started."""
+    return {
+        "cluster_name": "raydpo-fake", "max_workers": 2, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": IDLE_TIMEOUT_MIN,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": gcs_address},
+        "head_node_type": "ray.head.default",
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
+            "trainer": {"resources": {"CPU": 1, "trainer_node": 1, "object_store_memory": 150 * 2**20},
+                        "node_config": {}, "min_workers": 0, "max_workers": 2},
+        },
+        "auth": {}, "docker": {}, "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [],
+    }
+
+
+def autoscaling_cluster(folder: Path, head_cpus: int = 2) -> LocalCluster:
+    """A head with the fake provider's autoscaler (``fake_cluster_config``), its config written
+    to ``folder``; the autoscaler looks at the cluster's load every second."""
+    gcs_port = free_port()  # chosen first: the config tells the provider's nodes where to join
+    config = folder / "cluster.json"
+    config.write_text(json.dumps(fake_cluster_config(f"127.0.0.1:{gcs_port}", head_cpus)))
+    return LocalCluster(head_cpus=head_cpus, gcs_port=gcs_port, head_args=["--autoscaling-config", str(config)],
+                        env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})

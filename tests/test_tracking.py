@@ -118,6 +118,7 @@ def test_unreachable_server_fails_fast_before_any_work(tmp_path):
     assert not (tmp_path / "out" / "mlflow_run_id").exists()
 
 
+@pytest.mark.slow  # a real server stopped and restarted
 def test_server_outage_mid_run_loses_and_duplicates_nothing(mlflow_server, tmp_path):
     """Steps logged while the server is stopped return at once (the spool takes them) and
     arrive, each exactly once and in order, after it restarts on the same port and store. The
@@ -155,6 +156,7 @@ def test_server_outage_mid_run_loses_and_duplicates_nothing(mlflow_server, tmp_p
     assert "nothing lost" in run.data.tags["raydpo.tracking.outage_driver"]
 
 
+@pytest.mark.slow  # a real server stopped and restarted, `raydpo sync-tracking` twice
 def test_spool_left_by_a_run_is_delivered_once_by_sync_tracking(mlflow_server, tmp_path):
     """A run that ends while the server is down keeps its spool; `raydpo sync-tracking` delivers
     it when the server is back, and a second sync sends nothing again. A resume while the server

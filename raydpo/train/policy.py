@@ -57,9 +57,17 @@ class WorkersLost(RuntimeError):
     (``train.max_failures``); the message says which, and what a re-run resumes from."""
 
 
+# What torch.distributed raises at a rank whose peer died mid-collective: gloo's TCP transport, and
+# NCCL. With the peer's node gone, this often reaches Ray Train before the dead worker's own failure.
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer",
+             "remote process exited or there was a network error", "NCCL communicator was aborted")
+
+
 def lost_workers(error: BaseException) -> dict[int, str]:
-    """rank -> Ray's account, for each training worker whose process died in Ray Train's
-    ``WorkerGroupError`` ``error``; empty for any other failure (an exception in the loop)."""
+    """rank -> what was seen, for each training worker of Ray Train's ``WorkerGroupError``
+    ``error`` whose process died (Ray's account), or whose collective failed because a peer's
+    connection dropped (that rank survived; its peer is the one lost); empty for any other
+    failure (an exception in the loop)."""
     from ray.exceptions import RayActorError
 
     lost = {}
@@ -67,6 +75,10 @@ def lost_workers(error: BaseException) -> dict[int, str]:
         failure = getattr(failure, "health_check_failure", failure)  # Ray Train 2.60 wraps a dead worker's error
         if isinstance(failure, RayActorError):
             lost[rank] = str(failure)
+            continue
+        dropped = [line.strip() for line in str(failure).splitlines() if any(m in line for m in PEER_LOST)]
+        if dropped:
+            lost[rank] = f"its connection to a peer dropped: {dropped[-1]}"
     return lost
 
 

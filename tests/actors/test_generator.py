@@ -24,12 +24,8 @@ BACKENDS = ["transformers", pytest.param("vllm", marks=pytest.mark.skipif(
 GREEDY = SamplingSettings(k=1, temperature=0.0, max_new_tokens=12)
 
 
-@pytest.fixture(autouse=True)
-def _vllm_cpu_env(monkeypatch):
-    """vLLM-CPU's settings for a 2-core machine (issue facts): 1 GiB of KV cache, no reserved core."""
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
-    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+VLLM_CPU_ENV = {  # vLLM-CPU's settings for a 2-core machine: 1 GiB of KV cache, no reserved core
+    "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 def policy(folder: Path, version: int) -> Path:
@@ -67,15 +63,41 @@ def prompts_of(folder: Path) -> list[list[int]]:
     return [tok(t, add_special_tokens=False)["input_ids"] for t in ("max(12,40)=", "max(7,3)=", "abc", "9+9=")]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_greedy_output_equals_transformers_after_every_sync(backend, tmp_path):
-    v0 = policy(tmp_path / "v0", 0)
+@pytest.fixture(scope="module")
+def policies(tmp_path_factory) -> list[Path]:
+    """The folders of policy versions 0, 1 and 2."""
+    root = tmp_path_factory.mktemp("policies")
+    return [policy(root / f"v{version}", version) for version in (0, 1, 2)]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def engine(request, policies):
+    """One generator per backend for the whole module (a vLLM engine takes most of a minute to
+    start on 2 cores), holding version 0 when made. pytest runs every test of one backend before
+    it makes the next."""
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in VLLM_CPU_ENV.items():
+            env.setenv(key, value)
+        gen = make_generator(request.param, str(policies[0]))
+        assert gen.backend == request.param and gen.version == 0
+        yield gen
+
+
+@pytest.fixture
+def gen(engine, policies):
+    """The module's generator for this test's backend, holding version 0 again (a test before
+    may have synced another one)."""
+    if engine.version != 0:
+        engine.load_weights(str(policies[0]), 0)
+    return engine
+
+
+def test_greedy_output_equals_transformers_after_every_sync(gen, policies):
+    v0 = policies[0]
     prompts = prompts_of(v0)
-    gen = make_generator(backend, str(v0))
-    assert gen.backend == backend and gen.version == 0
     seen = []
     for version in (0, 1, 2):
-        folder = v0 if version == 0 else policy(tmp_path / f"v{version}", version)
+        folder = policies[version]
         if version:
             seconds = gen.load_weights(str(folder), version, timeout_s=120)
             assert seconds >= 0 and gen.version == version
@@ -87,11 +109,8 @@ def test_greedy_output_equals_transformers_after_every_sync(backend, tmp_path):
     assert seen[0] != seen[1] != seen[2]  # each sync changed what is generated: no stale weights
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_sampling_is_seeded_and_reports_logps(backend, tmp_path):
-    v0 = policy(tmp_path / "v0", 0)
-    prompts = prompts_of(v0)
-    gen = make_generator(backend, str(v0))
+def test_sampling_is_seeded_and_reports_logps(gen, policies):
+    prompts = prompts_of(policies[0])
     sampling = SamplingSettings(k=3, temperature=1.0, top_p=0.95, max_new_tokens=8, seed=7)
     first, again = gen.generate(prompts, sampling), gen.generate(prompts, sampling)
     assert [s.completions for s in first] == [s.completions for s in again]  # same seed, same samples
@@ -104,14 +123,11 @@ def test_sampling_is_seeded_and_reports_logps(backend, tmp_path):
         assert all(f == (c[-1] == 2) for f, c in zip(s.finished, s.completions))  # EOS id 2 ends a finished one
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_failed_sync_says_why_and_keeps_the_version(backend, tmp_path):
-    v0 = policy(tmp_path / "v0", 0)
-    gen = make_generator(backend, str(v0))
+def test_a_failed_sync_says_why_and_keeps_the_version(gen, policies, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         gen.load_weights(str(tmp_path / "nowhere"), 1)
     assert gen.version == 0  # a folder that is not there changes nothing
-    v1 = str(policy(tmp_path / "v1", 1))
+    v1 = str(policies[1])
     with gen.engine.lock:  # the engine busy (a generate call, a stuck reload): waiting counts toward the timeout
         with pytest.raises(SyncTimeout, match="did not finish within 0.5 s"):
             gen.load_weights(v1, 1, timeout_s=0.5)
@@ -126,20 +142,19 @@ def test_auto_picks_vllm_where_it_imports():
         assert vllm_available()  # the vLLM venv must really have it
 
 
-def test_the_actor_refuses_samples_of_another_version(ray_local, tmp_path):
+def test_the_actor_refuses_samples_of_another_version(ray_local, policies):
     import ray
 
-    v0 = policy(tmp_path / "v0", 0)
+    v0 = policies[0]
     backend = "vllm" if VLLM_RUN else "transformers"
     # The actor's process gets the vLLM-CPU settings through its runtime env, as a user's would.
-    env = {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")}
-    actor = ray.remote(num_cpus=1, runtime_env={"env_vars": env})(GeneratorActor).remote(backend, str(v0))
+    actor = ray.remote(num_cpus=1, runtime_env={"env_vars": VLLM_CPU_ENV})(GeneratorActor).remote(backend, str(v0))
     assert ray.get(actor.backend.remote()) == backend
     prompts = prompts_of(v0)
     assert ray.get(actor.generate.remote(prompts, GREEDY, 0))[0].version == 0
     with pytest.raises(ray.exceptions.RayTaskError, match="holds policy version 0, the round expects 1"):
         ray.get(actor.generate.remote(prompts, GREEDY, 1))
-    ray.get(actor.load_weights.remote(str(policy(tmp_path / "v1", 1)), 1))
+    ray.get(actor.load_weights.remote(str(policies[1]), 1))
     assert ray.get(actor.version.remote()) == 1
     assert ray.get(actor.generate.remote(prompts, GREEDY, 1))[0].version == 1
     ray.kill(actor)

@@ -18,12 +18,24 @@ from pathlib import Path
 DEADLINE_S = 600  # a bound on any wait, so a broken run fails the test instead of hanging it
 
 
+_PARSED: dict[Path, tuple[tuple[int, int], list[dict]]] = {}  # path -> ((mtime ns, size), its lines)
+
+
 def trained_rows(out: Path) -> list[dict]:
     """Rank 0's trained-rows lines (``raydpo.train.loop.TrainedRows``); a line still being
-    written is left out."""
+    written is left out. The file is parsed again only when its size or mtime changed: the waits
+    below ask every 10 ms, in the process that may be the run's driver."""
     path = out / "trained_rows" / "rank0.jsonl"
-    text = path.read_text() if path.exists() else ""
-    return [json.loads(line) for line in text.split("\n")[:-1] if line]
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return []
+    seen = _PARSED.get(path)
+    if seen is not None and seen[0] == (stat.st_mtime_ns, stat.st_size):
+        return list(seen[1])
+    lines = [json.loads(line) for line in path.read_text().split("\n")[:-1] if line]
+    _PARSED[path] = ((stat.st_mtime_ns, stat.st_size), lines)
+    return list(lines)
 
 
 def by_step(out: Path) -> dict[int, dict]:

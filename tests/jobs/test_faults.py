@@ -9,6 +9,9 @@ training runs instead of two per fault, and the last run must still end on the c
     driver_killed  the next re-run's driver, a subprocess as a user runs it, gets SIGKILL after step 13
     worker_killed  the last re-run (in process) loses its Ray Train worker to SIGKILL a step later
 
+Before ``preempted``, the folder's checkpoints are offered to configs that would train differently:
+each is refused before any work; ``preempted`` itself resumes with harmless changes (``HARMLESS``).
+
 Every run trains 16 steps of 32 pairs (one epoch of 12 steps and 4 of the next) on the tiny
 quickstart model, checkpointing every 4. Where a fault must land before a run ends, the test
 freezes the training worker (SIGSTOP) first, so a fast machine cannot finish before it; the fault
@@ -38,6 +41,7 @@ from tests.conftest import fresh_store
 from tests.jobs.strike import (DEADLINE_S, Strike, by_step, checkpoint_folders, checkpoints, first_step_of,
                                freeze, pid_gone, trained_rows, wait_for_step, wait_until)
 
+pytestmark = pytest.mark.slow  # a chain of five training runs struck by real faults (minutes)
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, EVERY, PER_EPOCH, BATCH = 16, 4, 12, 32  # 400 pairs // 32 = 12 steps an epoch
 COMMON = ["data.synthetic.rows=400", f"train.max_steps={STEPS}", f"train.checkpoint_every={EVERY}",
@@ -208,12 +212,41 @@ def disk_full(clean) -> Chain:
     return chain
 
 
+# Changes a resumed run may make (config.RESUME_HARMLESS): they alter neither which pairs are
+# trained nor how, so the chain still ends on the clean run's weights.
+HARMLESS = ["train.eval_every=3", "reference.batch_tokens=8192"]
+
+
+def resume_with_changed_configs(shared: Shared, chain: Chain) -> None:
+    """Before the chain's first re-run, the same output folder (its checkpoint of step 4) re-run
+    with configs that would train differently: each fails before any work (before Ray is asked
+    for anything), in-process and as the command line. What each said goes into the notes."""
+    import contextlib
+    import io
+
+    from jobs.train_dpo import main, run
+    from raydpo.config import ConfigError
+
+    try:
+        run(shared.config(chain.out, "train.batch_size=8", "train.micro_batch_size=8", "loss.beta=0.2"))
+    except ConfigError as e:
+        chain.notes["changed_config_error"] = str(e)
+    config = chain.out.parent / "changed.yaml"  # the same settings from another file: only values count
+    config.write_text((ROOT / "configs/quickstart.yaml").read_text())
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        chain.notes["changed_rows_rc"] = main(
+            [str(config), *(f"--set={kv}" for kv in shared.overrides(chain.out, "data.synthetic.rows=401"))])
+    chain.notes["changed_rows_stderr"] = stderr.getvalue()
+
+
 @pytest.fixture(scope="module")
 def preempted(clean, disk_full) -> Chain:
     """The same command re-run through ``jobs.train_dpo.main`` in this process, which is then the
-    driver. After step 9 its worker is frozen, the process gets a real SIGTERM (a spot instance's
-    notice, ``ray job stop``), and once the stop request is in the driver's stop-signal actor, the
-    worker is thawed."""
+    driver, with harmless changes of its config (``HARMLESS``), after configs that change the
+    training were refused. After step 9 its worker is frozen, the process gets a real SIGTERM (a
+    spot instance's notice, ``ray job stop``), and once the stop request is in the driver's
+    stop-signal actor, the worker is thawed."""
     import contextlib
     import io
 
@@ -238,10 +271,11 @@ def preempted(clean, disk_full) -> Chain:
         finally:
             os.kill(worker, signal.SIGCONT)
 
+    resume_with_changed_configs(clean.shared, chain)
     stderr = io.StringIO()
     with Strike(sigterm) as strike, contextlib.redirect_stderr(stderr):
         rc = main([str(ROOT / "configs/quickstart.yaml"),
-                   *(a for kv in clean.shared.overrides(chain.out) for a in ("--set", kv))])
+                   *(a for kv in clean.shared.overrides(chain.out, *HARMLESS) for a in ("--set", kv))])
     chain.seconds["preempted"] = strike.seconds
     n = chain.notes
     n["resumed_after_disk_full_from"] = struck["resumed_from"]
@@ -338,8 +372,21 @@ def test_a_full_disk_fails_naming_the_folder_and_keeps_the_previous_checkpoint(d
 
 
 def test_the_run_after_a_full_disk_resumes_from_the_previous_checkpoint(preempted):
-    """Space freed, the same command resumes from the checkpoint the error named."""
+    """Space freed, the same command resumes from the checkpoint the error named, though its
+    config changed harmlessly (evaluation cadence, reference batching)."""
     assert preempted.notes["resumed_after_disk_full_from"] == 4
+
+
+def test_resume_with_a_changed_config_fails_naming_the_keys(preempted):
+    """Re-running an output_dir that holds checkpoints with a change that alters the trajectory
+    (batch size, loss, data) fails before any work, naming each key with its old and new value
+    and how to start fresh; a key that only changes how the same update is computed (micro-batch
+    size) is not named. The command line exits 2 saying the same."""
+    error = str(preempted.notes.get("changed_config_error"))
+    assert "train.batch_size: 32 -> 8" in error and "loss.beta: 0.5 -> 0.2" in error
+    assert "micro_batch_size" not in error and "new output_dir" in error
+    assert preempted.notes["changed_rows_rc"] == 2
+    assert "data.synthetic.rows: 400 -> 401" in str(preempted.notes["changed_rows_stderr"])
 
 
 def test_sigterm_checkpoints_at_the_next_step_and_a_rerun_resumes_there(preempted, driver_killed):

@@ -14,6 +14,7 @@ from raydpo.config import load_config
 from raydpo.online.rounds import RoundDir, read_json, read_jsonl
 from tests.jobs.strike import Strike, checkpoints, freeze, trained_rows, wait_for_step, wait_until
 
+pytestmark = pytest.mark.slow  # two online jobs of two rounds each, one stopped by a real SIGTERM (minutes)
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["online.synthetic.rows=160"]  # 128 training prompts, 32 held out: half the quickstart's
 

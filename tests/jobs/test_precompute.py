@@ -112,6 +112,7 @@ def test_same_inputs_in_another_output_dir_are_the_same_key(tmp_path):
     assert len(paths) == 1
 
 
+@pytest.mark.slow  # `raydpo precompute` twice as its own process, one struck by SIGTERM
 def test_a_precompute_stopped_by_sigterm_resumes_to_the_clean_values(clean, tmp_path):
     """``raydpo precompute`` as a user runs it (a job of its own on this cluster) gets a real
     SIGTERM once its actor has written a cache block (the actor is frozen first, so the signal

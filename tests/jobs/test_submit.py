@@ -1,11 +1,15 @@
-"""``raydpo submit`` on a real two-node Ray cluster on this machine (``ray start --head`` and a
-second ``ray start --address`` with a custom resource, each with its own temp dir and ports).
+"""``raydpo submit`` on one real Ray cluster on this machine: a head (``ray start --head``) with
+Ray's fake multi-node autoscaler (``trainer`` nodes, 0 to 2, started and stopped as real raylets),
+and a node b joined by hand (``ray start --address``, a custom resource, each node with its own temp
+dir and ports). A node-loss job runs on the head and node b; its re-run resumes on trainer nodes the
+autoscaler starts for it, then removes.
 
 The test process only talks to that cluster over HTTP (job API, state API) and reads the MLflow
 store the jobs write, so the session-wide ``ray_local`` driver is untouched.
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -19,16 +23,17 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.jobs.strike import Strike, checkpoints, wait_until
-from tests.ray_cluster import LocalCluster
+from tests.ray_cluster import IDLE_TIMEOUT_MIN, autoscaling_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def two_nodes():
-    """A head (2 CPUs, the dashboard on 127.0.0.1) and a node with ``node_b`` that, where the
-    machine allows mount namespaces, has a folder of its own (``.private``); stopped by pid."""
-    cluster = LocalCluster(head_cpus=2)
+def cluster(tmp_path_factory):
+    """The head (2 CPUs, the dashboard on 127.0.0.1, the fake autoscaler, no trainer node yet) and
+    a node with ``node_b`` that, where the machine allows mount namespaces, has a folder of its own
+    (``.private``); stopped by pid with every node the autoscaler started."""
+    cluster = autoscaling_cluster(tmp_path_factory.mktemp("autoscaler"))
     try:
         cluster.private = cluster.add_node(2, {"node_b": 1}, private=True)
         cluster.wait_for_nodes(2)
@@ -75,13 +80,50 @@ def test_a_bad_config_fails_before_anything_is_submitted(capsys):
     assert "train.placement_strategy" in capsys.readouterr().err
 
 
-def test_train_on_two_nodes_loses_a_node_then_resumes(two_nodes, tmp_path, capsys):
+class TrainWorkersWatch:
+    """How many Ray Train workers are alive, asked once a second (Ray's state API keeps no
+    history of that): (wall time, count) pairs."""
+
+    def __init__(self, address: str) -> None:
+        self.address, self.seen = address, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        from ray.util.state import list_actors
+
+        while not self.stop.is_set():
+            try:
+                alive = list_actors(address=self.address, raise_on_missing_output=False,
+                                    filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                self.seen.append((time.time(), len(alive)))
+            except Exception:  # the dashboard busy: try again
+                pass
+            self.stop.wait(1.0)
+
+    def __enter__(self) -> "TrainWorkersWatch":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+@pytest.mark.slow
+def test_train_loses_a_node_then_resumes_on_autoscaled_nodes(cluster, tmp_path, capsys):
     """A node lost mid-run (every process of node b SIGKILLed once the first checkpoint is in
     ``train.storage_path``, as a machine that crashed): the job exits FAILED (1), saying that a
-    worker's node was lost and which checkpoint a re-run resumes from. Once a node b is back, the
-    same run re-submitted (the config now from outside the project, travelling in the job's
-    environment) resumes from that checkpoint and succeeds (0). Both jobs put their 2 workers on
-    two nodes, pass the shared-storage check on both, and report to one MLflow run."""
+    worker's node was lost and which checkpoint a re-run resumes from. The same run re-submitted
+    (the config now from outside the project, travelling in the job's environment) asks for
+    workers on ``trainer_node``s, which no node has: the autoscaler starts two trainer nodes, the
+    job resumes there from that checkpoint and succeeds (0), and once their workers are gone the
+    idle nodes are removed. Both jobs put their 2 workers on two nodes, pass the shared-storage
+    check, and report to one MLflow run. The autoscaling timings are printed (``-s``) for
+    docs/benchmarks.md: by the wall clock, from Ray's state API where it keeps them (node start
+    and end, the placement group's request), else from polling once a second (the workers' end)."""
+    from ray.util.state import list_nodes, list_placement_groups
+
     from raydpo.train.policy import checkpoint_location
 
     steps = 12  # one epoch of 200 pairs: the node goes at step 4's checkpoint, 8 steps before the end
@@ -96,16 +138,16 @@ def test_train_on_two_nodes_loses_a_node_then_resumes(two_nodes, tmp_path, capsy
         # Once Ray Train has registered the checkpoint of step 4: the one the re-run resumes from.
         wait_until(lambda: bool(checkpoints(tmp_path / "out", run_folder)), "the first checkpoint", running)
         registered[:] = checkpoints(tmp_path / "out", run_folder)
-        lost.append(two_nodes.kill_node(1))
+        lost.append(cluster.kill_node(1))
 
     try:
         with Strike(lose_node_b):
-            code, first, out = submit("configs/quickstart.yaml", two_nodes.dashboard, sets, capsys)
+            code, first, out = submit("configs/quickstart.yaml", cluster.dashboard, sets, capsys)
     finally:  # the machine back, a new node b, whatever else failed: the module's other tests need two nodes
         if lost:
-            two_nodes.wait_for_nodes(1)  # the head has seen node b go
-            two_nodes.private = two_nodes.add_node(2, {"node_b": 1}, private=True)
-            two_nodes.wait_for_nodes(2)
+            cluster.wait_for_nodes(1)  # the head has seen node b go
+            cluster.private = cluster.add_node(2, {"node_b": 1}, private=True)
+            cluster.wait_for_nodes(2)
     assert lost and lost[0] > 0, out[-3000:]
     assert code == 1, out[-3000:]
     assert f"job {first}: FAILED" in out
@@ -114,18 +156,44 @@ def test_train_on_two_nodes_loses_a_node_then_resumes(two_nodes, tmp_path, capsy
     assert "raydpo: training stopped: a training worker was lost, its process or its node (rank" in out, out[-3000:]
     assert f"re-run the same command to resume from the latest checkpoint in {'/'.join(storage)}" in out
     assert not (tmp_path / "out" / "ray").exists()  # the checkpoints are in the storage path only
-    assert f"Ray dashboard: {two_nodes.dashboard}/#/jobs/{first}" in out and "MLflow: " in out
-    first_nodes = train_worker_nodes(two_nodes.dashboard, first)
+    assert f"Ray dashboard: {cluster.dashboard}/#/jobs/{first}" in out and "MLflow: " in out
+    first_nodes = train_worker_nodes(cluster.dashboard, first)
+    head = {n.node_id for n in cluster.alive_nodes() if n.is_head_node}
+    assert len(first_nodes) == 2 and len(first_nodes & head) == 1  # the head, and the lost node b
 
     config = tmp_path / "my-quickstart.yaml"
     shutil.copy(ROOT / "configs/quickstart.yaml", config)
-    code, second, out = submit(config, two_nodes.dashboard, sets, capsys)
-    assert code == 0, out[-3000:]
-    assert f"job {second}: SUCCEEDED" in out and "(resumed)" in out
+    t0 = time.time()
+    with TrainWorkersWatch(cluster.dashboard) as watch:
+        code, second, out = submit(config, cluster.dashboard, [*sets, "train.resources={trainer_node: 1}"], capsys)
+        job_end = time.time()
+        assert code == 0, out[-3000:]
+        assert f"job {second}: SUCCEEDED" in out and "(resumed)" in out
+        assert f"step {steps}/{steps} loss" in out
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # until the idle trainer nodes are removed
+            nodes = [n for n in list_nodes(address=cluster.dashboard, detail=True, raise_on_missing_output=False)
+                     if "trainer_node" in n.resources_total]
+            if nodes and all(n.state == "DEAD" for n in nodes):
+                break
+            time.sleep(1.0)
 
-    node_ids = {n.node_id for n in two_nodes.alive_nodes()}
-    assert train_worker_nodes(two_nodes.dashboard, second) == node_ids  # one worker on each node
-    assert len(first_nodes) == 2 and len(first_nodes & node_ids) == 1  # the head, and the lost node b
+    # Started, used and removed: one worker on each trainer node; the head and node b untouched.
+    assert len(nodes) == 2 and all(n.state == "DEAD" for n in nodes), nodes
+    assert train_worker_nodes(cluster.dashboard, second) == {n.node_id for n in nodes}
+    assert len(cluster.alive_nodes()) == 2
+    groups = [g for g in list_placement_groups(address=cluster.dashboard, detail=True, raise_on_missing_output=False)
+              if any("trainer_node" in b["unit_resources"] for b in g.bundles)]
+    asked = min(int(g.stats["creation_request_received_ns"]) for g in groups) / 1e9  # int64: a string in JSON
+    last_work = max(t for t, n in watch.seen if n)
+    done = next(t for t, n in watch.seen if t > last_work)  # the trainer nodes' last work ended
+    up = sorted(n.start_time_ms / 1000 for n in nodes)
+    removed = max(n.end_time_ms / 1000 for n in nodes)
+    assert asked < up[0] and done < removed
+    timings = {"workers_asked_for": asked - t0, "first_node_up": up[0] - t0, "second_node_up": up[1] - t0,
+               "workers_done": done - t0, "nodes_removed": removed - t0, "job_end": job_end - t0,
+               "scale_up": up[1] - asked, "scale_down_after_idle": removed - done, "idle_timeout": IDLE_TIMEOUT_MIN * 60}
+    print("\nautoscaling timings (s; events from submit):", json.dumps({k: round(v, 1) for k, v in timings.items()}))
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = (tmp_path / "out" / "mlflow_run_id").read_text().strip()
@@ -140,7 +208,8 @@ def test_train_on_two_nodes_loses_a_node_then_resumes(two_nodes, tmp_path, capsy
     assert (tmp_path / "out" / "final" / "config.json").exists()
 
 
-def test_ctrl_c_stops_the_job(two_nodes, tmp_path, capsys):
+@pytest.mark.slow
+def test_ctrl_c_stops_the_job(cluster, tmp_path, capsys):
     """Ctrl-C while following stops the job on the cluster; the exit code is STOPPED's (130). It
     does so even where a library left its own SIGINT handler in the process (Ray Train's fit does:
     one that ignores Ctrl-C stands in for it here)."""
@@ -148,7 +217,7 @@ def test_ctrl_c_stops_the_job(two_nodes, tmp_path, capsys):
 
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    client = JobSubmissionClient(two_nodes.dashboard)
+    client = JobSubmissionClient(cluster.dashboard)
     before = {j.submission_id for j in client.list_jobs()}
     interrupted: list[str] = []
 
@@ -171,7 +240,7 @@ def test_ctrl_c_stops_the_job(two_nodes, tmp_path, capsys):
     left_behind = signal.signal(signal.SIGINT, lambda signum, frame: None)
     try:
         watcher.start()
-        code, sid, out = submit("configs/quickstart.yaml", two_nodes.dashboard, shrunk(tmp_path), capsys)
+        code, sid, out = submit("configs/quickstart.yaml", cluster.dashboard, shrunk(tmp_path), capsys)
         watcher.join(timeout=10)
         assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # submit put the caller's back
     finally:
@@ -181,14 +250,15 @@ def test_ctrl_c_stops_the_job(two_nodes, tmp_path, capsys):
     assert client.get_job_status(sid) == JobStatus.STOPPED and f"job {sid}: STOPPED" in out
 
 
-def test_a_folder_one_node_does_not_see_fails_naming_the_key(two_nodes, tmp_path, capsys):
+@pytest.mark.slow
+def test_a_folder_one_node_does_not_see_fails_naming_the_key(cluster, tmp_path, capsys):
     """An output_dir in node b's private folder: the head writes to its own disk there, node b
     sees an empty tmpfs. The job fails before any work (no MLflow run), naming output_dir and
     the node that does not see it."""
-    if two_nodes.private is None:
+    if cluster.private is None:
         pytest.skip("needs a mount namespace (unshare -m) to give one node a folder of its own")
-    code, sid, out = submit("configs/quickstart.yaml", two_nodes.dashboard,
-                            [*shrunk(tmp_path), f"output_dir={two_nodes.private / 'out'}"], capsys)
+    code, sid, out = submit("configs/quickstart.yaml", cluster.dashboard,
+                            [*shrunk(tmp_path), f"output_dir={cluster.private / 'out'}"], capsys)
     assert code == 1, out[-3000:]
-    assert f"output_dir: {two_nodes.private / 'out'} is not on storage every node sees (1 of 2 nodes do not" in out
+    assert f"output_dir: {cluster.private / 'out'} is not on storage every node sees (1 of 2 nodes do not" in out
     assert "MLflow run" not in out and not (tmp_path / "mlflow.db").exists()

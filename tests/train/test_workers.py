@@ -75,6 +75,7 @@ def one_worker(ray_local, tmp_path_factory):
     return model_dir, rows, params, metrics
 
 
+@pytest.mark.slow  # three Ray Train runs compared, with 1 and 2 workers
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
 def test_two_workers_equal_one(one_worker, tmp_path, engine):
     model_dir, rows, one, m1 = one_worker

@@ -1,0 +1,27 @@
+"""Build DeepSpeed's JIT-compiled C++ ops that the suite uses on CPUs, once: ``cpu_adam``
+(``train.offload_optimizer``) and ``shm_comm`` (DeepSpeed's CPU collectives). Run by
+``tests/conftest.py`` in the background at the start of a session; each op is compiled into
+torch's extension cache (``~/.cache/torch_extensions``) or, where it is there already, only loaded.
+"""
+from __future__ import annotations
+
+import time
+
+OPS = ("CPUAdamBuilder", "ShareMemCommBuilder")
+
+
+def main() -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    for name in OPS:
+        t0 = time.monotonic()
+        builder = get_accelerator().create_op_builder(name)
+        if builder is None or not builder.is_compatible():
+            print(f"{name}: not for this machine", flush=True)
+            continue
+        builder.load()
+        print(f"{name}: ready in {time.monotonic() - t0:.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""How ``train_policy`` reads Ray Train's failures: a lost worker is told apart from a bug in the loop."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch.distributed as dist
+
+from raydpo.train.policy import lost_workers
+from tests.conftest import free_port
+
+PEER = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist
+    dist.init_process_group("gloo", init_method=sys.argv[1], rank=1, world_size=2)
+    dist.all_reduce(torch.ones(1))  # one collective together, then the process dies without a word
+    os._exit(1)
+""")
+
+
+def gloo_error_after_the_peer_died() -> RuntimeError:
+    """The error a real gloo all-reduce raises in this process (rank 0) once its peer (rank 1,
+    a subprocess) has died: what a surviving training worker sees when a node goes."""
+    import torch
+
+    init = f"tcp://127.0.0.1:{free_port()}"
+    peer = subprocess.Popen([sys.executable, "-c", PEER, init])
+    dist.init_process_group("gloo", init_method=init, rank=0, world_size=2)
+    try:
+        dist.all_reduce(torch.ones(1))
+        peer.wait(60)
+        with pytest.raises(RuntimeError) as e:
+            dist.all_reduce(torch.ones(1))
+        return e.value
+    finally:
+        dist.destroy_process_group()
+        if peer.poll() is None:
+            peer.kill()
+
+
+def test_a_collective_broken_by_a_dead_peer_is_a_lost_worker():
+    """Ray Train may report the surviving rank's broken collective before the dead worker: the
+    job must still say a worker was lost (a re-run resumes), not show a gloo traceback."""
+    from ray.train import WorkerGroupError
+
+    error = gloo_error_after_the_peer_died()
+    lost = lost_workers(WorkerGroupError("rank 0 failed", {0: error}))
+    assert list(lost) == [0] and lost[0].startswith("its connection to a peer dropped: "), (lost, str(error))
+
+
+def test_an_error_in_the_loop_is_not_a_lost_worker():
+    from ray.train import WorkerGroupError
+
+    assert lost_workers(WorkerGroupError("rank 0 failed", {0: ValueError("loss is nan at step 3")})) == {}
