@@ -1,19 +1,21 @@
-"""Build DeepSpeed's JIT-compiled C++ ops that the suite uses on CPUs, once: ``cpu_adam``
-(``train.offload_optimizer``) and ``shm_comm`` (DeepSpeed's CPU collectives). Run by
-``tests/conftest.py`` in the background at the start of a session; each op is compiled into
+"""Build DeepSpeed's JIT-compiled C++ ops that the suite uses on CPUs, once:
+``python -m tests.deepspeed_ops [BUILDER ...]``, by default ``ShareMemCommBuilder`` (``shm_comm``,
+DeepSpeed's CPU collectives) and ``CPUAdamBuilder`` (``cpu_adam``, ``train.offload_optimizer``).
+Run by ``tests/conftest.py`` in the background at the start of a session; each op is compiled into
 torch's extension cache (``~/.cache/torch_extensions``) or, where it is there already, only loaded.
 """
 from __future__ import annotations
 
+import sys
 import time
 
-OPS = ("CPUAdamBuilder", "ShareMemCommBuilder")
+OPS = ("ShareMemCommBuilder", "CPUAdamBuilder")
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
     from deepspeed.accelerator import get_accelerator
 
-    for name in OPS:
+    for name in names or OPS:
         t0 = time.monotonic()
         builder = get_accelerator().create_op_builder(name)
         if builder is None or not builder.is_compatible():
@@ -24,4 +26,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -24,6 +24,7 @@ def kill(pool: GeneratorPool, i: int) -> None:
     os.kill(ray.get(pool.actors[i].pid.remote()), signal.SIGKILL)
 
 
+@pytest.mark.slow  # generator actors killed by pid and replaced, the samples compared
 def test_the_pool_survives_killed_actors_with_the_same_samples(ray_local, tmp_path):
     v0, v1 = policy(tmp_path / "v0", 0), policy(tmp_path / "v1", 1)
     prompts = prompts_of(v0) * 3

@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from raydpo.data.pipeline import build_report, length_stats, tokenized_dataset
 from raydpo.data.tokenize import TokenizeSettings
 
@@ -83,6 +85,7 @@ def _check(path: Path):
     return report
 
 
+@pytest.mark.slow  # 200k rows through Ray Data, the driver's memory sampled
 def test_driver_memory_stays_flat_over_200k_rows(ray_local, tmp_path):
     warm = tmp_path / "warm.jsonl"
     _write_rows(warm, 100)

@@ -357,6 +357,8 @@ def test_deepspeed_bf16_casts_the_module_and_autocast_is_a_no_op() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # compiles DeepSpeed's cpu_adam op on first use (about a minute on 2 cores)
+@pytest.mark.cpu_adam
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_deepspeed_offload_optimizer_matches_ddp(zero_stage: int) -> None:
     from deepspeed.ops.adam import DeepSpeedCPUAdam

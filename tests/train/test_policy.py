@@ -11,10 +11,13 @@ import torch.distributed as dist
 from raydpo.train.policy import lost_workers
 from tests.conftest import free_port
 
+# A gloo group of two of its own (not torch's default group, which another test in this process
+# may hold): this process is rank 0, a subprocess rank 1.
 PEER = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
-    dist.init_process_group("gloo", init_method=sys.argv[1], rank=1, world_size=2)
-    dist.all_reduce(torch.ones(1))  # one collective together, then the process dies without a word
+    store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), 2, is_master=False)
+    group = dist.ProcessGroupGloo(store, 1, 2)
+    group.allreduce([torch.ones(1)]).wait()  # one collective together, then the process dies without a word
     os._exit(1)
 """)
 
@@ -24,17 +27,17 @@ def gloo_error_after_the_peer_died() -> RuntimeError:
     a subprocess) has died: what a surviving training worker sees when a node goes."""
     import torch
 
-    init = f"tcp://127.0.0.1:{free_port()}"
-    peer = subprocess.Popen([sys.executable, "-c", PEER, init])
-    dist.init_process_group("gloo", init_method=init, rank=0, world_size=2)
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False)
+    peer = subprocess.Popen([sys.executable, "-c", PEER, str(port)])
     try:
-        dist.all_reduce(torch.ones(1))
+        group = dist.ProcessGroupGloo(store, 0, 2)
+        group.allreduce([torch.ones(1)]).wait()
         peer.wait(60)
         with pytest.raises(RuntimeError) as e:
-            dist.all_reduce(torch.ones(1))
+            group.allreduce([torch.ones(1)]).wait()
         return e.value
     finally:
-        dist.destroy_process_group()
         if peer.poll() is None:
             peer.kill()
 
