@@ -129,6 +129,28 @@ def wait_terminal(client, submission_id: str, timeout_s: float = 60.0) -> str:
     return str(status.value)
 
 
+def use_cluster_token() -> None:
+    """Send the cluster's token where one is found, as Ray's own clients do: ``RAY_AUTH_TOKEN``,
+    the file ``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token`` (where ``ray start --head`` keeps the
+    one it made). Ray's job client sends a token only under ``RAY_AUTH_MODE=token``, which
+    ``ray.init`` sets where it finds one and this client would otherwise not; an explicit
+    ``RAY_AUTH_MODE`` is left as it is. A Ray without token authentication has nothing to do."""
+    try:
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    except ImportError:  # a Ray before token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def token_refused(where: str, error: Exception) -> str:
+    """One line for a cluster that asked for a token this machine does not have, or refused the one sent."""
+    sent = "Authentication failed" in str(error)  # Ray's 403; a 401 says "Authentication required"
+    why = ("refused the token sent (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, in that order)" if sent
+           else "requires Ray's token authentication and no token was found on this machine")
+    return (f"the Ray cluster at {where} {why}: set RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PATH "
+            "to a file holding it (the head keeps it in ~/.ray/auth_token; docs/cluster.md, \"Token authentication\")")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="raydpo submit", description="Run a training job (train, or iterate for a config with online:) on a "
@@ -146,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import logging
 
+    import ray.exceptions
     from ray.job_submission import JobSubmissionClient
+
+    AuthenticationError = getattr(ray.exceptions, "AuthenticationError", ())  # () catches nothing: a Ray before token auth
 
     for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
         logging.getLogger(name).setLevel(logging.WARNING)  # the upload's INFO lines: library internals
@@ -157,10 +182,15 @@ def main(argv: list[str] | None = None) -> int:
         say(f"[raydpo] left out of the upload (over {MAX_FILE_BYTES // 2**20} MiB): {', '.join(left_behind)}")
     module = job_module(cfg)
     command, env_vars = entrypoint(Path(ns.config), ns.overrides, module, left_behind)
+    use_cluster_token()
+    where = ns.address or "(RAY_ADDRESS)"
     try:
         client = JobSubmissionClient(ns.address)
+    except AuthenticationError as e:
+        print(f"raydpo: {token_refused(where, e)}", file=sys.stderr)
+        return 2
     except (ConnectionError, RuntimeError, ValueError) as e:
-        print(f"raydpo: cannot reach the Ray cluster at {ns.address or '(RAY_ADDRESS)'}: {e}", file=sys.stderr)
+        print(f"raydpo: cannot reach the Ray cluster at {where}: {e}", file=sys.stderr)
         return 1
     dashboard = client.get_address().rstrip("/")
 
@@ -169,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client.submit_job(entrypoint=command, runtime_env=runtime_env(left_behind, env_vars),
                           submission_id=submission_id, metadata={"raydpo.config": Path(ns.config).name, "raydpo.job": module})
+    except AuthenticationError as e:
+        print(f"raydpo: {token_refused(dashboard, e)}", file=sys.stderr)
+        return 2
     except (ConnectionError, RuntimeError, ValueError) as e:  # the upload or the request refused
         print(f"raydpo: submitting to {dashboard} failed: {e}", file=sys.stderr)
         return 1

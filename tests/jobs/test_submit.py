@@ -10,9 +10,12 @@ store the jobs write, so the session-wide ``ray_local`` driver is untouched.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -262,3 +265,27 @@ def test_a_folder_one_node_does_not_see_fails_naming_the_key(cluster, tmp_path, 
     assert code == 1, out[-3000:]
     assert f"output_dir: {cluster.private / 'out'} is not on storage every node sees (1 of 2 nodes do not" in out
     assert "MLflow run" not in out and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("token", [None, "not-the-cluster-token"], ids=["no_token", "wrong_token"])
+def test_a_missing_or_wrong_token_is_one_line_and_exit_2(cluster, tmp_path, token):
+    """The cluster runs with Ray's defaults: token authentication on. ``raydpo submit``, as its own
+    process on a machine that has no token (another home folder, no ``RAY_AUTH_*`` set) or a
+    wrong one (``RAY_AUTH_TOKEN``): one line saying what to set, exit 2, no traceback, no job."""
+    from ray.job_submission import JobSubmissionClient
+
+    before = len(JobSubmissionClient(cluster.dashboard).list_jobs())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {"HOME": str(tmp_path)}
+    if token:
+        env["RAY_AUTH_TOKEN"] = token
+    proc = subprocess.run([sys.executable, "-m", "jobs.submit", "configs/quickstart.yaml", "--address",
+                           cluster.dashboard, *(f"--set={s}" for s in shrunk(tmp_path))],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if line.startswith("raydpo:")]
+    assert len(said) == 1, proc.stderr[-3000:]
+    assert ("refused the token sent" if token else "no token was found on this machine") in said[0]
+    assert "set RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PATH" in said[0]
+    assert len(JobSubmissionClient(cluster.dashboard).list_jobs()) == before
