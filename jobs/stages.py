@@ -10,6 +10,7 @@ and plain values and calls the library with settings objects. Not a job itself.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,7 +18,7 @@ from typing import Callable
 import ray.data
 
 from actors.reference import log_stats, reference_cache, reference_stage, summary
-from raydpo.config import Config, ConfigError, flatten, trajectory_changes, unflatten
+from raydpo.config import Config, ConfigError, TrackingConfig, flatten, trajectory_changes, unflatten
 from raydpo.data.refcache import Cache, RefStats, sources_identity
 from raydpo.progress import say
 from raydpo.tracking import Tracker
@@ -282,6 +283,34 @@ def start_ray(verbose: bool) -> None:
     say(f"[raydpo] Ray: {'joined ' + address if address else 'local'}, {nodes} node(s); dashboard {dashboard}")
 
 
+def in_ray_job_copy() -> bool:
+    """Whether this process is a job driver that Ray's job API started in its copy of the working
+    folder (``runtime_env.working_dir``, unpacked under Ray's session folder and deleted with it)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # the job supervisor's JobConfig for its driver
+    try:
+        return bool(raw) and bool(json.loads(raw).get("runtime_env", {}).get("working_dir"))
+    except (ValueError, AttributeError):
+        return False
+
+
+def kept_tracking(settings: TrackingConfig, out: Path) -> TrackingConfig:
+    """The tracking settings of a run whose MLflow data outlives it. A submitted job runs in Ray's
+    copy of the working folder, which Ray deletes with its session: a local store there (no
+    ``tracking.uri`` and no ``MLFLOW_TRACKING_URI``: MLflow's default in the working folder; or a
+    relative path) would go with it. Such a run logs to ``{output_dir}/mlflow.db`` instead (on
+    storage every node sees, checked before), and says so."""
+    from raydpo.tracking import local_store, resolve_uri
+
+    store = local_store(resolve_uri(settings.uri))
+    here = Path.cwd().resolve()
+    if not in_ray_job_copy() or store is None or not store.resolve().is_relative_to(here) or out.is_relative_to(here):
+        return settings
+    kept = f"sqlite:///{out / 'mlflow.db'}"
+    say(f"[raydpo] tracking.uri {settings.uri or 'unset'} is a store in Ray's copy of the working folder, which Ray "
+        f"deletes with its session: this run logs to {kept} (output_dir) instead")
+    return settings.model_copy(update={"uri": kept})
+
+
 def start_run(cfg: Config, config_path: str | None, verbose: bool, job: str,
               resumable: Callable[[Path], bool]) -> Tracker:
     """Checks that fail before any work (a changed config on resume, a node-local folder on a
@@ -297,7 +326,8 @@ def start_run(cfg: Config, config_path: str | None, verbose: bool, job: str,
         quiet_libraries()
     start_ray(verbose)
     check_shared_storage(cfg)
-    tracker, resumed = Tracker.start(cfg.tracking, out, cfg.tracking.run_name, tags={"raydpo.job": job})
+    tracker, resumed = Tracker.start(kept_tracking(cfg.tracking, out), out, cfg.tracking.run_name,
+                                     tags={"raydpo.job": job})
     say(f"[raydpo] MLflow run {tracker.run_id} ({'resumed' if resumed else 'new'}) at "
         f"{tracking.display_uri(tracker.spec.uri)}")
     flat = flatten(cfg)

@@ -92,8 +92,8 @@ def mlflow_hint(cfg: Config) -> str:
 
     uri = cfg.tracking.uri
     if uri is None:
-        return ("tracking.uri is unset: the job logs to MLFLOW_TRACKING_URI on the cluster, else to MLflow's "
-                "default (./mlruns in the job's working folder, removed with it); set tracking.uri to a server")
+        return ("tracking.uri is unset: the job logs to MLFLOW_TRACKING_URI on the cluster, else to "
+                f"{{output_dir}}/mlflow.db on the head ({cfg.output_dir}); set tracking.uri to a server to see it from here")
     if uri.startswith(("http://", "https://")):
         return f"{display_uri(uri)} (experiment {cfg.tracking.experiment!r})"
     return (f"a store on the cluster's head node, {display_uri(uri)}: `mlflow ui --backend-store-uri {uri}` "

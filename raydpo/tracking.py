@@ -63,6 +63,16 @@ def resolve_uri(uri: str | None) -> str:
     return uri
 
 
+def local_store(uri: str) -> Path | None:
+    """The file or folder of a local MLflow store (``resolve_uri``'s ``sqlite:///`` and
+    ``file://`` forms); None for a server."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):])
+    if uri.startswith("file://"):
+        return Path(urlsplit(uri).path)
+    return None
+
+
 def display_uri(uri: str) -> str:
     """``uri`` without a password in its network location (for logs and the console)."""
     parts = urlsplit(uri)

@@ -17,3 +17,27 @@ def test_a_relative_model_folder_becomes_absolute(tmp_path, monkeypatch):
                     "output_dir": str(tmp_path / "out")})
     prepared = stages.prepare(cfg)
     assert Path(prepared.model_path).is_absolute() and Path(prepared.model_path) == tmp_path / "models" / "m"
+
+
+def test_a_submitted_job_keeps_a_local_mlflow_store_in_output_dir(tmp_path, monkeypatch):
+    """A job that Ray's job API runs in its copy of the working folder (deleted with Ray's session)
+    moves a local store there to ``{output_dir}/mlflow.db``; a server, a store elsewhere and a job
+    not submitted keep what was set. (The unset default is checked on a real cluster:
+    tests/jobs/test_submit.py.)"""
+    import json
+
+    from jobs.stages import kept_tracking
+    from raydpo.config import TrackingConfig
+
+    copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    out = tmp_path / "shared" / "out"
+    relative = TrackingConfig(uri="sqlite:///mlflow.db", experiment="t")
+    assert kept_tracking(relative, out) == relative  # not a submitted job: as set
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0.zip"}}))
+    assert kept_tracking(relative, out).uri == f"sqlite:///{out / 'mlflow.db'}"
+    assert kept_tracking(relative.model_copy(update={"uri": "mlruns"}), out).uri == f"sqlite:///{out / 'mlflow.db'}"
+    for kept in ("http://127.0.0.1:5000", f"sqlite:///{tmp_path / 'elsewhere.db'}"):
+        assert kept_tracking(relative.model_copy(update={"uri": kept}), out).uri == kept
+    assert kept_tracking(relative, copy / "out") == relative  # output_dir goes with the copy too: nothing better

@@ -46,8 +46,9 @@ def cluster(tmp_path_factory):
 
 
 def shrunk(tmp: Path) -> list[str]:
-    """The quickstart, shrunk: 2 workers that must sit on different nodes, a checkpoint every 2 steps."""
-    return [f"output_dir={tmp / 'out'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", "tracking.experiment=test",
+    """The quickstart, shrunk: 2 workers that must sit on different nodes, a checkpoint every 2
+    steps. No ``tracking.uri``: the jobs keep their MLflow store in ``output_dir`` (``kept_store``)."""
+    return [f"output_dir={tmp / 'out'}", "tracking.experiment=test",  # no tracking.uri: see kept_store
             f"reference.cache_dir={tmp / 'ref-cache'}", "tracking.log_model=false",
             "data.synthetic.rows=200", "data.eval_fraction=0.0", "train.max_steps=4", "train.num_workers=2",
             "train.batch_size=16", "train.micro_batch_size=8", "train.placement_strategy=STRICT_SPREAD",
@@ -62,6 +63,15 @@ def submit(config: Path | str, address: str, sets: list[str], capsys) -> tuple[i
     out = capsys.readouterr().out
     match = re.search(r"\[raydpo\] submitted (\S+):", out)
     return code, match.group(1) if match else "", out
+
+
+def kept_store(out_dir: Path, console: str) -> str:
+    """The MLflow store of a submitted job with no ``tracking.uri`` (and no MLFLOW_TRACKING_URI on
+    the cluster): MLflow's default would lie in Ray's copy of the working folder, deleted with Ray's
+    session, so the job keeps it in ``output_dir`` and says so on its console."""
+    uri = f"sqlite:///{out_dir / 'mlflow.db'}"
+    assert f"deletes with its session: this run logs to {uri} (output_dir) instead" in console, console[-3000:]
+    return uri
 
 
 def train_worker_nodes(address: str, submission_id: str) -> set[str]:
@@ -198,7 +208,7 @@ def test_train_loses_a_node_then_resumes_on_autoscaled_nodes(cluster, tmp_path, 
                "scale_up": up[1] - asked, "scale_down_after_idle": removed - done, "idle_timeout": IDLE_TIMEOUT_MIN * 60}
     print("\nautoscaling timings (s; events from submit):", json.dumps({k: round(v, 1) for k, v in timings.items()}))
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = kept_store(tmp_path / "out", out)
     run_id = (tmp_path / "out" / "mlflow_run_id").read_text().strip()
     run = MlflowClient(uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["raydpo.job"] == "train"
@@ -264,7 +274,7 @@ def test_a_folder_one_node_does_not_see_fails_naming_the_key(cluster, tmp_path, 
                             [*shrunk(tmp_path), f"output_dir={cluster.private / 'out'}"], capsys)
     assert code == 1, out[-3000:]
     assert f"output_dir: {cluster.private / 'out'} is not on storage every node sees (1 of 2 nodes do not" in out
-    assert "MLflow run" not in out and not (tmp_path / "mlflow.db").exists()
+    assert "MLflow run" not in out and not (tmp_path / "out" / "mlflow.db").exists()
 
 
 @pytest.mark.slow
