@@ -7,7 +7,9 @@ job runs ``python -m jobs.train_dpo CONFIG --set ...`` (``jobs.iterative_dpo`` f
 ``ray job submit --working-dir . -- python -m jobs.train_dpo CONFIG`` would. With ``--follow`` it
 prints the job's logs until the job ends, stops the job on Ctrl-C, and exits with the job's final
 status (0 SUCCEEDED, 1 FAILED, 130 STOPPED); without, it prints the submission id and how to
-follow it. Either way it says where to watch: the Ray dashboard and the MLflow UI.
+follow it. Either way it says where to watch: the Ray dashboard and the MLflow UI. On a cluster with
+Ray's token authentication (Ray 2.60's default) it sends the token Ray's own clients would find; a
+missing or refused token exits 2 with one line saying what to set.
 """
 from __future__ import annotations
 
