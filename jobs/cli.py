@@ -12,7 +12,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"train": "jobs.train_dpo", "iterate": "jobs.iterative_dpo", "precompute": "jobs.precompute", "data-check": "jobs.data_check",
                 "sync-tracking": "jobs.sync_tracking", "submit": "jobs.submit"}
     if not argv or argv[0] not in commands:
-        print("usage: raydpo {train|iterate|precompute} CONFIG [--set dotted.key=value ...] [--json]\n"
+        print("usage: raydpo {train|iterate} CONFIG [--set dotted.key=value ...] [--verbose]\n"
+              "       raydpo precompute CONFIG [--set dotted.key=value ...] [--json]\n"
               "       raydpo data-check SOURCE... [--json]\n"
               "       raydpo sync-tracking OUTPUT_DIR [--timeout S]\n"
               "       raydpo submit CONFIG --address http://HEAD:8265 [--follow] [--set dotted.key=value ...]",

@@ -2,7 +2,7 @@
 
 ``load_config(path, overrides)`` reads the YAML, applies ``--set dotted.key=value`` overrides
 (values parsed as YAML scalars), and validates. Unknown keys are errors (``extra="forbid"``), and
-every error names its key path, e.g. ``train.beta: Input should be a valid number``.
+every error names its key path, e.g. ``loss.beta: Input should be a valid number``.
 """
 from __future__ import annotations
 
