@@ -21,7 +21,7 @@ from actors.reference import log_stats, reference_cache, reference_stage, summar
 from raydpo.config import Config, ConfigError, TrackingConfig, flatten, trajectory_changes, unflatten
 from raydpo.data.refcache import Cache, RefStats, sources_identity
 from raydpo.progress import say
-from raydpo.tracking import Tracker
+from raydpo.tracking import Tracker, local_store, resolve_uri
 
 
 @dataclass(frozen=True)
@@ -299,8 +299,6 @@ def kept_tracking(settings: TrackingConfig, out: Path) -> TrackingConfig:
     ``tracking.uri`` and no ``MLFLOW_TRACKING_URI``: MLflow's default in the working folder; or a
     relative path) would go with it. Such a run logs to ``{output_dir}/mlflow.db`` instead (on
     storage every node sees, checked before), and says so."""
-    from raydpo.tracking import local_store, resolve_uri
-
     store = local_store(resolve_uri(settings.uri))
     here = Path.cwd().resolve()
     if not in_ray_job_copy() or store is None or not store.resolve().is_relative_to(here) or out.is_relative_to(here):

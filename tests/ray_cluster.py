@@ -34,22 +34,21 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
-    return env | (extra or {})  # Ray's defaults otherwise: token authentication on (cluster_token)
+    return env | (extra or {})  # Ray's defaults otherwise: token authentication on (use_cluster_token)
 
 
-def cluster_token() -> str:
-    """The token the test clusters use, as a user's clusters do with Ray's defaults: the one in
-    ``~/.ray/auth_token`` (made here with Ray's own generator where it is missing, as ``ray start
-    --head`` would). This process's clients (the state API, ``raydpo submit`` in-process) send it
-    under ``RAY_AUTH_MODE=token``, as ``ray.init`` sets it."""
-    from ray._private.authentication.authentication_token_setup import (
-        _get_default_token_path, generate_and_save_token, maybe_enable_token_auth_if_token_available)
+def use_cluster_token() -> None:
+    """The test clusters run with Ray's defaults, as a user's do: token authentication on, the token
+    in ``~/.ray/auth_token`` (made here with Ray's own generator where it is missing, as ``ray start
+    --head`` would). This process's clients (the state API, ``raydpo submit`` in-process) then send
+    it the way ``raydpo submit`` does (``jobs.submit.use_cluster_token``)."""
+    from ray._private.authentication.authentication_token_setup import _get_default_token_path, generate_and_save_token
 
-    path = _get_default_token_path()
-    if not path.exists():
+    from jobs import submit
+
+    if not _get_default_token_path().exists():
         generate_and_save_token()
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    return path.read_text().strip()
+    submit.use_cluster_token()
 
 
 def can_unshare() -> bool:
@@ -75,7 +74,7 @@ class LocalCluster:
 
     def __init__(self, head_cpus: int, object_store_bytes: int = 200 * 2**20, gcs_port: int | None = None,
                  head_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
-        self.token = cluster_token()
+        use_cluster_token()
         self.root = Path(tempfile.mkdtemp(prefix="rdp-", dir="/tmp"))
         self.gcs_port, self.dashboard_port = gcs_port or free_port(), free_port()
         self.address = f"127.0.0.1:{self.gcs_port}"
