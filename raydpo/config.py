@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from raydpo.data.tokenize import TokenizeSettings
+from raydpo.errors import InputError
 
 
 class _Strict(BaseModel):
@@ -461,7 +462,7 @@ class Config(_Strict):
         return self
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A config that cannot run; the message names every bad key path."""
 
 

@@ -27,6 +27,7 @@ from raydpo.data.formats import (
     parse_row,
     source_format,
 )
+from raydpo.errors import InputError
 from raydpo.data.sources import read_rows, source_items
 from raydpo.data.tokenize import TokenizedPair, TokenizeSettings, check_chat_template, tokenize_pair
 from raydpo.models import load_tokenizer
@@ -99,7 +100,7 @@ class DataReport:
         return "\n".join(lines)
 
 
-class DataError(RuntimeError):
+class DataError(InputError, RuntimeError):
     """The input is too broken to train on; the message carries the report."""
 
 

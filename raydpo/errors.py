@@ -1,0 +1,29 @@
+"""The one base class of a user's error: a config, data source, output folder, cache or checkpoint
+that the user must fix. A job prints the message alone (no traceback) and exits 2.
+
+It lives in its own module so that every layer (``config``, ``data``, ``train``, ``actors``) can
+raise it without importing another layer; a job catches ``InputError`` once, wherever it was raised
+(in the driver or inside a Ray task: see ``input_error``)."""
+from __future__ import annotations
+
+
+class InputError(Exception):
+    """The user's input cannot be used; the message names the file, key or row and what to do."""
+
+
+def input_error(error: BaseException) -> InputError | None:
+    """The ``InputError`` that ``error`` is or wraps (Ray re-raises a task's exception as a
+    ``RayTaskError`` subclass whose ``cause`` is the original; Ray Data and Ray Train chain theirs
+    through ``__cause__``), or None. Follows each link once, so a cycle cannot loop."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(e, InputError) and not isinstance(cause, InputError):
+            return e
+        todo += [cause if isinstance(cause, BaseException) else None, e.__cause__, e.__context__]
+    return None
