@@ -27,9 +27,9 @@ from raydpo.data.formats import (
     parse_row,
     source_format,
 )
-from raydpo.errors import InputError
 from raydpo.data.sources import read_rows, source_items
 from raydpo.data.tokenize import TokenizedPair, TokenizeSettings, check_chat_template, tokenize_pair
+from raydpo.errors import InputError
 from raydpo.models import load_tokenizer
 
 TOKENIZED_SCHEMA = pa.schema(
