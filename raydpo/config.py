@@ -218,14 +218,27 @@ class LossConfig(_Strict):
         keys = ("beta", "label_smoothing", "simpo_gamma", "orpo_lambda", "discopop_tau", "dpop_lambda")
         return {k: getattr(self, k) for k in keys}
 
-    @model_validator(mode="after")
-    def _known(self) -> "LossConfig":
-        from raydpo.losses import LOSSES
+    # Field validators, not one on the section: an unknown name is reported at loss.type or
+    # loss.weights, the key the user must change.
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, name: str) -> str:
+        _check_loss_names([name])
+        return name
 
-        for name in self.weights or {self.type: 1.0}:
-            if name not in LOSSES:
-                raise ValueError(f"unknown loss {name!r}; known: {', '.join(sorted(LOSSES))}")
-        return self
+    @field_validator("weights")
+    @classmethod
+    def _known_weights(cls, weights: dict[str, float] | None) -> dict[str, float] | None:
+        _check_loss_names(list(weights or {}))
+        return weights
+
+
+def _check_loss_names(names: list[str]) -> None:
+    from raydpo.losses import LOSSES
+
+    for name in names:
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss {name!r}; known: {', '.join(sorted(LOSSES))}")
 
 
 class LoraConfig(_Strict):
@@ -435,7 +448,16 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     online: OnlineConfig | None = None  # raydpo iterate: the rounds; data then gives only the tokenization
-    output_dir: str = "outputs/run"
+    output_dir: str = "outputs/run"  # a local folder (on a cluster of several nodes, one every node mounts)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _local_output(cls, path: str) -> str:
+        # The driver and the workers write it with plain file calls: a URI would become a local
+        # folder named "s3:" under the working folder.
+        if not path.strip() or "://" in path:
+            raise ValueError(f"{path!r}: give a local folder (checkpoints may go to a URI: train.storage_path)")
+        return path
 
     @model_validator(mode="after")
     def _has_data(self) -> "Config":
@@ -468,11 +490,15 @@ class ConfigError(InputError, ValueError):
 
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {dotted}: an empty key in the dotted path")
     node = tree
     for k in keys[:-1]:
-        node = node.setdefault(k, {})
+        if node.get(k) is None:  # absent, or written as an empty section ("online:")
+            node[k] = {}
+        node = node[k]
         if not isinstance(node, dict):
-            raise ConfigError(f"{dotted}: {k} is not a section")
+            raise ConfigError(f"--set {dotted}: {k} is not a section")
     node[keys[-1]] = value
 
 
@@ -497,7 +523,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def validate(tree: dict[str, Any]) -> Config:
+def validate(tree: dict[str, Any], source: str | Path | None = None) -> Config:
+    """The config of ``tree``; a :class:`ConfigError` listing every bad key path (and ``source``,
+    the file it came from)."""
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
@@ -509,19 +537,106 @@ def validate(tree: dict[str, Any]) -> Config:
                 lines.append(str(err["ctx"]["error"]))
                 continue
             lines.append(f"{path or 'config'}: {err['msg']}")
-        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+        head = f"{source}: invalid config" if source else "invalid config"
+        raise ConfigError(f"{head}:\n  " + "\n  ".join(lines)) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    try:
-        tree = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    """The validated config of the YAML file ``path`` with ``overrides`` (``--set``) applied. Every
+    failure is a :class:`ConfigError` naming the file (and line, column) or the key path."""
+    tree = read_yaml(path)
+    if tree is None:  # an empty file: validation names the sections it lacks
+        tree = {}
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...), "
+                          f"not a {type(tree).__name__}")
     for key, value in parse_overrides(overrides or []).items():
         _set(tree, key, value)
-    return validate(tree)
+    return validate(tree, path)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in the file ``path``. A :class:`ConfigError` naming the file where it is
+    not a readable regular file, not UTF-8 (the byte, its line and column), not YAML (line and
+    column), or holds a key twice in one mapping (YAML would silently keep the last)."""
+    import io
+    import stat
+
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise ConfigError(f"{path}: is a folder, not a config file")
+    if not stat.S_ISREG(mode):  # a FIFO or a device could block forever or never end
+        raise ConfigError(f"{path}: is not a regular file (a pipe or a device); give a YAML file")
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
+    bom = b"\xef\xbb\xbf" if raw.startswith(b"\xef\xbb\xbf") else b""  # editors on Windows write one
+    try:
+        text = raw[len(bom):].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = e.start + len(bom)
+        line, column = raw.count(b"\n", 0, at) + 1, at - raw.rfind(b"\n", 0, at)
+        raise ConfigError(f"{path}, line {line}, column {column}: byte 0x{raw[at]:02x} (offset {at}) is not UTF-8; "
+                          "save the file as UTF-8") from None
+    stream = io.StringIO(text)
+    stream.name = str(path)  # yaml's marks name the stream: the file, not "<unicode string>"
+    try:
+        loader = yaml.SafeLoader(stream)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _no_duplicate_keys(path, node, "")
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as e:
+        raise ConfigError(_yaml_message(path, e)) from None
+    except yaml.reader.ReaderError as e:  # a control character: it has a position, not a mark
+        line = text.count("\n", 0, e.position) + 1
+        raise ConfigError(f"{path}, line {line}: not valid YAML: character #x{e.character:04x} is not allowed "
+                          "(a control character)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+
+
+def _yaml_message(path: str | Path, e: yaml.MarkedYAMLError) -> str:
+    """One line: the file, the line and column of the problem (1-based, as editors count), what it
+    is, and the context yaml gives (where the construct that failed started)."""
+    mark = e.problem_mark or e.context_mark
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+    problem = e.problem or e.context or "not valid"
+    if "'\\t'" in problem:  # yaml shows the character as Python's repr
+        problem += " (YAML indents with spaces, not tabs)"
+    context = ""
+    if e.context and e.problem and e.context_mark is not None:
+        context = f" ({e.context} at line {e.context_mark.line + 1}, column {e.context_mark.column + 1})"
+    return f"{where}: not valid YAML: {problem}{context}"
+
+
+def _no_duplicate_keys(path: str | Path, node: yaml.Node, at: str) -> None:
+    """A :class:`ConfigError` naming the key path and both lines where a mapping under ``node``
+    holds a key twice: YAML loads the last silently, so one of the two settings would be lost."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _no_duplicate_keys(path, item, f"{at}.{i}" if at else str(i))
+    elif isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], str] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":  # "<<:" overrides by design
+                dotted = f"{at}.{key.value}" if at else key.value
+                where = f"line {key.start_mark.line + 1}, column {key.start_mark.column + 1}"
+                if (key.tag, key.value) in first:
+                    raise ConfigError(f"{path}: key {dotted} is given twice ({first[key.tag, key.value]} and "
+                                      f"{where}); YAML would keep only the last: keep one")
+                first[key.tag, key.value] = where
+                _no_duplicate_keys(path, value, dotted)
+            else:
+                _no_duplicate_keys(path, value, at)
 
 
 def flatten(cfg: Config) -> dict[str, Any]:
@@ -596,6 +711,6 @@ def load_config_or_report(path: str | Path, overrides: list[str] | None = None) 
 
     try:
         return load_config(path, overrides)
-    except (ConfigError, FileNotFoundError) as e:
+    except InputError as e:
         print(f"raydpo: {e}", file=sys.stderr)
         return None
