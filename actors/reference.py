@@ -93,13 +93,13 @@ def reference_stage(
     t0 = time.perf_counter()
     cache.init()
     keyed = kept.map_batches(add_keys, batch_format="pyarrow").materialize()
-    index, corrupt = cache.read_index()
+    index, corrupt, foreign = cache.read_index()
     index_ref = ray.put(index.select(["key"]))
     counts = keyed.map_batches(count_hits, batch_format="pyarrow", fn_kwargs={"index_ref": index_ref}).take_all()
     rows, hits = sum(c["rows"] for c in counts), sum(c["hits"] for c in counts)
     data_key = sum(int(c["key_sum"]) for c in counts) % 2**128
     stats = RefStats(cache_key=f"{cache.key.dir_key}-{data_key:032x}", cache_dir=cache.path, rows=rows, hits=hits,
-                     misses=rows - hits, corrupt_blocks=corrupt)
+                     misses=rows - hits, corrupt_blocks=corrupt, foreign_blocks=foreign)
 
     missing = keyed.map_batches(missing_sequences, batch_format="pyarrow", fn_kwargs={"index_ref": index_ref})
     missing = missing.materialize()
@@ -143,7 +143,7 @@ def reference_stage(
         stats.tokens = sum(c["tokens"] for c in computed)
         stats.padded_tokens = sum(c["padded_tokens"] for c in computed)
         stats.model_loads = cache.loads() - loads_before
-        index, _ = cache.read_index()
+        index, _, _ = cache.read_index()
 
     with_ref = keyed.map_batches(lookup, batch_format="pyarrow", fn_kwargs={"index_ref": ray.put(index.select(["key", "logp"]))})
     stats.seconds = time.perf_counter() - t0
@@ -159,6 +159,8 @@ def summary(stats: RefStats) -> str:
     line += f") in {s.seconds:.1f}s; cache {s.cache_dir}"
     if s.corrupt_blocks:
         line += f"; {s.corrupt_blocks} corrupt block(s) deleted and recomputed"
+    if s.foreign_blocks:
+        line += f"; {s.foreign_blocks} block(s) of another cache key (another model or settings) deleted and recomputed"
     return line
 
 

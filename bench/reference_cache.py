@@ -134,7 +134,7 @@ def cached_logps(cfg, model_path: str, rows: list[dict]):
     from jobs.stages import cache_for
     from raydpo.data.refcache import sequence_keys
 
-    index, _ = cache_for(cfg, model_path).read_index()
+    index, _, _ = cache_for(cfg, model_path).read_index()
     ty = pa.list_(pa.int32())
     prompts = pa.array([r["prompt_ids"] for r in rows], ty)
     out = []

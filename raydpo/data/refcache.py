@@ -2,18 +2,21 @@
 
 Layout (any pyarrow filesystem: a local path, ``file://``, ``s3://``, ``gs://``)::
 
-    {cache_dir}/v1-{dir_key}/key.json                  what the key hashes, for humans
-    {cache_dir}/v1-{dir_key}/blocks/{content}.parquet  key: binary(16), logp: float32, tokens: int32
-    {cache_dir}/v1-{dir_key}/loads/{host}-{pid}-{ns}.json  one record per reference-model load
+    {cache_dir}/v2-{dir_key}/key.json                  what the key hashes, for humans
+    {cache_dir}/v2-{dir_key}/blocks/{name}.parquet     key: binary(16), logp: float32, tokens: int32
+    {cache_dir}/v2-{dir_key}/loads/{host}-{pid}-{ns}.json  one record per reference-model load
 
 ``dir_key`` hashes the model weights' identity, the tokenizer with its chat template, the
 tokenization settings and the dtype. Inside it, each *sequence* (prompt + one completion) is keyed by
 the hash of its token ids, so the data's content is part of every key: an unchanged pair hits, a new
 or changed one misses, and a completion shared by two pairs is computed once.
 
-A block's file name is the hash of its bytes. It is written to a temporary name and renamed, so a
-reader sees whole blocks or nothing; a file whose bytes do not match its name (torn, truncated,
-bit-flipped) is deleted and its sequences are computed again, never read.
+A block's file name is the hash of its key directory's ``dir_key`` and its bytes, and its Parquet
+metadata names the ``dir_key`` too. It is written to a temporary name and renamed, so a reader sees
+whole blocks or nothing. A file whose bytes do not match its name (torn, truncated, bit-flipped) is
+deleted and its sequences are computed again, never read; so is a whole, valid block of another key
+(another model or tokenizer) copied into this folder under its own name: its values are another
+model's log-probs, and reading them as hits would silently train against the wrong reference.
 """
 from __future__ import annotations
 
@@ -37,11 +40,12 @@ import pyarrow.parquet as pq
 if TYPE_CHECKING:  # the key only holds it; importing tokenize would pull in transformers
     from raydpo.data.tokenize import TokenizeSettings
 
-VERSION = 1
+VERSION = 2  # 2: blocks name their key (in their file name's hash and metadata); v1 folders are not read
 KEY_BYTES = 16
 DEFAULT_CACHE_DIR = "~/.cache/raydpo/ref"
 BLOCK_SCHEMA = pa.schema([("key", pa.binary(KEY_BYTES)), ("logp", pa.float32()), ("tokens", pa.int32())])
 _BLOCK_NAME = re.compile(r"^[0-9a-f]{40}\.parquet$")
+_KEY_METADATA = b"raydpo.cache_key"  # a block's Parquet metadata: the dir_key it was computed under
 # Files whose bytes are the model: the weights and the config that shapes the forward pass.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 _MODEL_FILES = ("config.json",)
@@ -182,9 +186,16 @@ class Cache:
     def init(self) -> None:
         self.fs.create_dir(f"{self.path}/blocks", recursive=True)
         self.fs.create_dir(f"{self.path}/loads", recursive=True)
-        info = self.fs.get_file_info(f"{self.path}/key.json")
-        if info.type == pafs.FileType.NotFound:
-            self._write_atomic(f"{self.path}/key.json", json.dumps(asdict(self.key), indent=1).encode())
+        # key.json is for humans (the blocks name their key themselves): rewritten when missing or
+        # when it does not describe this key (damaged, or copied in from another key's folder).
+        key_json = json.dumps(asdict(self.key), indent=1).encode()
+        try:
+            with self.fs.open_input_stream(f"{self.path}/key.json", compression=None) as f:
+                current = f.read()
+        except FileNotFoundError:
+            current = None
+        if current != key_json:
+            self._write_atomic(f"{self.path}/key.json", key_json)
 
     def _write_atomic(self, final: str, data: bytes) -> None:
         tmp = f"{os.path.dirname(final)}/.tmp-{uuid.uuid4().hex}"
@@ -193,13 +204,13 @@ class Cache:
         self.fs.move(tmp, final)  # a rename: readers never see a partial file
 
     def write_block(self, keys: pa.Array, logps: np.ndarray, tokens: np.ndarray) -> str:
-        """Write one block atomically; returns its file name (the hash of its bytes)."""
+        """Write one block atomically; returns its file name (``_block_name`` of its bytes)."""
         table = pa.table({"key": keys, "logp": pa.array(logps, pa.float32()), "tokens": pa.array(tokens, pa.int32())},
-                         schema=BLOCK_SCHEMA)
+                         schema=BLOCK_SCHEMA.with_metadata({_KEY_METADATA: self.key.dir_key.encode()}))
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         data = sink.getvalue().to_pybytes()
-        name = f"{hashlib.blake2b(data, digest_size=20).hexdigest()}.parquet"
+        name = _block_name(self.key.dir_key, data)
         self._write_atomic(f"{self.path}/blocks/{name}", data)
         return name
 
@@ -216,31 +227,44 @@ class Cache:
         selector = pafs.FileSelector(f"{self.path}/{sub}", allow_not_found=True)
         return sorted(os.path.basename(i.path) for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File)
 
-    def read_index(self) -> tuple[pa.Table, int]:
-        """All valid blocks as one table (key, logp, tokens), and how many corrupt ones were deleted.
-
-        A block is valid when its bytes hash to its name and it parses with the block schema.
-        """
-        tables, corrupt = [], 0
+    def read_index(self) -> tuple[pa.Table, int, int]:
+        """All valid blocks as one table (key, logp, tokens), and how many blocks were deleted:
+        ``corrupt`` ones (bytes that do not hash to the name, or no block schema) and ``foreign``
+        ones (whole blocks written under another cache key). Both are recomputed, never read."""
+        tables, corrupt, foreign = [], 0, 0
         for name in self._names("blocks"):
             if not _BLOCK_NAME.match(name):
                 continue  # a temporary file of a writer that is still running or died
             path = f"{self.path}/blocks/{name}"
             with self.fs.open_input_stream(path, compression=None) as f:
                 data = f.read()
-            table = None
-            if hashlib.blake2b(data, digest_size=20).hexdigest() == name.removesuffix(".parquet"):
-                try:
-                    table = pq.read_table(pa.BufferReader(data))
-                except (pa.ArrowInvalid, OSError):
-                    table = None
-            if table is None or not table.schema.equals(BLOCK_SCHEMA, check_metadata=False):
-                corrupt += 1
-                self.fs.delete_file(path)  # never read again; its sequences are recomputed
+            table = _parse_block(data)
+            owner = (table.schema.metadata or {}).get(_KEY_METADATA, b"").decode() if table is not None else ""
+            if owner == self.key.dir_key and name == _block_name(owner, data):
+                tables.append(table)
                 continue
-            tables.append(table)
+            if owner and owner != self.key.dir_key:
+                foreign += 1  # however it is named: its values are another key's log-probs
+            else:
+                corrupt += 1
+            self.fs.delete_file(path)  # never read again; its sequences are recomputed
         index = pa.concat_tables(tables) if tables else BLOCK_SCHEMA.empty_table()
-        return index, corrupt
+        return index, corrupt, foreign
+
+
+def _block_name(dir_key: str, data: bytes) -> str:
+    """A block's file name: the hash of the key it was computed under and its bytes, so a block is
+    valid in its own key's folder only (a copy elsewhere fails the check however it is named)."""
+    return f"{_digest(dir_key.encode(), data)}.parquet"
+
+
+def _parse_block(data: bytes) -> pa.Table | None:
+    """The block's table, or None where the bytes are not a Parquet file of the block schema."""
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowInvalid, OSError):
+        return None
+    return table if table.schema.equals(BLOCK_SCHEMA, check_metadata=False) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +346,8 @@ class RefStats:
     sequences_computed: int = 0
     tokens: int = 0  # real tokens forwarded
     padded_tokens: int = 0  # tokens forwarded, padding included
-    corrupt_blocks: int = 0
+    corrupt_blocks: int = 0  # deleted and recomputed: damaged bytes
+    foreign_blocks: int = 0  # deleted and recomputed: whole blocks of another cache key in this folder
     model_loads: int = 0
     seconds: float = 0.0
     compute_seconds: float = 0.0

@@ -1,12 +1,19 @@
 """The reference cache's pieces without Ray: keys, identities, atomic blocks, corruption, batching."""
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
-from raydpo.data.refcache import BLOCK_SCHEMA, Cache, CacheKey, key_sum, missing_sequences, model_identity, sequence_keys, tokenizer_identity
+from raydpo.data.refcache import (
+    BLOCK_SCHEMA, VERSION, Cache, CacheKey, _block_name, key_sum, missing_sequences, model_identity, sequence_keys,
+    tokenizer_identity,
+)
 from raydpo.logprobs import budgeted_logps, collate, length_batches, model_sequence_logps
 from raydpo.models import build_tiny_tokenizer, load_model, write_tiny
 
@@ -69,17 +76,47 @@ def test_blocks_round_trip_and_corrupt_ones_are_deleted(tmp_path):
     first = cache.write_block(keys.slice(0, 2), np.array([-1.5, -2.5]), np.array([2, 2]))
     cache.write_block(keys.slice(2), np.array([-3.5]), np.array([2]))
     (tmp_path / cache.path.split("/")[-1] / "blocks" / ".tmp-deadbeef").write_bytes(b"half a write")
-    index, corrupt = cache.read_index()
-    assert corrupt == 0 and index.schema.equals(BLOCK_SCHEMA)
+    index, corrupt, foreign = cache.read_index()
+    assert (corrupt, foreign) == (0, 0) and index.schema.equals(BLOCK_SCHEMA, check_metadata=False)
     assert sorted(index["logp"].to_pylist()) == [-3.5, -2.5, -1.5]
 
     path = tmp_path / cache.path.split("/")[-1] / "blocks" / first
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped bit-group in the middle of the file
     path.write_bytes(bytes(data))
-    index, corrupt = cache.read_index()
-    assert corrupt == 1 and index["logp"].to_pylist() == [-3.5]
+    index, corrupt, foreign = cache.read_index()
+    assert (corrupt, foreign) == (1, 0) and index["logp"].to_pylist() == [-3.5]
     assert not path.exists()
+
+
+@pytest.mark.parametrize("named", ["under_its_own_name", "renamed_for_this_key"])
+def test_a_valid_block_of_another_key_is_never_read_as_hits(tmp_path, named):
+    """Cache poisoning: a whole, valid block computed under another key (another model) copied
+    into this key's folder is deleted and counted, not read: its values are the other model's."""
+    ours, theirs = Cache(str(tmp_path), KEY), Cache(str(tmp_path), dataclasses.replace(KEY, model="files:another"))
+    ours.init()
+    theirs.init()
+    keys = sequence_keys(ids([[1], [2]]), ids([[4], [5]]))
+    ours.write_block(keys.slice(0, 1), np.array([-1.0]), np.array([2]))
+    name = theirs.write_block(keys, np.array([-9.0, -9.0]), np.array([2, 2]))  # a sequence both keys cache
+    data = Path(theirs.path, "blocks", name).read_bytes()
+    planted = Path(ours.path, "blocks", name if named == "under_its_own_name" else _block_name(KEY.dir_key, data))
+    planted.write_bytes(data)
+
+    index, corrupt, foreign = ours.read_index()
+    assert (corrupt, foreign) == (0, 1) and index["logp"].to_pylist() == [-1.0]
+    assert not planted.exists() and Path(theirs.path, "blocks", name).exists()
+    assert theirs.read_index()[0]["logp"].to_pylist() == [-9.0, -9.0]  # the other key's own blocks are untouched
+
+
+def test_key_json_that_describes_another_key_is_rewritten(tmp_path):
+    cache = Cache(str(tmp_path), KEY)
+    cache.init()
+    key_json = Path(cache.path, "key.json")
+    right = key_json.read_text()
+    key_json.write_text('{"model": "files:another"}')
+    cache.init()
+    assert key_json.read_text() == right and json.loads(right)["model"] == KEY.model
 
 
 def test_missing_sequences_are_unique_and_only_the_uncached(tmp_path):
@@ -152,6 +189,6 @@ def test_cache_dir_may_be_a_uri(tmp_path):
     keys = sequence_keys(ids([[1]]), ids([[2]]))
     cache.write_block(keys, np.array([-0.25]), np.array([2]))
     cache.record_load()
-    index, corrupt = cache.read_index()
-    assert (index["logp"].to_pylist(), corrupt, cache.loads()) == ([-0.25], 0, 1)
-    assert (tmp_path / "uri-cache" / f"v1-{KEY.dir_key}" / "key.json").exists()
+    index, corrupt, foreign = cache.read_index()
+    assert (index["logp"].to_pylist(), corrupt, foreign, cache.loads()) == ([-0.25], 0, 0, 1)
+    assert (tmp_path / "uri-cache" / f"v{VERSION}-{KEY.dir_key}" / "key.json").exists()

@@ -25,14 +25,13 @@ def config(out: Path, cache: Path, *more: str, uri: str | None = None):
 
 def values(cache_path: str) -> dict[bytes, float]:
     """Every cached log-prob of one cache key's directory (``RefStats.cache_dir``)."""
-    import pyarrow.fs as pafs
+    from raydpo.data.refcache import Cache, CacheKey
 
-    from raydpo.data.refcache import Cache
-
-    cache = Cache.__new__(Cache)  # open the directory as it is, whatever key made it
-    cache.fs, cache.path = pafs.LocalFileSystem(), cache_path
-    table, corrupt = cache.read_index()
-    assert corrupt == 0
+    key = CacheKey(**json.loads(Path(cache_path, "key.json").read_text()))  # whatever key made it
+    cache = Cache(str(Path(cache_path).parent), key)
+    assert cache.path == cache_path
+    table, corrupt, foreign = cache.read_index()
+    assert (corrupt, foreign) == (0, 0)
     return dict(zip(table["key"].to_pylist(), table["logp"].to_pylist()))
 
 
@@ -140,10 +139,10 @@ def test_a_precompute_stopped_by_sigterm_resumes_to_the_clean_values(clean, tmp_
     actor = None
     try:
         deadline = time.monotonic() + 300
-        while not list(cache.glob("v1-*/blocks/*.parquet")):
+        while not list(cache.glob("v*-*/blocks/*.parquet")):
             assert proc.poll() is None and time.monotonic() < deadline, "no block written"
             time.sleep(0.01)
-        actor = json.loads(next(cache.glob("v1-*/loads/*.json")).read_text())["pid"]  # the block's writer
+        actor = json.loads(next(cache.glob("v*-*/loads/*.json")).read_text())["pid"]  # the block's writer
         os.kill(actor, signal.SIGSTOP)
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=300)
