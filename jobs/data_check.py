@@ -116,17 +116,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from raydpo.data.sources import expand_sources
+    from raydpo.errors import input_error
 
     if not 0 < ns.max_prompt_length < ns.max_length:
         print("raydpo data-check: need 0 < --max-prompt-length < --max-length", file=sys.stderr)
         return 2
     try:
-        expand_sources(ns.sources)  # fails before Ray starts
+        # Fails before Ray starts: a source that names nothing, or that its first bytes show cannot be
+        # read (a SourceError, which is a ValueError); a chat template that does not compile.
+        expand_sources(ns.sources)
         chat_template = _read_template(ns.chat_template) if ns.chat_template else None
     except (FileNotFoundError, ValueError) as e:
         print(f"raydpo data-check: {e}", file=sys.stderr)
         return 2
-    from raydpo.data.pipeline import DataError
 
     stdout = sys.stdout
     # With --json nothing but the JSON object reaches stdout: anything printed meanwhile goes to stderr.
@@ -136,8 +138,13 @@ def main(argv: list[str] | None = None) -> int:
                            max_prompt_length=ns.max_prompt_length, truncation=ns.truncation, quiet=ns.json,
                            fmt=ns.format, columns=columns, chat_template=chat_template,
                            ranked_pairs=ns.ranked_pairs, min_score_margin=ns.min_score_margin)
-        except DataError as e:  # a source of unknown or ambiguous row shape
-            print(f"raydpo data-check: {e}", file=sys.stderr)
+        except Exception as e:
+            # The user's input: a source of unknown row shape, or one that fails while it is read (a
+            # truncated gzip, a JSON syntax error, no rows), raised here or inside a Ray task.
+            error = input_error(e)
+            if error is None:
+                raise
+            print(f"raydpo data-check: {error}", file=sys.stderr)
             return 2
     if ns.json:
         result.pop("_summary")

@@ -16,22 +16,50 @@ Either may carry ``weight`` (see ``mixture_weights``). Each entry resolves to re
 read task each (a file, a row range of a saved dataset, or one Hugging Face split), with a readable
 ``source`` id: the file path or URI, the saved folder (``folder/split`` for a DatasetDict), or
 ``hf:NAME[/subset]:split[@revision]``. Row ids count from 1 within a source.
+
+A source that cannot be read or decoded fails as a whole with a ``SourceError`` (an ``InputError``:
+the job prints its one line, naming the source and the cause, and exits 2), never a traceback or a
+silent loss of rows. What the first bytes of a file tell is checked on the driver, before any Ray
+work, for every local file (``check_file``): it exists, is a regular file (not a folder, FIFO,
+device or socket) and can be read; it is not empty; gzip is told by its magic bytes (``1f 8b``),
+whatever the name; a Parquet file has its magic bytes and a footer that parses; text is UTF-8,
+or UTF-8/UTF-16/UTF-32 with a byte-order mark (decoded as the mark says), and text that looks like
+UTF-16 or UTF-32 without a mark fails naming that encoding. A remote object gets the same checks in
+its read task. What only reading finds fails the read task (and so the run): an I/O error, a gzip
+stream that is truncated or corrupt (after line N: the rest of the file is lost, and training on an
+unknown loss is not an option), a JSON array with a syntax error (line, column), a source with no
+rows (blank lines only, a CSV header only, ``[]``). Invalid UTF-8 bytes inside otherwise UTF-8 text
+become U+FFFD, and the row is judged by the parser like any other.
 """
 from __future__ import annotations
 
+import codecs
+import contextlib
 import fnmatch
 import glob
 import gzip
 import io
 import json
 import os
+import re
+import stat
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from raydpo.data.formats import is_valid_text
+from raydpo.errors import InputError
 
 GLOB_CHARS = "*?["
+
+
+class SourceError(InputError, ValueError):
+    """A data source that cannot be read or decoded, or that holds no rows. The message names the
+    source (path or URI), the cause and what to do. A ``ValueError`` too, as these errors were
+    before, so a caller that caught those still does."""
+
+
 ROWS_PER_READ_TASK = 100_000  # a saved dataset is read by several tasks, each this many rows
 _SAVED_DATASET = ("state.json", "dataset_info.json")  # what save_to_disk writes for a Dataset
 _SAVED_DATASET_DICT = "dataset_dict.json"  # ... and for a DatasetDict (plus one folder per split)
@@ -98,12 +126,12 @@ def _expand_path(pattern: str) -> list[str]:
     else:
         found = [os.path.abspath(f) for f in sorted(glob.glob(os.path.expanduser(pattern)))]
     if not found:
-        raise FileNotFoundError(f"data source {pattern!r} matches no file")
+        raise SourceError(f"data source {pattern!r} matches no file")
     for path in found:
         # A name of non-UTF-8 bytes comes back with lone surrogates, which no Arrow column (the read
         # items, the report's source ids) can hold: fail here, naming it, not inside Ray.
         if not is_valid_text(path):
-            raise ValueError(f"data source {path!r}: the file name is not valid UTF-8; rename the file")
+            raise SourceError(f"data source {path!r}: the file name is not valid UTF-8; rename the file")
     return found
 
 
@@ -120,11 +148,11 @@ def _saved_items(folder: str, spec: dict[str, Any], split: str) -> list[dict[str
             splits = json.load(f)["splits"]
         chosen = spec.get("split") or (splits[0] if len(splits) == 1 else None)
         if chosen not in splits:
-            raise ValueError(f"data source {folder}: a saved DatasetDict with splits {', '.join(splits)}; "
+            raise SourceError(f"data source {folder}: a saved DatasetDict with splits {', '.join(splits)}; "
                              f"choose one with split: NAME" + (f" (not {chosen!r})" if chosen else ""))
         folder = os.path.join(folder, chosen)  # where save_to_disk puts that split
     elif spec.get("split"):
-        raise ValueError(f"data source {folder}: a saved Dataset has no splits; remove split ({spec['split']!r})")
+        raise SourceError(f"data source {folder}: a saved Dataset has no splits; remove split ({spec['split']!r})")
     rows = _datasets(folder).load_from_disk(folder).num_rows  # memory-mapped: reads no rows
     return [_item(folder, split, "saved", path=folder, start=start, stop=min(start + ROWS_PER_READ_TASK, rows))
             for start in range(0, max(rows, 1), ROWS_PER_READ_TASK)]
@@ -146,12 +174,13 @@ def _entry_items(spec: dict[str, Any], split: str) -> list[dict[str, Any]]:
         if local is not None and os.path.isdir(local):
             if not (os.path.exists(os.path.join(local, _SAVED_DATASET_DICT))
                     or all(os.path.exists(os.path.join(local, m)) for m in _SAVED_DATASET)):
-                raise ValueError(f"data source {path!r} is a folder but not a datasets save_to_disk folder; "
+                raise SourceError(f"data source {path!r} is a folder but not a datasets save_to_disk folder; "
                                  f"name its files (e.g. {path.rstrip('/')}/*.jsonl)")
             items += _saved_items(os.path.abspath(local), spec, split)
         elif "split" in spec:
             raise ValueError(f"data source {path!r}: split is for hf sources and save_to_disk folders only")
         else:
+            check_file(path)  # fails here, on the driver, before any Ray work
             items.append(_item(path, split, "file", path=path))
     return items
 
@@ -215,15 +244,41 @@ def _filesystem(path: str):
     return pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
 
 
-def _open_binary(path: str):
-    fs, inner = _filesystem(path)
-    raw = fs.open_input_stream(inner, compression=None)  # pyarrow would also un-gzip by extension
-    return gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
+# --- what a file is, from its first bytes ----------------------------------------------------------
+
+_HEAD_BYTES = 4096  # decoded bytes that decide the encoding (and show Parquet inside a gzip)
+_RAW_HEAD_BYTES = 16384  # raw bytes read for that: even a gzip of random bytes gives 4 KiB from them
+_GZIP_MAGIC = b"\x1f\x8b"
+_PARQUET_MAGIC = b"PAR1"
+# (mark, codec): the codec drops the mark, and utf-16 / utf-32 take the byte order from it. UTF-32
+# LE's mark begins with UTF-16 LE's, so it is tried first.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+# Formats that no reader here understands, by their magic bytes: the user hears what the file is,
+# rather than seeing its bytes counted as unparseable rows (or a source without rows left out).
+_FOREIGN = (
+    (re.compile(rb"PK\x03\x04"), "a zip archive (an .xlsx workbook is one); export its rows as JSONL, CSV or Parquet"),
+    (re.compile(rb"BZh[1-9]1AY&SY"), "bzip2-compressed; decompress it, or compress it with gzip"),
+    (re.compile(rb"\xfd7zXZ\x00"), "xz-compressed; decompress it, or compress it with gzip"),
+    (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd-compressed; decompress it, or compress it with gzip"),
+    (re.compile(rb"7z\xbc\xaf\x27\x1c"), "a 7z archive; extract its files and name those"),
+)
+_NOT_FILES = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
-def _open_text(path: str) -> io.TextIOBase:
-    # Invalid UTF-8 becomes U+FFFD instead of failing the file; the row then parses or is counted.
-    return io.TextIOWrapper(_open_binary(path), encoding="utf-8", errors="replace", newline="")
+@dataclass(frozen=True)
+class _Layout:
+    """How to read one file: from its name (the kind) and its first bytes (all the rest)."""
+
+    kind: str  # "jsonl", "json" (an array), "csv" or "parquet"
+    gzip: bool  # gzip-compressed, told by the magic bytes whatever the name says
+    encoding: str  # text codec: "utf-8" (invalid bytes become U+FFFD), "utf-8-sig", "utf-16", "utf-32"
 
 
 def _kind(path: str) -> str:
@@ -234,53 +289,196 @@ def _kind(path: str) -> str:
     return "jsonl"
 
 
-def _records(path: str) -> Iterator[tuple[int, str]]:
+def _check_regular(path: str, local: str) -> None:
+    """A ``SourceError`` unless ``local`` is a regular file (a link to one is): opening a FIFO would
+    wait for a writer forever, and a device never ends."""
+    try:
+        mode = os.stat(local).st_mode
+    except OSError as e:  # a broken link, a loop of links, a folder on the way that may not be entered
+        raise SourceError(f"data source {path}: cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        what = next((name for test, name in _NOT_FILES if test(mode)), "a special file")
+        raise SourceError(f"data source {path}: is {what}, not a regular file; name a file of rows")
+
+
+def _cause(e: BaseException) -> str:
+    """An error's text on one line (pyarrow's may span several), for a message of one line."""
+    return " ".join(str(e).split())
+
+
+def _read_head(path: str) -> bytes:
+    fs, inner = _filesystem(path)
+    try:
+        with fs.open_input_stream(inner, compression=None) as f:
+            return f.read(_RAW_HEAD_BYTES)
+    except OSError as e:  # permission denied, an I/O error, a missing object
+        raise SourceError(f"data source {path}: cannot be read ({_cause(e)})") from None
+
+
+def _gunzip_head(path: str, raw: bytes) -> bytes:
+    """The first decompressed bytes of a gzip file (a stream cut short gives what it holds). Damage
+    this near the start fails here, on the driver; a small file is checked whole, its CRC included."""
+    decompressor = zlib.decompressobj(wbits=31)  # 31: a gzip header and trailer around the data
+    try:
+        head = decompressor.decompress(raw, _HEAD_BYTES)
+    except zlib.error as e:
+        raise SourceError(f"data source {path}: is not a valid gzip stream ({_cause(e)}); re-create or "
+                          f"re-download it") from None
+    if not head and decompressor.eof:
+        raise SourceError(f"data source {path}: is empty (a gzip of no bytes); remove it from the sources or fill it")
+    return head  # empty and not at its end: truncated before its first byte, which reading reports
+
+
+def _wide_encoding(head: bytes) -> str | None:
+    """The encoding that text without a byte-order mark looks like when its NUL bytes fall where
+    UTF-16 or UTF-32 puts them for JSON or CSV (mostly ASCII: ``{\0"\0p\0``), else None. UTF-8 text
+    has a NUL only where a row holds one (that row is then judged by the parser), never at every
+    second or fourth byte."""
+    n = len(head) - len(head) % 4
+    if n < 16:
+        return None
+    nul = [head[i:n:4].count(0) / (n // 4) for i in range(4)]  # the share of NUL bytes at each offset mod 4
+    if nul[2] > 0.9 and nul[3] > 0.9 and nul[0] < 0.5:  # any character below U+10000: two NULs on top
+        return "UTF-32 LE"
+    if nul[0] > 0.9 and nul[1] > 0.9 and nul[3] < 0.5:
+        return "UTF-32 BE"
+    odd, even = (nul[1] + nul[3]) / 2, (nul[0] + nul[2]) / 2
+    if odd > 0.2 and even < 0.05:
+        return "UTF-16 LE"
+    if even > 0.2 and odd < 0.05:
+        return "UTF-16 BE"
+    return None
+
+
+def _layout(path: str) -> _Layout:
+    """How to read ``path``, or a ``SourceError`` where its first bytes already show that it cannot
+    be read: not a regular file, unreadable, empty, a format no reader here knows, a Parquet file
+    without its magic bytes, or text in UTF-16/UTF-32 without a byte-order mark."""
+    local = _local_path(path)
+    if local is not None:
+        _check_regular(path, local)  # before opening it
+    raw = _read_head(path)
+    if not raw:
+        raise SourceError(f"data source {path}: is empty (0 bytes); remove it from the sources or fill it")
+    for magic, what in _FOREIGN:
+        if magic.match(raw):
+            raise SourceError(f"data source {path}: is {what}")
+    compressed = raw.startswith(_GZIP_MAGIC)
+    head = _gunzip_head(path, raw) if compressed else raw[:_HEAD_BYTES]
+    kind = _kind(path)
+    if kind == "parquet" or head.startswith(_PARQUET_MAGIC):
+        if compressed:
+            raise SourceError(f"data source {path}: is a gzip-compressed Parquet file; decompress it "
+                              f"(Parquet compresses its own pages)")
+        if not raw.startswith(_PARQUET_MAGIC):
+            raise SourceError(f"data source {path}: is not a Parquet file (it does not begin with the bytes PAR1): "
+                              f"truncated, or another format; re-write or re-download it")
+        return _Layout("parquet", False, "")
+    for mark, codec in _BOMS:
+        if head.startswith(mark):
+            return _Layout(kind, compressed, codec)
+    wide = _wide_encoding(head)
+    if wide:
+        raise SourceError(f"data source {path}: looks like {wide} text without a byte-order mark (NUL bytes "
+                          f"between its characters), which cannot be decoded for sure; save it as UTF-8")
+    return _Layout(kind, compressed, "utf-8")
+
+
+def _check_parquet_footer(path: str) -> None:
+    """Parse the footer of a Parquet file (it reads no rows): a truncated or damaged file fails here."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, inner = _filesystem(path)
+    try:
+        with fs.open_input_file(inner) as f:
+            rows = pq.read_metadata(f).num_rows
+    except (pa.ArrowException, OSError) as e:
+        raise SourceError(f"data source {path}: is not a readable Parquet file ({_cause(e)}): truncated or damaged; "
+                          f"re-write or re-download it") from None
+    if rows == 0:
+        raise SourceError(f"data source {path}: holds no rows (a Parquet file of 0 rows); remove it from the sources")
+
+
+def check_file(path: str) -> None:
+    """Raise a ``SourceError`` when the local file ``path`` names (a path or ``file://`` URI) cannot
+    be read as a source, as far as its first bytes tell (see ``_layout``) and, for Parquet, its
+    footer. Costs a stat, one open and a read of 16 KiB (plus the footer). A remote URI is left to
+    its read task, which makes the same checks before reading."""
+    if _local_path(path) is None:
+        return
+    if _layout(path).kind == "parquet":
+        _check_parquet_footer(path)
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _open_text(path: str, layout: _Layout) -> Iterator[io.TextIOBase]:
+    fs, inner = _filesystem(path)
+    with fs.open_input_stream(inner, compression=None) as raw:  # pyarrow would un-gzip by the name alone
+        binary = gzip.GzipFile(fileobj=raw) if layout.gzip else raw
+        # Invalid UTF-8 becomes U+FFFD instead of failing the file; the row then parses or is counted.
+        yield io.TextIOWrapper(binary, encoding=layout.encoding, errors="replace", newline="")
+
+
+def _json_syntax_error(path: str, text: str, e: json.JSONDecodeError) -> str:
+    near = text[max(e.pos - 30, 0): e.pos + 30]
+    hint = "; a file of one JSON object per line is JSONL: name it .jsonl" if e.msg == "Extra data" else "; fix the file"
+    return (f"data source {path}: not valid JSON at line {e.lineno}, column {e.colno} (character {e.pos}): "
+            f"{e.msg}, near {near!r}{hint}")
+
+
+def _records(path: str, layout: _Layout) -> Iterator[tuple[int, str]]:
     """``(row_id, JSON text)`` for every record of one file; row ids count from 1 (JSONL: the line).
 
     Every format goes through JSON text so that one parser (``json.loads`` then ``normalise``)
     judges every row, and a row that fails is counted, whatever file it came from.
     """
-    kind = _kind(path)
-    if kind == "jsonl":
-        line_no = 0
-        with _open_text(path) as f:
-            try:
-                for line_no, line in enumerate(f, start=1):
-                    if line.strip():
-                        yield line_no, line
-            except (EOFError, zlib.error, gzip.BadGzipFile):
-                # A truncated or corrupt .gz: the lines before the damage are rows; the rest is one
-                # unparseable row (at the next line number), so the report shows it, not a crash.
-                yield line_no + 1, ""
-    elif kind == "parquet":
+    if layout.kind == "jsonl":
+        with _open_text(path, layout) as f:
+            for line_no, line in enumerate(f, start=1):
+                if line.strip():
+                    yield line_no, line
+    elif layout.kind == "parquet":
         import pyarrow.parquet as pq
 
         row_id = 0
         fs, inner = _filesystem(path)
-        with pq.ParquetFile(fs.open_input_file(inner)) as pf:  # random access; streamed in batches
+        with fs.open_input_file(inner) as f, pq.ParquetFile(f) as pf:  # random access; streamed in batches
             for batch in pf.iter_batches(batch_size=1024):
                 for row in batch.to_pylist():
                     row_id += 1
                     yield row_id, json.dumps(row, default=str)
-    elif kind == "csv":
+    elif layout.kind == "csv":
         import csv
 
         csv.field_size_limit(2**31 - 1)  # long completions are legal cells
-        with _open_text(path) as f:
+        with _open_text(path, layout) as f:
             for row_id, row in enumerate(csv.DictReader(f), start=1):
                 # A row with too many cells puts the extras under None: that is malformed.
                 yield row_id, (json.dumps(row) if None not in row else "")
     else:  # a JSON array of rows; read whole (a file of this kind is not streamed)
-        with _open_text(path) as f:
+        with _open_text(path, layout) as f:
             text = f.read()
+        if not text.strip():
+            return  # no rows: read_rows says so
         try:
             rows = json.loads(text)
-        except (ValueError, RecursionError):
-            rows = None
-        if not isinstance(rows, list):
-            # One object is one row; anything else is one dropped row, whose reason the parser gives
-            # again (unparseable, or too_deeply_nested where the nesting exhausted its stack).
+        except RecursionError:
+            # Nesting past the parser's stack: one row, which the parser drops as too_deeply_nested.
             yield 1, text
+            return
+        except json.JSONDecodeError as e:
+            # The whole source fails, naming the place. A syntax error inside an array leaves the
+            # rest of the file unknown (a missing comma, a cut, a stray quote): keeping the elements
+            # before it would train on a prefix nobody chose, and how many rows are lost cannot be
+            # counted without guessing where elements end. datasets.load_dataset("json"), what TRL
+            # users load such files with, also fails the whole file.
+            raise SourceError(_json_syntax_error(path, text, e)) from None
+        if not isinstance(rows, list):
+            yield 1, text  # one object is one row; any other value one row the parser drops
             return
         for row_id, row in enumerate(rows, start=1):
             yield row_id, json.dumps(row)
@@ -295,16 +493,49 @@ def _dataset_records(ds: Any, first_row_id: int) -> Iterator[tuple[int, str]]:
             yield row_id, json.dumps(row, default=str)  # default=str: dates, bytes, ... stay a row
 
 
+def _read_failure(source: str, e: BaseException, where: str) -> str:
+    """The message for an error met while reading ``source``, ``where`` (after line/row N) it happened."""
+    lost = "the rest of the file is lost (how many rows is unknown); re-create or re-download it"
+    if isinstance(e, EOFError):  # what gzip raises at the end of a stream cut short
+        return f"data source {source}: the gzip stream is truncated {where}: {lost}"
+    if isinstance(e, (zlib.error, gzip.BadGzipFile)):  # a damaged block, a wrong CRC or length
+        return f"data source {source}: the gzip stream is corrupt {where} ({_cause(e)}): {lost}"
+    return (f"data source {source}: reading failed {where} ({_cause(e)}); the rest of it was not read: check the "
+            f"file and its storage, then run again")
+
+
 def read_rows(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """One read item (``source_items``) -> one row per record: ``{source, row_id, split, text}``."""
+    """One read item (``source_items``) -> one row per record: ``{source, row_id, split, text}``.
+
+    Raises a ``SourceError`` naming the source when it cannot be read (see the module's notes),
+    when reading fails part way (saying after which line or row), or when it holds no rows."""
+    import pyarrow as pa
+
     kind, source = item.get("kind") or "file", item.get("source") or item["path"]
+    unit = "row"
     if kind == "file":
-        records = _records(item["path"])
-    elif kind == "saved":
-        ds = _datasets(source).load_from_disk(item["path"])
-        records = _dataset_records(ds.select(range(item["start"], item["stop"])), item["start"] + 1)
+        layout = _layout(item["path"])  # again here: a remote object is first seen by its read task
+        unit = "line" if layout.kind == "jsonl" else "row"
+        records = _records(item["path"], layout)
     else:
-        ds = _datasets(source).load_dataset(item["name"], item["subset"], split=item["hf_split"], revision=item["revision"])
-        records = _dataset_records(ds, 1)
-    for row_id, text in records:
-        yield {"source": source, "row_id": row_id, "split": item["split"], "text": text}
+        try:
+            if kind == "saved":
+                ds = _datasets(source).load_from_disk(item["path"])
+                records = _dataset_records(ds.select(range(item["start"], item["stop"])), item["start"] + 1)
+            else:
+                ds = _datasets(source).load_dataset(item["name"], item["subset"], split=item["hf_split"],
+                                                    revision=item["revision"])
+                records = _dataset_records(ds, 1)
+        except (OSError, ValueError) as e:  # not found (hub or disk), an unknown split, damaged files
+            raise SourceError(f"data source {source}: cannot be loaded ({_cause(e)})") from None
+    last = count = 0
+    try:
+        for last, text in records:
+            count += 1
+            yield {"source": source, "row_id": last, "split": item["split"], "text": text}
+    except (OSError, EOFError, zlib.error, pa.ArrowException) as e:
+        where = f"after {unit} {last}" if count else "before its first row"
+        raise SourceError(_read_failure(source, e, where)) from None
+    if count == 0:
+        raise SourceError(f"data source {source}: holds no rows (only blank lines, a CSV header alone, an empty "
+                          f"JSON array or table); remove it from the sources or fill it")

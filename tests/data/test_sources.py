@@ -23,7 +23,7 @@ os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(tempfile.gettempdir(), "
 from raydpo.config import ConfigError, validate
 from raydpo.data import sources
 from raydpo.data.pipeline import build_report, kept_rows, mix_sources, tokenized_dataset
-from raydpo.data.sources import expand_sources, mixture_weights, source_items
+from raydpo.data.sources import SourceError, expand_sources, mixture_weights, source_items
 from raydpo.data.tokenize import TokenizeSettings
 
 import datasets  # noqa: E402  (after the HF_* variables above, which it reads at import)
@@ -70,13 +70,13 @@ def test_saved_folder_errors_name_the_source(tmp_path):
                           "test": datasets.Dataset.from_list(_rows("e", 2))}).save_to_disk(str(tmp_path / "dd"))
     datasets.Dataset.from_list(_rows("d", 2)).save_to_disk(str(tmp_path / "ds"))
     (tmp_path / "plain").mkdir()
-    with pytest.raises(ValueError, match=r"dd: a saved DatasetDict with splits train, test; choose one"):
+    with pytest.raises(SourceError, match=r"dd: a saved DatasetDict with splits train, test; choose one"):
         source_items([str(tmp_path / "dd")], "train")
-    with pytest.raises(ValueError, match=r"splits train, test; choose one with split: NAME \(not 'valid'\)"):
+    with pytest.raises(SourceError, match=r"splits train, test; choose one with split: NAME \(not 'valid'\)"):
         source_items([{"path": str(tmp_path / "dd"), "split": "valid"}], "train")
-    with pytest.raises(ValueError, match=r"ds: a saved Dataset has no splits"):
+    with pytest.raises(SourceError, match=r"ds: a saved Dataset has no splits"):
         source_items([{"path": str(tmp_path / "ds"), "split": "train"}], "train")
-    with pytest.raises(ValueError, match=r"plain' is a folder but not a datasets save_to_disk folder"):
+    with pytest.raises(SourceError, match=r"plain' is a folder but not a datasets save_to_disk folder"):
         expand_sources([str(tmp_path / "plain")])
     with pytest.raises(ValueError, match="split is for hf sources and save_to_disk folders only"):
         source_items([{"path": str(_jsonl(tmp_path / "a.jsonl", _rows("a", 1))), "split": "train"}], "train")
@@ -114,9 +114,9 @@ def test_file_uris_and_uri_globs(ray_local, tmp_path):
     report = build_report(_tokenized([uri_a, f"file://{tmp_path}/*.gz"]))
     assert {s: (c["read"], c["kept"]) for s, c in report.sources.items()} == {uri_a: (3, 3), uri_b: (3, 2)}
     assert report.examples["unparseable"] == [f"{uri_b}:3"]
-    with pytest.raises(FileNotFoundError, match="matches no file"):
+    with pytest.raises(SourceError, match="matches no file"):
         expand_sources([f"file://{tmp_path}/missing.jsonl"])
-    with pytest.raises(FileNotFoundError, match="matches no file"):
+    with pytest.raises(SourceError, match="matches no file"):
         expand_sources([f"file://{tmp_path}/*.parquet"])
 
 
