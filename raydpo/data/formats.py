@@ -9,6 +9,18 @@ dialogues (Anthropic HH-RLHF: ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``), and S
 optionally ``system``), and ranked rows (``{prompt, completions|responses: [...], scores|ratings: [...]}``,
 each completion a string or a message list, which become pairs: see ``ranked_pairs``).
 
+Messages (``parse_message``), in every shape that has them: ``{role, content}`` or ShareGPT's
+``{from, value}``. A role is matched without case or surrounding space, and ShareGPT's and
+Gemma's names are the standard ones (``human`` -> ``user``; ``gpt``, ``model`` -> ``assistant``;
+OpenAI's ``developer`` -> ``system``); any other role (``tool``, ``function``, ``Wizard``) is
+``unknown_role``: raydpo carries no tool calls, and a made-up speaker is never rendered. The
+content is a string or, as in OpenAI-style and Hugging Face multimodal chat data, a list of parts
+``[{"type": "text", "text": ...}, ...]``: its text parts are joined with nothing between them, as
+Hugging Face chat templates render a list of text parts; a part of any other type (``image``,
+``image_url``, ``input_audio``, ...) drops the row as ``non_text_content`` rather than silently
+training on the text without it, and so do tool calls. A completion must start with the assistant's
+turn (``completion_role``).
+
 ``normalise(row, fmt, columns)``: ``columns`` (target -> source column) renames fields first;
 ``fmt`` is ``"auto"`` (``detect_format`` per row) or one of ``FORMATS``, which drops rows of any other
 shape: ``missing_field`` when a field of the format is absent, ``unparseable`` otherwise.
@@ -20,7 +32,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 Message = dict[str, str]
@@ -37,8 +49,15 @@ NO_PAIR = "no_pair"  # a ranked row whose scores give no pair (all tied, or no g
 INVALID_UNICODE = "invalid_unicode"  # a message holds a lone surrogate (JSON "\ud800"): no character at all
 TOO_DEEPLY_NESTED = "too_deeply_nested"  # JSON nested deeper than the parser's stack (RecursionError)
 TEMPLATE_ERROR = "template_error"  # the chat template failed on the row (e.g. its raise_exception)
+UNKNOWN_ROLE = "unknown_role"  # a message's role is none of system, user, assistant (or their aliases)
+NON_TEXT_CONTENT = "non_text_content"  # a content part that is not text (an image, audio, ...) or a tool call
+COMPLETION_ROLE = "completion_role"  # a completion (chosen/rejected) does not start with the assistant's turn
+# Every drop reason, in the order the README lists them. ``too_long`` is both a row past the size
+# bound (``tokenize.TokenizeSettings.max_row_bytes``) and a pair with no completion token left in the
+# length budget.
 REASONS = (MISSING_FIELD, EMPTY, IDENTICAL, NO_COMMON_PREFIX, UNPARSEABLE, TOO_LONG, TEMPLATE_MISMATCH,
-           BAD_SCORE, NO_PAIR, INVALID_UNICODE, TOO_DEEPLY_NESTED, TEMPLATE_ERROR)
+           BAD_SCORE, NO_PAIR, INVALID_UNICODE, TOO_DEEPLY_NESTED, TEMPLATE_ERROR, UNKNOWN_ROLE,
+           NON_TEXT_CONTENT, COMPLETION_ROLE)
 
 FORMATS = ("standard", "conversational", "implicit_prompt", "sharegpt", "ranked")
 COLUMN_TARGETS = ("prompt", "chosen", "rejected", "conversations", "system", "completions", "scores")
@@ -54,8 +73,13 @@ _REQUIRED = {
     "sharegpt": ("conversations", "chosen", "rejected"),
     "ranked": ("prompt", "completions", "scores"),  # completions|responses, scores|ratings
 }
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "model": "assistant", "system": "system"}
+# Every role name raydpo reads (lower case, stripped) -> the role it renders: the standard three,
+# ShareGPT's (human, gpt), Gemma's (model) and OpenAI's developer (its name for the system turn).
+_ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user",
+          "assistant": "assistant", "gpt": "assistant", "model": "assistant"}
+# Part types whose ``text`` is the message's text: chat completions' "text", the Responses API's
+# "input_text" / "output_text". Any other type is not text (image, image_url, input_audio, file, ...).
+_TEXT_PARTS = ("text", "input_text", "output_text")
 
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 _ASSISTANT = "\n\nAssistant:"
@@ -86,15 +110,79 @@ def is_valid_text(text: str) -> bool:
     return True
 
 
-def _messages(value: Any, default_role: str) -> list[Message] | None:
-    """A string becomes one message; a list must hold {role, content} string dicts."""
+def _content(value: Any) -> str | None:
+    """A message's content as text, or None where it is not a string or a list of parts; raises
+    ``_Drop`` for a list of parts that is empty (``empty``), has a part that is not text
+    (``non_text_content``) or a malformed part (``unparseable``)."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        return None
+    if not value:
+        raise _Drop(EMPTY)
+    texts = []
+    for part in value:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(kind, str):
+            raise _Drop(UNPARSEABLE)
+        if kind not in _TEXT_PARTS:
+            raise _Drop(NON_TEXT_CONTENT)
+        if not isinstance(part.get("text"), str):
+            raise _Drop(UNPARSEABLE)
+        texts.append(part["text"])
+    return "".join(texts)  # as Hugging Face chat templates render text parts: nothing between them
+
+
+class _Drop(Exception):
+    """A message that cannot be used; ``reason`` is the row's drop reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _message(value: Any) -> Message:
+    """``{role, content}`` or ShareGPT's ``{from, value}`` -> a message of a known role and text
+    content (see the module doc); raises ``_Drop`` with the reason: ``unparseable`` (not a dict, a
+    role or content of the wrong type), ``missing_field`` (no role or content, or null),
+    ``invalid_unicode`` (a lone surrogate in the role), ``unknown_role``, ``non_text_content``."""
+    if not isinstance(value, dict):
+        raise _Drop(UNPARSEABLE)
+    role_key, content_key = ("role", "content") if "role" in value or "from" not in value else ("from", "value")
+    role, content = value.get(role_key), value.get(content_key)
+    if value.get("tool_calls") or value.get("function_call"):
+        raise _Drop(NON_TEXT_CONTENT)  # an assistant's tool call: no text of ours can stand for it
+    if role is None or content is None:
+        raise _Drop(MISSING_FIELD)
+    if not isinstance(role, str):
+        raise _Drop(UNPARSEABLE)
+    if not is_valid_text(role):
+        raise _Drop(INVALID_UNICODE)
+    known = _ROLES.get(role.strip().lower())
+    if known is None:
+        raise _Drop(UNKNOWN_ROLE)
+    text = _content(content)
+    if text is None:
+        raise _Drop(UNPARSEABLE)
+    return {"role": known, "content": text}
+
+
+def parse_message(value: Any) -> tuple[Message | None, str]:
+    """One message -> ``(message, "")`` or ``(None, reason)``: see ``_message`` and the module doc."""
+    try:
+        return _message(value), ""
+    except _Drop as d:
+        return None, d.reason
+
+
+def _messages(value: Any, default_role: str) -> list[Message]:
+    """A string becomes one message of ``default_role``; a list must hold messages (``_message``).
+    Raises ``_Drop``: ``unparseable`` for any other value, else the first bad message's reason."""
     if isinstance(value, str):
         return [{"role": default_role, "content": value}]
-    if isinstance(value, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-    ):
-        return [{"role": m["role"], "content": m["content"]} for m in value]
-    return None
+    if not isinstance(value, list):
+        raise _Drop(UNPARSEABLE)
+    return [_message(m) for m in value]
 
 
 def hh_transcript(text: str) -> list[Message] | None:
@@ -209,35 +297,22 @@ def detect_format(row: Any) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-def _sharegpt_message(value: Any) -> Message | None:
-    if not (isinstance(value, dict) and isinstance(value.get("from"), str) and isinstance(value.get("value"), str)):
-        return None
-    role = _SHAREGPT_ROLES.get(value["from"].strip().lower())
-    return {"role": role, "content": value["value"]} if role else None
-
-
-def _parse_sharegpt(row: dict) -> tuple[list[Message], list[Message], list[Message]] | str:
+def _parse_sharegpt(row: dict) -> tuple[list[Message], list[Message], list[Message]]:
     conversations, system = row["conversations"], row.get("system")
     if not isinstance(conversations, list) or not (system is None or isinstance(system, str)):
-        return UNPARSEABLE
-    prompt = [_sharegpt_message(m) for m in conversations]
-    chosen, rejected = _sharegpt_message(row["chosen"]), _sharegpt_message(row["rejected"])
-    if chosen is None or rejected is None or any(m is None for m in prompt):
-        return UNPARSEABLE
-    if chosen["role"] != "assistant" or rejected["role"] != "assistant":
-        return UNPARSEABLE
+        raise _Drop(UNPARSEABLE)
+    prompt = [_message(m) for m in conversations]
+    chosen, rejected = [_message(row["chosen"])], [_message(row["rejected"])]
     if system and system.strip():
         prompt = [{"role": "system", "content": system}] + prompt
-    return prompt, [chosen], [rejected]
+    return prompt, chosen, rejected
 
 
-def _parse_prompted(row: dict) -> tuple[list[Message], list[Message], list[Message]] | str:
+def _parse_prompted(row: dict) -> tuple[list[Message], list[Message], list[Message]]:
     """TRL standard and conversational: an explicit prompt beside the two completions."""
     prompt = _messages(row["prompt"], "user")
     chosen = _messages(row["chosen"], "assistant")
     rejected = _messages(row["rejected"], "assistant")
-    if prompt is None or chosen is None or rejected is None:
-        return UNPARSEABLE
     # UltraFeedback style: chosen/rejected repeat the prompt's turns; keep what follows them.
     n = len(prompt)
     if len(chosen) > n and len(rejected) > n and chosen[:n] == prompt and rejected[:n] == prompt:
@@ -300,13 +375,23 @@ def score_pairs(scores: list[float], ranked_pairs: str = "best_worst", min_score
     return [(c, r) for c, r in candidates if scores[c] > scores[r] and scores[c] - scores[r] >= min_score_margin]
 
 
-def _checked(parsed: tuple[list[Message], list[Message], list[Message]] | str) -> Candidate:
-    """A parsed pair -> kept, or dropped as ``invalid_unicode`` / ``empty`` / ``identical``; a reason passes through."""
+Parsed = tuple[list[Message], list[Message], list[Message]]  # prompt, chosen, rejected
+
+
+def _checked(parse: Callable[[dict], Parsed | str], row: dict) -> Candidate:
+    """``parse(row)`` -> kept, or dropped: the reason ``parse`` returns or raises (``_Drop``), else
+    ``invalid_unicode``, ``completion_role``, ``empty`` or ``identical``."""
+    try:
+        parsed = parse(row)
+    except _Drop as d:
+        return None, d.reason
     if isinstance(parsed, str):
         return None, parsed
     prompt, chosen, rejected = parsed
     if not all(is_valid_text(m["role"]) and is_valid_text(m["content"]) for m in (*prompt, *chosen, *rejected)):
         return None, INVALID_UNICODE
+    if any(c and c[0]["role"] != "assistant" for c in (chosen, rejected)):
+        return None, COMPLETION_ROLE
     if not any(m["content"].strip() for m in chosen) or not any(m["content"].strip() for m in rejected):
         return None, EMPTY
     if not prompt or not any(m["content"].strip() for m in prompt):
@@ -318,11 +403,17 @@ def _checked(parsed: tuple[list[Message], list[Message], list[Message]] | str) -
 
 def _parse_ranked(row: dict, ranked_pairs: str, min_score_margin: float) -> list[Candidate]:
     """A ranked row -> its candidate pairs (see ``score_pairs``), each parsed like a conversational row.
-    The whole row is dropped as ``unparseable`` (a completion is neither a string nor messages, or the
-    lists differ in length), ``bad_score``, or ``no_pair``."""
+    The whole row is dropped as ``unparseable`` (the lists differ in length, or a completion is
+    neither a string nor a message list), a bad message's reason (see ``_message``), ``bad_score``,
+    or ``no_pair``."""
     completions, scores = _first(row, _COMPLETIONS), _first(row, _SCORES)
-    if len(completions) != len(scores) or any(_messages(c, "assistant") is None for c in completions):
+    if len(completions) != len(scores):
         return [(None, UNPARSEABLE)]
+    for completion in completions:
+        try:
+            _messages(completion, "assistant")
+        except _Drop as d:
+            return [(None, d.reason)]
     values = [_score(s) for s in scores]
     if any(v is None for v in values):
         return [(None, BAD_SCORE)]
@@ -330,7 +421,7 @@ def _parse_ranked(row: dict, ranked_pairs: str, min_score_margin: float) -> list
     if not pairs:
         return [(None, NO_PAIR)]
     prompt = row["prompt"]
-    return [_checked(_parse_prompted({"prompt": prompt, "chosen": completions[c], "rejected": completions[r]}))
+    return [_checked(_parse_prompted, {"prompt": prompt, "chosen": completions[c], "rejected": completions[r]})
             for c, r in pairs]
 
 
@@ -379,7 +470,7 @@ def normalise_pairs(
         shape = fmt
     if shape == "ranked":
         return _parse_ranked(row, ranked_pairs, min_score_margin)
-    return [_checked(_PARSERS[shape](row))]
+    return [_checked(_PARSERS[shape], row)]
 
 
 def normalise(

@@ -204,9 +204,7 @@ def test_no_common_prefix(row: dict) -> None:
         {"prompt": 5, "chosen": "a", "rejected": "b"},
         {"prompt": {"role": "user"}, "chosen": "a", "rejected": "b"},
         {"prompt": "q", "chosen": 3, "rejected": "b"},
-        {"prompt": "q", "chosen": [{"role": "assistant"}], "rejected": "b"},
         {"prompt": "q", "chosen": [{"role": "assistant", "content": 1}], "rejected": "b"},
-        {"prompt": "q", "chosen": [{"role": None, "content": "a"}], "rejected": "b"},
         {"prompt": ["not a message"], "chosen": "a", "rejected": "b"},
     ],
 )
