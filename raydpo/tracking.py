@@ -497,8 +497,7 @@ class Tracker:
             else:  # deleted since it was logged: nothing to upload, not a reason to block
                 self._say(f"[raydpo] artifact {op['path']} no longer exists; not uploaded")
         elif kind == "table":
-            op = group[0]
-            c.log_table(run_id, data=op["data"], artifact_file=op["artifact_file"])
+            self._send_table(group[0])
         elif kind == "input":
             self._send_input(group[0])
         elif kind == "model":
@@ -507,6 +506,27 @@ class Tracker:
             c.set_terminated(run_id, status=group[0]["status"], end_time=group[0]["ts"])
         else:
             raise ValueError(f"unknown tracking operation {kind!r}")
+
+    def _send_table(self, op: dict[str, Any]) -> None:
+        """One table, replacing an earlier one of the same name. ``MlflowClient.log_table`` appends
+        to an existing table (downloading it first, with a progress bar), so a resumed run, or an
+        operation delivered again after an outage, would list its rows twice. This writes the file
+        ``log_table`` writes (pandas "split" JSON) and sets the tag the UI reads, as it does."""
+        import tempfile
+
+        import pandas as pd
+        from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+        name = op["artifact_file"]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(name).name
+            pd.DataFrame(op["data"]).to_json(path, orient="split", index=False, date_format="iso")
+            parent = str(Path(name).parent)
+            self._client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
+        logged = json.loads(self._client.get_run(self.run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+        entry = {"path": name, "type": "table"}
+        if entry not in logged:
+            self._client.set_tag(self.run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps(logged + [entry]))
 
     def _send_input(self, op: dict[str, Any]) -> None:
         import warnings

@@ -72,6 +72,15 @@ def test_report_lengths_and_mixture_read_back(mlflow_uri, tmp_path):
     ]
     metrics = client.get_run(run_id).data.metrics
     assert metrics["data/read"] == 10 and metrics["data/dropped_unparseable"] == 2
+    assert {"path": "data_report_table.json", "type": "table"} in json.loads(client.get_run(run_id).data.tags["mlflow.loggedArtifacts"])
+
+    # A resumed run logs its report again: the tables are replaced, not appended to (MLflow's
+    # log_table appends, which listed every row once more per resume).
+    again, resumed = Tracker.start(settings(mlflow_uri), tmp_path / "out", "r")
+    assert resumed and again.run_id == run_id
+    again.log_report(REPORT)
+    assert again.finish("FINISHED", timeout=60)
+    assert len(_table(client, run_id, "data_report_table.json", tmp_path / "again")) == 2
     assert metrics["data/prompt_tokens_p90"] == 30 and metrics["data/chosen_tokens_max"] == 9
     assert not any(k.startswith("data/rejected_tokens") for k in metrics)
 
