@@ -141,11 +141,23 @@ def check_resume(cfg: Config, out: Path, resumable: Callable[[Path], bool]) -> N
     """Before any work: an ``output_dir`` that holds a run's progress (``resumable``: checkpoints,
     rounds; or checkpoints under ``train.storage_path``) resumes only with a config that trains the
     same way; otherwise it would skip the wrong batches and restore another run's optimizer state.
-    Harmless keys (``config.RESUME_HARMLESS``) may change."""
+    Harmless keys (``config.RESUME_HARMLESS``) may change. A saved config that cannot be read
+    (cut short, damaged bytes) where there is progress to resume fails too: the check cannot be made."""
     path = out / RUN_CONFIG
     if not path.exists():
         return
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8
+        if not (resumable(out) or _stored_checkpoints(cfg, out, {})):
+            return  # no progress to check it against: this run writes it again
+        raise ConfigError(
+            f"{path} is damaged ({type(e).__name__}: {' '.join(str(e).split())[:200]}): the config that trained "
+            f"the checkpoints of output_dir {out} is unknown, so resuming with this one cannot be checked. Restore "
+            "the file, or delete it to resume with this config unchecked, or start fresh with a new output_dir "
+            f"(or delete {out}).") from e
     if not (resumable(out) or _stored_checkpoints(cfg, out, saved)):
         return
     changes = trajectory_changes(saved, flatten(cfg))

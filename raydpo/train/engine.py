@@ -279,7 +279,10 @@ class Engine:
     def save(self, directory: str) -> None:
         """COLLECTIVE: write model + optimizer + scheduler state under ``directory``.
 
-        Every rank must call it with the same directory, on a filesystem all ranks share.
+        Every rank must call it with the same directory, on a filesystem all ranks share. DDP writes
+        ``engine_state.pt``; DeepSpeed ``latest`` (the tag), ``zero_to_fp32.py`` and
+        ``global_step<N>/`` (model states, one optimizer partition per rank). The caller's manifest
+        lists them all (:mod:`raydpo.train.checkpoints`).
         """
         raise NotImplementedError
 
@@ -287,6 +290,8 @@ class Engine:
         """COLLECTIVE: restore what :meth:`save` wrote, so training continues bit-exactly.
 
         The engine must have been built with the same model architecture, config and world size.
+        A file missing raises ``FileNotFoundError`` naming it; bytes cut short raise torch's own
+        error (:func:`raydpo.train.checkpoints.is_read_failure` tells them from other failures).
         """
         raise NotImplementedError
 
@@ -513,6 +518,17 @@ class DeepSpeedEngine(Engine):
         self.ds_engine.save_checkpoint(directory)
 
     def load(self, directory: str) -> None:
+        # DeepSpeed takes a missing "latest" for "no checkpoint" (a warning) and a missing model-states
+        # file for an empty list (a bare AssertionError): name the file this rank reads first.
+        latest = os.path.join(directory, "latest")
+        if not os.path.isfile(latest):
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory!r}: its file 'latest' is missing")
+        with open(latest) as f:
+            tag = f.read().strip()
+        for path in (self.ds_engine._get_ckpt_name(directory, tag), self.ds_engine._get_zero_ckpt_name(directory, tag)):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{os.path.relpath(path, directory)} is missing from the DeepSpeed checkpoint "
+                                        f"{directory!r}")
         load_path, _ = self.ds_engine.load_checkpoint(
             directory, load_optimizer_states=True, load_lr_scheduler_states=True
         )

@@ -12,7 +12,9 @@ what the current weights were trained on). Before each step rank 0 asks the driv
 (``actors.preemption``, found by name) whether to stop; on a SIGTERM of the driver every rank stops
 there, checkpoints and returns without the final folder. A checkpoint that cannot be written
 (a full disk, a folder that cannot be made) fails with :class:`CheckpointWriteError`, naming the
-folder, the cause and the previous checkpoint, which is left as it was.
+folder, the cause and the previous checkpoint, which is left as it was. Every checkpoint ends with
+a manifest of its files' sizes and hashes (:mod:`raydpo.train.checkpoints`), which the driver checks
+before a resume; a load that fails on damaged bytes anyway raises ``DamagedCheckpoint``.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from raydpo.config import LossConfig, TrainConfig
 from raydpo.logprobs import PolicyScorer
 from raydpo.metrics import all_reduce_sum
 from raydpo.models import load_model, load_tokenizer
+from raydpo.train import checkpoints
 from raydpo.train.adapters import ModelPrep, prepare_model, save_final
 from raydpo.train.engine import OptimConfig, build_engine
 from raydpo.train.shuffle import ShuffledShard, epoch_order, worker_positions
@@ -149,11 +152,14 @@ def _save_checkpoint(engine, args: LoopArgs, step: int, metrics: dict[str, float
         engine.save(str(staging))
         torch.save(_rng_state(), staging / f"rng_rank{_rank()}.pt")
         if _rank() == 0:
-            (staging / "loop_state.json").write_text(json.dumps({"step": step, "bco": asdict(bco)}))
+            # "manifest": this checkpoint has one, so one found without it is damaged, not an older raydpo's.
+            state = {"step": step, "bco": asdict(bco), "manifest": checkpoints.MANIFEST}
+            (staging / "loop_state.json").write_text(json.dumps(state))
+        _write_manifest(staging, step)
     except (OSError, RuntimeError) as e:  # RuntimeError: torch's file writer
         raise _write_failure(step, str(staging), e, previous, local=staging) from e
     if dist.is_initialized():
-        dist.barrier()  # every rank's files are written before rank 0 hands the folder over
+        dist.barrier()  # the manifest is written before any rank hands the folder over
     try:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)))  # ray: uploads
     except OSError as e:
@@ -162,6 +168,23 @@ def _save_checkpoint(engine, args: LoopArgs, step: int, metrics: dict[str, float
         dist.barrier()  # every rank's upload is done before any rank removes a shared folder
     if _rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_manifest(staging: Path, step: int) -> None:
+    """Collective, once every rank's files are in ``staging``: each rank hashes its share of them (the
+    cost, about 1 s/GB, spread over the ranks), and rank 0 writes the manifest, the checkpoint's
+    last file (:mod:`raydpo.train.checkpoints`)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world > 1:
+        dist.barrier()  # every rank's files are written
+    names = checkpoints.local_files(staging)
+    share = checkpoints.describe(staging, names[_rank()::world])
+    shares: list[dict[str, Any]] = [share]
+    if world > 1:
+        shares = [{} for _ in range(world)]
+        dist.all_gather_object(shares, share)
+    if _rank() == 0:
+        checkpoints.write_manifest(staging, step, {k: v for s in shares for k, v in s.items()})
 
 
 def stop_signal_name(output_dir: str, job_id: str) -> str:
@@ -201,18 +224,33 @@ class StopCheck:
             ray.get(self.actor.stopped.remote(step))
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a trained-rows line, or None where it is not one."""
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 class TrainedRows:
     """``{output_dir}/trained_rows/rank{r}.jsonl``: one line per step this rank trained, ``step``,
     ``epoch``, ``rows`` (positions in the materialized training set), ``digest`` (a hash of the
     batch's token ids: what was trained, not only where it came from), ``pid`` and ``time`` (Unix
     seconds). A resume cuts it back to the checkpoint's step: the file holds what the current
-    weights were trained on."""
+    weights were trained on.
+
+    It is a record, not state the training reads: a line that is not one (the last line of a
+    worker killed mid-write, damaged bytes) is dropped on the cut-back, and rank 0 says how many."""
 
     def __init__(self, output_dir: str, rank: int, start_step: int) -> None:
         self.path = Path(output_dir) / "trained_rows" / f"rank{rank}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [line for line in (self.path.read_text().splitlines() if self.path.exists() else [])
-                if line and json.loads(line)["step"] <= start_step]
+        lines = self.path.read_text(errors="replace").splitlines() if self.path.exists() else []
+        kept = [line for line in lines if (s := _step_of(line)) is not None and s <= start_step]
+        damaged = sum(1 for line in lines if line and _step_of(line) is None)
+        if damaged and rank == 0:
+            _say(f"[raydpo] {self.path}: {damaged} damaged line(s) dropped (a record only; training is unaffected)")
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
@@ -240,13 +278,33 @@ def _restore(engine, bco: RunningMean) -> int:
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as d:
-        engine.load(d)
-        state = json.loads((Path(d) / "loop_state.json").read_text())
-        step = state["step"]
+        return load_checkpoint(engine, bco, Path(d), checkpoint.path)
+
+
+def load_checkpoint(engine, bco: RunningMean, folder: Path, name: str) -> int:
+    """COLLECTIVE: load checkpoint ``folder`` (``name``: where it is stored, for messages) into
+    ``engine``, ``bco`` and this rank's RNGs; returns its step.
+
+    The driver verified it against its manifest before Ray Train started
+    (:func:`raydpo.train.checkpoints.repair_run`); a load that still fails on the checkpoint's
+    bytes (one written before manifests, or damaged since) raises
+    :class:`~raydpo.train.checkpoints.DamagedCheckpoint`, naming the checkpoint and the file, and
+    the driver resumes from the one before. Every file is needed: a rank without its RNG file
+    would draw other dropout masks than the uninterrupted run."""
+    what = "the engine's state (engine_state.pt, or DeepSpeed's latest and global_step folder)"
+    try:
+        engine.load(str(folder))
+        what = "loop_state.json"
+        state = json.loads((folder / what).read_text())
+        step = int(state["step"])
         bco.mean, bco.count = state["bco"]["mean"], state["bco"]["count"]
-        rng = Path(d) / f"rng_rank{_rank()}.pt"
-        if rng.exists():
-            _set_rng_state(torch.load(rng, weights_only=False))
+        what = f"rng_rank{_rank()}.pt"
+        _set_rng_state(torch.load(folder / what, weights_only=False))
+    except Exception as e:
+        if checkpoints.is_read_failure(e) or (what == "loop_state.json" and isinstance(e, (KeyError, TypeError, ValueError))):
+            why = f"{what} could not be read ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+            raise checkpoints.DamagedCheckpoint(name, why) from e
+        raise
     return step
 
 

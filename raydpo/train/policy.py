@@ -9,7 +9,7 @@ import hashlib
 import signal
 import threading
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import ray.data
 import ray.train
@@ -18,9 +18,11 @@ from ray.train.torch import TorchTrainer
 
 from raydpo.config import LossConfig, TrainConfig
 from raydpo.data.pipeline import DataError
+from raydpo.errors import input_error
 from raydpo.progress import TrainProgress, say
 from raydpo.spool import Spool
 from raydpo.tracking import TrackerSpec
+from raydpo.train.checkpoints import DamagedCheckpoint, repair_run
 from raydpo.train.loop import FixedShards, LoopArgs, train_loop_per_worker
 
 
@@ -95,6 +97,16 @@ def workers_lost(lost: dict[int, str], storage_path: str, name: str) -> WorkersL
                        "job restart its workers itself, waiting for the nodes")
 
 
+def damaged_checkpoint(error: BaseException) -> DamagedCheckpoint | None:
+    """The :class:`DamagedCheckpoint` a worker of Ray Train's ``WorkerGroupError`` ``error`` raised
+    where its load failed on the checkpoint's bytes, if that is what failed."""
+    for failure in getattr(error, "worker_failures", {}).values():
+        found = input_error(getattr(failure, "_base_exc", failure))  # Ray Train 2.60 keeps the worker's exception there
+        if isinstance(found, DamagedCheckpoint):
+            return found
+    return None
+
+
 def has_checkpoints(storage_path: str, name: str) -> bool:
     """Whether Ray Train's folder ``{storage_path}/{name}`` (any pyarrow filesystem) holds a checkpoint."""
     import pyarrow.fs
@@ -119,7 +131,9 @@ def train_policy(
     """Train the policy at ``model_path`` on ``train_ds`` (tokenized pairs, with reference
     columns unless ``loss`` is reference-free), evaluated on ``eval_ds`` where given.
     ``{out_dir}/final`` gets the result and ``{out_dir}/ray`` the checkpoints (a second call on the
-    same ``out_dir`` resumes). Metrics go to ``tracker``'s run at steps ``step_offset + 1 ...``;
+    same ``out_dir`` resumes from the newest intact checkpoint: a damaged one is moved aside, saying
+    why, and so is one a worker fails to load, the training then started again; see
+    :mod:`raydpo.train.checkpoints`). Metrics go to ``tracker``'s run at steps ``step_offset + 1 ...``;
     progress to the console."""
     n_train, n_eval = train_ds.count(), eval_ds.count() if eval_ds is not None else 0
     local_batch = train.batch_size // train.num_workers
@@ -137,36 +151,48 @@ def train_policy(
     say(f"[raydpo] training: {n_train} pairs ({n_eval} held out), {train.num_workers} worker(s), "
         f"{total} steps of {train.batch_size} pairs"
         + (f"; checkpoints in {storage_path}/{name}" if train.storage_path else ""))
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"args": args},
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
-                                     resources_per_worker={"CPU": train.cpus_per_worker, **(train.resources or {})},
-                                     placement_strategy=train.placement_strategy,
-                                     accelerator_type=train.accelerator_type),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage_path,  # a local folder or a pyarrow URI (s3://, gs://)
-            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=train.max_failures),
-            worker_runtime_env={"env_vars": worker_env(train)},
-        ),
-        datasets={"eval": eval_ds} if n_eval else {},  # train rows: LoopArgs.train_blocks
-        dataset_config=FixedShards(),
-    )
+
+    def trainer() -> TorchTrainer:
+        return TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"args": args},
+            scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                         resources_per_worker={"CPU": train.cpus_per_worker, **(train.resources or {})},
+                                         placement_strategy=train.placement_strategy,
+                                         accelerator_type=train.accelerator_type),
+            run_config=RunConfig(
+                name=name,
+                storage_path=storage_path,  # a local folder or a pyarrow URI (s3://, gs://)
+                checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=train.max_failures),
+                worker_runtime_env={"env_vars": worker_env(train)},
+            ),
+            datasets={"eval": eval_ds} if n_eval else {},  # train rows: LoopArgs.train_blocks
+            dataset_config=FixedShards(),
+        )
     # One line per logged step, read from rank 0's tracking spool (the workers' output stays in Ray's logs).
     progress = TrainProgress(Spool(tracker.spool_dir, "rank0"), step_offset + total).start() if tracker else None
     # fit() installs a SIGINT handler bound to this run's controller and leaves it behind; after the
     # fit, Ctrl-C (in a later round's generation, or while `raydpo submit` follows a job) must reach
     # the caller's handler again, not abort a controller that is gone.
     sigint = signal.getsignal(signal.SIGINT)
+    damaged: dict[str, str] = {}  # checkpoint folder name -> why a worker could not load it
     try:
-        result = trainer.fit()
-    except ray.train.WorkerGroupError as e:
-        lost = lost_workers(e)
-        if lost:
-            raise workers_lost(lost, storage_path, name) from e
-        raise
+        while True:
+            # Before any worker starts: Ray Train resumes from the newest intact checkpoint.
+            repair_run(storage_path, name, say, damaged)
+            try:
+                result = trainer().fit()
+                break
+            except ray.train.WorkerGroupError as e:
+                failed = damaged_checkpoint(e)
+                if failed is not None and PurePosixPath(failed.folder).name not in damaged:
+                    damaged[PurePosixPath(failed.folder).name] = failed.why  # moved aside by the next repair_run
+                    continue
+                lost = lost_workers(e)
+                if lost:
+                    raise workers_lost(lost, storage_path, name) from e
+                raise
     finally:
         if progress:
             progress.stop()
