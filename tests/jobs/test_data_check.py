@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,48 @@ def test_thousands_of_hostile_rows(ray_local, tmp_path, capsys):
     assert out["dropped"] == dict(reasons)
     for reason in ("invalid_unicode", "too_deeply_nested", "template_error", "unparseable"):
         assert out["dropped"][reason] > 0, reason
+
+
+# --- issue 26: a source that cannot be read or decoded -------------------------------------------
+
+
+def test_source_damaged_past_its_first_bytes_exits_2_with_one_line(ray_local, tmp_path, capsys):
+    """A gzip cut after 400 good lines: the driver's checks (first bytes) and format detection
+    (first rows) pass, so the read task inside Ray Data finds the cut. Once 400 rows trained on and
+    the loss unsaid; now the job stops, naming the file and the last complete line."""
+    from jobs.data_check import main
+
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(_good(i) for i in range(5)) + "\n")
+    full = gzip.compress(("\n".join(_good(i) for i in range(800)) + "\n").encode())
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(full[: len(full) // 2])
+    lines = zlib.decompressobj(wbits=31).decompress(cut.read_bytes()).count(b"\n")
+    assert 64 < lines < 800
+    message = (f"raydpo data-check: data source {cut}: the gzip stream is truncated after line {lines}: "
+               f"the rest of the file is lost (how many rows is unknown); re-create or re-download it")
+    for json_flag in (["--json"], []):
+        code = main([str(good), str(cut), *json_flag])
+        captured = capsys.readouterr()
+        assert code == 2, captured.err
+        assert captured.out == ""
+        # Ray's INFO lines may come before it, but no traceback and no second copy of the error.
+        assert captured.err.splitlines()[-1] == message, captured.err
+        assert "Traceback" not in captured.err and captured.err.count("truncated after line") == 1, captured.err
+
+
+def test_source_that_is_not_a_file_of_rows_exits_2_before_ray(tmp_path, capsys):
+    """A FIFO (which would block a read task forever) and UTF-16 without a mark: one line each,
+    from the driver's checks, before Ray starts."""
+    from jobs.data_check import main
+
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    wide = tmp_path / "wide.jsonl"
+    wide.write_bytes(("\n".join(_good(i) for i in range(3)) + "\n").encode("utf-16-le"))
+    for path, cause in [(fifo, "is a FIFO (named pipe), not a regular file"),
+                        (wide, "looks like UTF-16 LE text without a byte-order mark")]:
+        assert main([str(path), "--json"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and len(captured.err.splitlines()) == 1
+        assert captured.err.startswith(f"raydpo data-check: data source {path}: {cause}"), captured.err
