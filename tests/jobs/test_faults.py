@@ -6,7 +6,9 @@ training runs instead of two per fault, and the last run must still end on the c
 
     disk_full      the checkpoint of step 8 meets a full disk (a real ENOSPC, from /dev/full)
     preempted      the re-run, through ``main`` in this process, gets SIGTERM after step 9
-    driver_killed  the next re-run's driver, a subprocess as a user runs it, gets SIGKILL after step 13
+    driver_killed  the newest checkpoint (SIGTERM's) is damaged (its state file cut short); the next
+                   re-run's driver, a subprocess as a user runs it, skips it saying why, resumes from
+                   the one before, and gets SIGKILL after step 13
     worker_killed  the last re-run (in process) loses its Ray Train worker to SIGKILL a step later
 
 Before ``preempted``, the folder's checkpoints are offered to configs that would train differently:
@@ -291,12 +293,28 @@ def preempted(clean, disk_full) -> Chain:
     return chain
 
 
+def damage_newest_checkpoint(out: Path) -> dict[str, object]:
+    """Cut the newest registered checkpoint's state file (DDP's ``engine_state.pt``) to half its
+    size, as a copy or a disk that failed part-way leaves it; returns what was done."""
+    run = out / "ray" / "train"
+    names = [r["checkpoint_dir_name"] for r in
+             json.loads((run / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]]
+    state = run / names[-1] / "engine_state.pt"
+    data = state.read_bytes()
+    state.write_bytes(data[: len(data) // 2])
+    return {"run": run, "name": names[-1], "step": checkpoints(out)[-1], "previous": names[-2],
+            "previous_step": checkpoints(out)[-2], "size": len(data) // 2, "was": len(data)}
+
+
 @pytest.fixture(scope="module")
 def driver_killed(clean, preempted) -> Chain:
-    """The same command again; after step 13 its worker is frozen and its driver gets SIGKILL.
-    Ray then ends the dead driver's actors: the frozen worker must go without another step."""
+    """The newest checkpoint (the one SIGTERM wrote) damaged, the same command again: it must skip
+    that checkpoint, saying which and why, and resume from the one before. After step 13 its
+    worker is frozen and its driver gets SIGKILL. Ray then ends the dead driver's actors: the
+    frozen worker must go without another step."""
     chain = preempted
     old = {line["pid"] for line in trained_rows(chain.out)}
+    chain.notes["damaged"] = damage_newest_checkpoint(chain.out)
     driver = Driver(clean.shared, chain.out)
     worker = None
     try:
@@ -313,6 +331,7 @@ def driver_killed(clean, preempted) -> Chain:
         if worker is not None and not pid_gone(worker):
             os.kill(worker, signal.SIGCONT)
         chain.notes["sigkill_left_behind"] = driver.left_behind()
+        chain.notes["driver_stdout"] = driver.stdout()
     chain.seconds["driver_killed"] = time.monotonic() - driver.t0
     return chain
 
@@ -400,7 +419,24 @@ def test_sigterm_checkpoints_at_the_next_step_and_a_rerun_resumes_there(preempte
     assert notes["sigterm_after_step"] <= stopped < STEPS
     assert notes["sigterm_checkpoints"][-1] == stopped  # a checkpoint at the step it reached
     assert notes["sigterm_status"] == "KILLED"
-    assert driver_killed.notes["resumed_after_sigterm_from"] == stopped
+    # The next run found it as its newest checkpoint (then damaged on purpose: see the next test).
+    assert driver_killed.notes["damaged"]["step"] == stopped
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_saying_why_and_the_one_before_resumed(driver_killed):
+    """Its state file cut short, the newest checkpoint fails its manifest: the re-run says which
+    and why (the file, its size against the manifest's), moves it to ``damaged/`` and resumes from
+    the one before, once (the chain's last run still ends on the clean run's weights). Until now:
+    a traceback naming no file, and deleting the checkpoint left Ray Train's snapshot pointing at it."""
+    damaged, stdout = driver_killed.notes["damaged"], str(driver_killed.notes["driver_stdout"])
+    run, name = damaged["run"], damaged["name"]
+    assert (f"checkpoint {run}/{name} (step {damaged['step']}) is damaged: engine_state.pt is {damaged['size']} "
+            f"bytes, its manifest says {damaged['was']}; moved to {run}/damaged/{name}") in stdout, stdout[-3000:]
+    assert (f"resuming from {run}/{damaged['previous']} (step {damaged['previous_step']}), the newest intact "
+            "checkpoint") in stdout
+    assert damaged["previous_step"] < damaged["step"]
+    assert driver_killed.notes["resumed_after_sigterm_from"] == damaged["previous_step"]
+    assert not (run / name).exists() and (run / "damaged" / name / "engine_state.pt").exists()
 
 
 def test_a_killed_driver_is_resumed_by_the_same_command_to_the_same_weights(clean, worker_killed):

@@ -56,3 +56,31 @@ def test_an_error_in_the_loop_is_not_a_lost_worker():
     from ray.train import WorkerGroupError
 
     assert lost_workers(WorkerGroupError("rank 0 failed", {0: ValueError("loss is nan at step 3")})) == {}
+
+
+def _load_fails_on_damaged_bytes(config: dict) -> None:
+    """A training worker whose checkpoint load failed on the checkpoint's bytes (loop.load_checkpoint)."""
+    from raydpo.train.checkpoints import DamagedCheckpoint
+
+    raise DamagedCheckpoint(config["folder"], "rng_rank0.pt could not be read (EOFError: Ran out of input)")
+
+
+def test_a_workers_damaged_checkpoint_is_found_in_ray_trains_error(ray_local, tmp_path):
+    """What ``train_policy`` reads out of a real Ray Train failure to move the checkpoint aside
+    and start again from the one before."""
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raydpo.train.policy import damaged_checkpoint
+
+    folder = f"{tmp_path}/ray/train/checkpoint_2026-12-07_10-00-00.000000"
+    trainer = TorchTrainer(_load_fails_on_damaged_bytes, train_loop_config={"folder": folder},
+                           scaling_config=ScalingConfig(num_workers=1),
+                           run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="train"))
+    with pytest.raises(ray.train.WorkerGroupError) as raised:
+        trainer.fit()
+    found = damaged_checkpoint(raised.value)
+    assert found is not None, raised.value
+    assert (found.folder, found.why) == (folder, "rng_rank0.pt could not be read (EOFError: Ran out of input)")
+    assert damaged_checkpoint(ray.train.WorkerGroupError("rank 0 failed", {0: ValueError("loss is nan")})) is None
