@@ -2,13 +2,24 @@
 
 Reading is line-based, so one malformed line is one dropped, counted row, never a failed job: every
 row-level failure of parsing, normalising, templating or tokenizing is a drop reason (see
-``formats.REASONS``). Only a whole source (unreadable, of unknown shape) or a template that does not
-compile stops the run. Every row read is accounted for: ``kept + sum(dropped) == read``.
+``formats.REASONS``); a row whose text is past ``TokenizeSettings.max_row_bytes`` is ``too_long``
+before it is parsed, so no row can take a worker's memory. Only a whole source (unreadable, of
+unknown shape) or a template that does not compile stops the run. Every row read is accounted for:
+``kept + sum(dropped) == read``.
+
+Retries: Ray Data retries a task whose worker died forever by default (``max_retries=-1``), and Ray
+core retries a task its memory monitor killed ``task_oom_retries`` times (default -1: forever)
+whenever the task's ``max_retries`` is not 0 (``TaskManager::AddPendingTask``), reading that
+setting in the driver when it starts Ray. So a worker out of memory looped for ever, silently.
+Every stage here runs with ``stage_retries()``: ``TASK_RETRIES`` where the driver bounded OOM
+retries before ``ray.init`` (``bound_oom_retries``), else 0; past them the run fails with
+``DataWorkerLost``, which names the stage and what to change.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -23,12 +34,13 @@ import ray.data
 from raydpo.data.formats import (
     FORMATS,
     RANKED_PAIRS,
+    TOO_LONG,
     normalise_pairs,
     parse_row,
     source_format,
 )
 from raydpo.data.sources import read_rows, source_items
-from raydpo.data.tokenize import TokenizedPair, TokenizeSettings, check_chat_template, tokenize_pair
+from raydpo.data.tokenize import TokenizedPair, TokenizeSettings, check_chat_template, tokenize_pair, utf8_size
 from raydpo.errors import InputError
 from raydpo.models import load_tokenizer
 
@@ -51,6 +63,9 @@ TOKENIZED_SCHEMA = pa.schema(
     ]
 )
 READ_BLOCK_ROWS = 1024  # raw rows per tokenize task (see tokenized_dataset)
+TASK_RETRIES = 2  # retries of a data task whose worker died or was killed for memory (see the module doc)
+OOM_RETRIES_ENV = "RAY_task_oom_retries"  # Ray core's setting, read by the driver at ray.init
+TOKENIZE_STAGE = "data (read -> normalise -> tokenize)"
 TRAIN_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
 
 
@@ -104,6 +119,83 @@ class DataError(InputError, RuntimeError):
     """The input is too broken to train on; the message carries the report."""
 
 
+class DataWorkerLost(RuntimeError):
+    """A data task's worker died, or was killed for memory, on every try. Not an ``InputError``: a
+    row too big to tokenize is dropped (``too_long``) before it can do that, so this is the
+    cluster's memory (or a crash), not the user's data."""
+
+
+def bound_oom_retries(retries: int = TASK_RETRIES) -> bool:
+    """Bound Ray core's retries of a task killed for memory (``RAY_task_oom_retries``) in this
+    driver; call it before ``ray.init``. Returns whether the bound holds: True where it was set
+    before Ray started (here or by the user), False where Ray was already started without it (the
+    setting is read at ``ray.init``; the data stages then run without retries: see ``stage_retries``)."""
+    if OOM_RETRIES_ENV in os.environ:
+        return True
+    if ray.is_initialized():
+        return False
+    os.environ[OOM_RETRIES_ENV] = str(retries)
+    return True
+
+
+def stage_retries() -> int:
+    """``max_retries`` of every data stage: ``TASK_RETRIES`` where this driver bounded OOM retries
+    (``OOM_RETRIES_ENV`` holds a number >= 0), else 0, because with any other ``max_retries`` Ray
+    would retry a task killed for memory for ever."""
+    try:
+        bounded = int(os.environ.get(OOM_RETRIES_ENV, "-1")) >= 0
+    except ValueError:
+        bounded = False
+    return TASK_RETRIES if bounded else 0
+
+
+def _remote_args() -> dict[str, Any]:
+    """Ray remote args of every data stage (all alike, so Ray Data fuses the stages as before)."""
+    return {"max_retries": stage_retries()}
+
+
+# What Ray raises where a task's worker process is gone: it died (a crash, the kernel's OOM
+# killer), Ray's memory monitor killed it, or its node died.
+_WORKER_LOST = (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError, ray.exceptions.NodeDiedError)
+
+
+def _worker_lost(error: BaseException) -> BaseException | None:
+    """The worker-lost error that ``error`` is or wraps (Ray Data chains through ``__cause__``, Ray
+    core through ``cause``), or None."""
+    seen: set[int] = set()
+    todo: list[object] = [error]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, _WORKER_LOST):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
+def materialize(ds: ray.data.Dataset, stage: str, settings: TokenizeSettings | None = None) -> ray.data.MaterializedDataset:
+    """``ds.materialize()``, where a worker lost on every try is ``DataWorkerLost`` naming ``stage``,
+    how often it was tried, and what to change (``settings``: the bound that applied to rows)."""
+    try:
+        return ds.materialize()
+    except Exception as e:
+        lost = _worker_lost(e)
+        if lost is None:
+            raise
+        oom = isinstance(lost, ray.exceptions.OutOfMemoryError)
+        what = "was killed for running out of memory" if oom else "died (out of memory, or a crash)"
+        tries = stage_retries() + 1
+        bound = (f"rows over {settings.max_row_bytes:,} bytes are already dropped as too_long, and one row "
+                 f"takes up to about 500 bytes of memory per byte while tokenizing; " if settings else "")
+        raise DataWorkerLost(
+            f"{stage}: a Ray worker {what} on each of {tries} tries of the same task, so the run stops. "
+            f"{bound}give the workers more memory (or run fewer at once per node), or lower "
+            f"data.max_length. Ray's error: {str(lost).strip().splitlines()[0] if str(lost).strip() else type(lost).__name__}"
+        ) from e
+
+
 def _held_out(prompt: list[dict[str, str]], seed: int, fraction: float) -> bool:
     """Split by a hash of the prompt, so a prompt is never in both train and eval."""
     digest = hashlib.blake2b(json.dumps(prompt, sort_keys=True).encode() + str(seed).encode(), digest_size=8)
@@ -132,7 +224,7 @@ def tokenize_batch(
 ) -> pa.Table:
     """Normalise and tokenize a batch of raw lines (``source, row_id, split, text``).
 
-    An input row gives one output row per kept pair (``pair_index`` 0, 1, ...; ``drop_reason ""``),
+    A line over ``settings.max_row_bytes`` (UTF-8) is dropped as ``too_long`` unparsed. An input row gives one output row per kept pair (``pair_index`` 0, 1, ...; ``drop_reason ""``),
     or, with none kept, one row carrying the first reason of its pairs. ``columns``, ``fmt``,
     ``ranked_pairs`` and ``min_score_margin`` go to ``normalise_pairs``; ``formats`` (source ->
     format, from ``tokenized_dataset``'s detection) overrides ``fmt`` per source. ``chat_template``
@@ -156,8 +248,14 @@ def tokenize_batch(
         out["chosen_tokens"].append(len(t.chosen_ids) if kept else 0)
         out["rejected_tokens"].append(len(t.rejected_ids) if kept else 0)
 
-    for source, row_id, split, text in zip(*(batch[c].to_pylist() for c in ("source", "row_id", "split", "text"))):
-        row, reason = parse_row(text)
+    # A row past the size bound is too_long before it is parsed: its text is not even made a
+    # Python string here (nulled in Arrow), so neither json.loads nor the tokenizer sees it.
+    text = batch["text"]
+    over = pc.greater(pc.binary_length(text), settings.max_row_bytes)
+    texts = pc.if_else(over, pa.scalar(None, text.type), text).to_pylist()
+    for source, row_id, split, too_long, text in zip(*(batch[c].to_pylist() for c in ("source", "row_id", "split")),
+                                                     over.to_pylist(), texts):
+        row, reason = parse_row(text) if not too_long else (None, TOO_LONG)
         candidates = (normalise_pairs(row, formats.get(source, fmt), columns, ranked_pairs=ranked_pairs,
                                       min_score_margin=min_score_margin)
                       if not reason else [(None, reason)])
@@ -183,10 +281,12 @@ def tokenize_batch(
     return pa.table(out, schema=TOKENIZED_SCHEMA)
 
 
-def _detect_formats(entries: list, split: str, columns: dict[str, str] | None, sample: int) -> dict[str, str]:
-    """Source id -> its row shape, from its first ``sample`` records that parse as JSON; raises
-    ``DataError`` naming the source when none has a known shape or they are ambiguous. A source
-    without a parseable record is left out (its rows, if any, are counted as unparseable)."""
+def _detect_formats(entries: list, split: str, columns: dict[str, str] | None, sample: int,
+                    max_row_bytes: int) -> dict[str, str]:
+    """Source id -> its row shape, from its first ``sample`` records that parse as JSON (those over
+    ``max_row_bytes`` are skipped unparsed, as ``tokenize_batch`` drops them); raises ``DataError``
+    naming the source when none has a known shape or they are ambiguous. A source without a
+    parseable record is left out (its rows, if any, are counted as dropped)."""
     by_source: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for item in source_items(entries, split):
         by_source[item["source"]].append(item)
@@ -195,6 +295,8 @@ def _detect_formats(entries: list, split: str, columns: dict[str, str] | None, s
         rows: list[Any] = []
         for item in items:
             for record in read_rows(item):
+                if utf8_size(record["text"]) > max_row_bytes:
+                    continue
                 row, reason = parse_row(record["text"])
                 if reason:
                     continue
@@ -228,7 +330,7 @@ def tokenized_dataset(
     ranked_pairs: str = "best_worst",
     min_score_margin: float = 0.0,
     detect_rows: int = 64,
-) -> ray.data.Dataset:
+) -> ray.data.MaterializedDataset:
     """All rows of all sources, normalised and tokenized, dropped rows included (with reasons);
     a ranked row gives one output row per kept pair (see ``tokenize_batch``).
     ``limit`` keeps the first rows of the train sources and of the eval sources, each.
@@ -237,7 +339,10 @@ def tokenized_dataset(
     ``detect_rows`` records, so a source of unknown or ambiguous shape fails (``DataError``, naming
     the source and the keys seen) before any Ray work; its other rows' shapes are then dropped.
     ``chat_template``: see ``tokenize.chat_template_for``; one that does not compile is a
-    ``ValueError`` here (``tokenize.check_chat_template``)."""
+    ``ValueError`` here (``tokenize.check_chat_template``).
+
+    Returned materialized (see ``materialize``): a worker lost on every try (``stage_retries``) is a
+    ``DataWorkerLost`` here, naming this stage, never an endless retry."""
     if fmt != "auto" and fmt not in FORMATS:  # fail here, not in every Ray task
         raise ValueError(f"unknown format {fmt!r}; known: auto, {', '.join(FORMATS)}")
     if chat_template:
@@ -246,14 +351,14 @@ def tokenized_dataset(
         raise ValueError(f"unknown ranked_pairs {ranked_pairs!r}; known: {', '.join(RANKED_PAIRS)}")
     formats: dict[str, str] = {}
     if fmt == "auto":
-        formats = _detect_formats(list(train_sources), "train", columns, detect_rows)
-        formats |= _detect_formats(list(eval_sources), "eval", columns, detect_rows)
+        formats = _detect_formats(list(train_sources), "train", columns, detect_rows, settings.max_row_bytes)
+        formats |= _detect_formats(list(eval_sources), "eval", columns, detect_rows, settings.max_row_bytes)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same order every run
 
     def lines(entries: list, split: str) -> ray.data.Dataset:
         # One read task per file, saved-dataset row range or HF split (entries: see sources.py).
         items = source_items(entries, split)
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_rows)
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_rows, **_remote_args())
         ds = ds.limit(limit) if limit else ds
         # A file's rows come out as one block, and one block is one tokenize task: split them, so a
         # single big file is tokenized by every worker (streaming: no barrier, order kept).
@@ -262,26 +367,26 @@ def tokenized_dataset(
     raw = lines(train_sources, "train")
     if eval_sources:
         raw = raw.union(lines(eval_sources, "eval"))
-    return (
-        raw.map_batches(
-            tokenize_batch,
-            batch_format="pyarrow",
-            batch_size=256,
-            fn_kwargs=dict(
-                model_path=model_path,
-                gguf_file=gguf_file,
-                settings=settings,
-                eval_fraction=eval_fraction if not eval_sources else 0.0,
-                seed=seed,
-                columns=dict(columns) if columns else None,
-                fmt=fmt,
-                formats=formats,
-                chat_template=chat_template,
-                ranked_pairs=ranked_pairs,
-                min_score_margin=min_score_margin,
-            ),
-        )
+    tokenized = raw.map_batches(
+        tokenize_batch,
+        batch_format="pyarrow",
+        batch_size=256,
+        **_remote_args(),
+        fn_kwargs=dict(
+            model_path=model_path,
+            gguf_file=gguf_file,
+            settings=settings,
+            eval_fraction=eval_fraction if not eval_sources else 0.0,
+            seed=seed,
+            columns=dict(columns) if columns else None,
+            fmt=fmt,
+            formats=formats,
+            chat_template=chat_template,
+            ranked_pairs=ranked_pairs,
+            min_score_margin=min_score_margin,
+        ),
     )
+    return materialize(tokenized, TOKENIZE_STAGE, settings)
 
 
 def build_report(tokenized: ray.data.Dataset) -> DataReport:
@@ -366,7 +471,8 @@ def length_stats(tokenized: ray.data.Dataset) -> dict[str, dict[str, int | None]
     """``{part: {p50, p90, p99, max}}`` in tokens over the kept output rows of a tokenized dataset
     (None everywhere when none is kept). Workers compute the lengths; the driver holds only those."""
     columns = ["drop_reason", *(f"{p}_ids" for p in LENGTH_PARTS)]
-    lengths = tokenized.select_columns(columns).map_batches(_lengths, batch_format="pyarrow", batch_size=4096)
+    lengths = tokenized.select_columns(columns).map_batches(_lengths, batch_format="pyarrow", batch_size=4096,
+                                                            **_remote_args())
     chunks: dict[str, list[np.ndarray]] = {p: [] for p in LENGTH_PARTS}
     for batch in lengths.iter_batches(batch_format="numpy", batch_size=65536):
         for p in LENGTH_PARTS:
@@ -391,7 +497,7 @@ def _keep(batch: pa.Table, split: str | None = None) -> pa.Table:
 
 
 def kept_rows(tokenized: ray.data.Dataset, split: str | None = None) -> ray.data.Dataset:
-    return tokenized.map_batches(_keep, batch_format="pyarrow", fn_kwargs={"split": split})
+    return tokenized.map_batches(_keep, batch_format="pyarrow", fn_kwargs={"split": split}, **_remote_args())
 
 
 # Mixing sources by weight. Rule (documented in README): the mixture has N pairs, N = all kept
@@ -492,7 +598,7 @@ def mix_sources(
     buckets: dict[str, Counter] = defaultdict(Counter)
     # batch_size=None: whole blocks, so the driver gets at most 256 counts per entry and block.
     hist = kept.map_batches(_mix_histogram, batch_format="pyarrow", batch_size=None,
-                            fn_kwargs={"groups": groups, "seed": seed})
+                            fn_kwargs={"groups": groups, "seed": seed}, **_remote_args())
     for table in hist.iter_batches(batch_format="pyarrow", batch_size=None):
         for lab, b, n in zip(*(table[c].to_pylist() for c in ("label", "bucket", "n"))):
             buckets[lab][b] += n
@@ -515,14 +621,14 @@ def mix_sources(
             below += buckets[lab][b]
     if boundary:
         found: dict[str, list[int]] = defaultdict(list)
-        edge = kept.map_batches(_mix_boundary, batch_format="pyarrow", batch_size=None,
+        edge = kept.map_batches(_mix_boundary, batch_format="pyarrow", batch_size=None, **_remote_args(),
                                 fn_kwargs={"groups": groups, "seed": seed, "buckets": {k: b for k, (b, _) in boundary.items()}})
         for table in edge.iter_batches(batch_format="pyarrow", batch_size=None):
             for lab, h in zip(table["label"].to_pylist(), table["hash"].to_pylist()):
                 found[lab].append(h)
         for lab, (_, rank) in boundary.items():
             plan[lab] = (plan[lab][0], int(np.sort(np.asarray(found[lab], dtype=np.uint64))[rank - 1]))
-    mixed = kept.map_batches(_mix_select, batch_format="pyarrow",
+    mixed = kept.map_batches(_mix_select, batch_format="pyarrow", **_remote_args(),
                              fn_kwargs={"groups": groups, "seed": seed, "plan": plan})
     counts = {lab: {"available": available.get(lab, 0), "used": used.get(lab, 0),
                     "weight": present[lab] / norm if lab in present else 0.0}

@@ -21,6 +21,13 @@ Row-level failures are drop reasons, never exceptions: a template that fails on 
 its expressions raise on the row's data) is ``template_error``, and rendered text holding a lone
 surrogate, which tokenizers reject with a ``TypeError``, is ``invalid_unicode``. A template that
 does not compile fails every row alike, so it is the run's error: ``check_chat_template``.
+
+Memory: a fast tokenizer holds a few hundred bytes per byte of the text it is given (measured:
+about 200 for a byte-level BPE, 500 for a character-level one), so a 50 MB row took a worker to
+10-25 GB. Text past ``TokenizeSettings.max_row_bytes`` is therefore never tokenized: the pipeline
+drops such a row as ``too_long`` before parsing it, and every rendered text is checked again
+before it reaches the tokenizer (for callers that skip the pipeline), so one row costs at most
+about 500 x ``max_row_bytes`` while tokenizing (0.5 GB at the 1 MiB floor).
 """
 from __future__ import annotations
 
@@ -41,10 +48,21 @@ PLAIN_CHAT_TEMPLATE = (
     "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
     "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n\n"
     "{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] }}{{ eos_token }}\n\n"
-    "{% else %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n"
+    "{% else %}{{ raise_exception('unknown role: ' + m['role']) }}"  # never a made-up speaker
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
+
+
+# The size bound of a row, in UTF-8 bytes of its JSON text (see TokenizeSettings.max_row_bytes).
+# Natural text in JSON takes at most about 32 bytes per token, even written as \uXXXX escapes
+# (6 bytes per character; a CJK token is 1-2 characters, an emoji is a 12-byte surrogate pair);
+# 256 bytes per token of max_length is 8 times max_length tokens at that rate. Only max_length
+# tokens are ever trained on (the prompt cut to its last max_prompt_length tokens with keep_end,
+# the completions to the rest), so a row past the bound could give at most 1/8 of its text, even
+# with its prompt repeated in chosen and rejected (UltraFeedback style).
+ROW_BYTES_PER_TOKEN = 256
+MIN_ROW_BYTES = 1 << 20  # 1 MiB: the bound never falls below it, however small max_length
 
 
 @dataclass(frozen=True)
@@ -52,6 +70,14 @@ class TokenizeSettings:
     max_length: int = 512  # tokens of prompt + longer completion
     max_prompt_length: int = 256
     truncation: str = "keep_end"  # keep_end: drop the start of the prompt; keep_start: drop its end
+
+    @property
+    def max_row_bytes(self) -> int:
+        """UTF-8 bytes of a row's JSON text (and of any text given to the tokenizer) past which it
+        is dropped as ``too_long`` without being parsed or tokenized: ``ROW_BYTES_PER_TOKEN *
+        max_length``, at least ``MIN_ROW_BYTES``. A property, not a field: the reference cache's key
+        hashes the fields, and this bound only decides which rows are tokenized at all."""
+        return max(MIN_ROW_BYTES, ROW_BYTES_PER_TOKEN * self.max_length)
 
 
 @dataclass
@@ -97,7 +123,15 @@ class _Dropped(Exception):
 _TEMPLATE_FAILURES = (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError)
 
 
-def _render(tok: PreTrainedTokenizerBase, messages: list[Message], template: str | None, generation_prompt: bool) -> str:
+def utf8_size(text: str) -> int:
+    """Bytes of ``text`` in UTF-8 (a lone surrogate counted as 3), without a copy for ASCII text."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _render(tok: PreTrainedTokenizerBase, messages: list[Message], template: str | None, generation_prompt: bool,
+            max_bytes: int) -> str:
+    """The templated text, or ``_Dropped``: ``template_error``, ``invalid_unicode``, or ``too_long``
+    past ``max_bytes`` (checked here, before any tokenizer sees it: see the module doc)."""
     try:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
                                        chat_template=template)
@@ -107,6 +141,8 @@ def _render(tok: PreTrainedTokenizerBase, messages: list[Message], template: str
         raise _Dropped(TEMPLATE_ERROR) from e
     if not is_valid_text(text):  # a template's own text can hold a lone surrogate too
         raise _Dropped(INVALID_UNICODE)
+    if utf8_size(text) > max_bytes:
+        raise _Dropped(TOO_LONG)
     return text
 
 
@@ -132,17 +168,18 @@ class _Prompt:
     ids: list[int]
 
 
-def _prompt(tok: PreTrainedTokenizerBase, prompt: list[Message], template: str | None) -> _Prompt:
-    text = _render(tok, prompt, template, generation_prompt=True)
+def _prompt(tok: PreTrainedTokenizerBase, prompt: list[Message], template: str | None, max_bytes: int) -> _Prompt:
+    text = _render(tok, prompt, template, True, max_bytes)
     return _Prompt(prompt, text, _ids(tok, text))
 
 
-def _whole(tok: PreTrainedTokenizerBase, p: _Prompt, completion: list[Message], template: str | None) -> _Whole | None:
+def _whole(tok: PreTrainedTokenizerBase, p: _Prompt, completion: list[Message], template: str | None,
+           max_bytes: int) -> _Whole | None:
     """Template and tokenize ``prompt + completion``; None where the templated prompt (with the
     generation prompt) is not even a character prefix of the templated whole, or a token boundary
     is needed from a tokenizer without offsets (a slow one)."""
     prompt_text, prompt_ids = p.text, p.ids
-    whole_text = _render(tok, p.messages + completion, template, generation_prompt=False)
+    whole_text = _render(tok, p.messages + completion, template, False, max_bytes)
     whole_ids = _ids(tok, whole_text)
     if whole_ids[: len(prompt_ids)] == prompt_ids:
         return _Whole(whole_ids, len(prompt_ids), True)
@@ -169,16 +206,17 @@ def _completion(ids: list[int], start: int, eos: int) -> list[int]:
 
 
 def completion_ids(
-    tok: PreTrainedTokenizerBase, prompt: list[Message], completion: list[Message], chat_template: str | None = None
+    tok: PreTrainedTokenizerBase, prompt: list[Message], completion: list[Message], chat_template: str | None = None,
+    max_bytes: int = MIN_ROW_BYTES,
 ) -> tuple[list[int], list[int]] | None:
     """Template ``prompt`` (with the generation prompt) and ``prompt + completion``; return
     ``(prompt_ids, completion_ids)``, the completion ending in exactly one EOS, or None where the
     templated prompt is not a character prefix of the templated whole (``template_mismatch``), the
-    template fails on the messages or they hold a lone surrogate (see the module doc).
-    ``prompt_ids`` are the whole's tokens before the boundary (see the module doc)."""
+    template fails on the messages, they hold a lone surrogate, or a templated text is over
+    ``max_bytes`` (see the module doc). ``prompt_ids`` are the whole's tokens before the boundary."""
     template = chat_template_for(tok, chat_template)
     try:
-        whole = _whole(tok, _prompt(tok, prompt, template), completion, template)
+        whole = _whole(tok, _prompt(tok, prompt, template, max_bytes), completion, template, max_bytes)
     except _Dropped:
         return None
     if whole is None:
@@ -202,8 +240,9 @@ def tokenize_pair(
     chat_template: str | None = None,
 ) -> TokenizedPair:
     """One normalised pair -> ``prompt_ids`` once, ``chosen_ids``, ``rejected_ids`` (each ending in
-    one EOS unless cut to the length budget), or a drop reason (``template_mismatch``, ``too_long``,
-    ``template_error``, ``invalid_unicode``).
+    one EOS unless cut to the length budget), or a drop reason (``template_mismatch``, ``too_long``
+    (no completion token fits the budget, or a templated text is over ``settings.max_row_bytes``:
+    never tokenized), ``template_error``, ``invalid_unicode``).
 
     ``chat_template`` is the configured template (see ``chat_template_for``). The prompt is stored
     once, so it is the longest token prefix the two wholes share within the prompt text; a token
@@ -211,9 +250,10 @@ def tokenize_pair(
     before it) leads both completions, so ``prompt_ids + chosen_ids`` is the chosen whole's ids."""
     template = chat_template_for(tok, chat_template)
     try:
-        p = _prompt(tok, prompt, template)  # shared by both wholes: three renders and tokenizations, not four
-        c = _whole(tok, p, chosen, template)
-        r = _whole(tok, p, rejected, template)
+        # The prompt is shared by both wholes: three renders and tokenizations, not four.
+        p = _prompt(tok, prompt, template, settings.max_row_bytes)
+        c = _whole(tok, p, chosen, template, settings.max_row_bytes)
+        r = _whole(tok, p, rejected, template, settings.max_row_bytes)
     except _Dropped as d:
         return TokenizedPair([], [], [], False, d.reason)
     if c is None or r is None:
@@ -248,9 +288,9 @@ def prompt_ids(
     """A prompt alone, as a generator is given it: templated with the generation prompt (the same
     template as ``tokenize_pair``), cut to ``settings.max_prompt_length`` by ``settings.truncation``.
     Returns ``(ids, truncated)``, or a drop reason (``template_error``, ``invalid_unicode``,
-    ``too_long`` for a prompt that renders to nothing)."""
+    ``too_long`` for a prompt that renders to nothing or to more than ``settings.max_row_bytes``)."""
     try:
-        ids = _prompt(tok, prompt, chat_template_for(tok, chat_template)).ids
+        ids = _prompt(tok, prompt, chat_template_for(tok, chat_template), settings.max_row_bytes).ids
     except _Dropped as d:
         return d.reason
     if not ids:

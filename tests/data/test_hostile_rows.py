@@ -18,12 +18,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from raydpo.data import tokenize
 from raydpo.data.formats import (
     FORMATS,
     INVALID_UNICODE,
+    NON_TEXT_CONTENT,
     REASONS,
     TEMPLATE_ERROR,
     TOO_DEEPLY_NESTED,
+    TOO_LONG,
+    UNKNOWN_ROLE,
     UNPARSEABLE,
     is_valid_text,
     normalise,
@@ -210,3 +214,118 @@ def test_tokenize_pair_never_raises(toks, prompt, chosen, rejected, template, to
         assert t.drop_reason in (INVALID_UNICODE, TEMPLATE_ERROR)
     if not t.drop_reason:
         assert t.prompt_ids and t.chosen_ids and t.rejected_ids
+
+
+# --- issue 26: giant rows, content parts and roles -----------------------------------------------
+
+
+def _batch(texts: list[str]) -> pa.Table:
+    return pa.table({"source": ["s"] * len(texts), "row_id": list(range(1, len(texts) + 1)),
+                     "split": ["train"] * len(texts), "text": texts})
+
+
+def _reasons(batch: pa.Table, settings: TokenizeSettings = SETTINGS) -> list[str]:
+    out = tokenize_batch(batch, model_path="tiny", gguf_file=None, settings=settings, eval_fraction=0.0, seed=0)
+    return [r["drop_reason"] for r in out.to_pylist() if r["pair_index"] == 0]
+
+
+def test_size_bound_is_exact_in_utf8_bytes(monkeypatch) -> None:
+    """A row of exactly ``max_row_bytes`` is parsed; one byte more is ``too_long``, unparsed (broken
+    JSON past the bound is too_long, not unparseable). The 1 MiB floor is lowered here, so the bound is 256 x 96 bytes."""
+    monkeypatch.setattr(tokenize, "MIN_ROW_BYTES", 4096)
+    bound = SETTINGS.max_row_bytes
+    assert bound == tokenize.ROW_BYTES_PER_TOKEN * SETTINGS.max_length == 24_576
+
+    def row(size: int, char: str = "x") -> str:
+        head = json.dumps({"prompt": "q", "chosen": "a", "rejected": ""})[:-2]  # ... "rejected": "
+        body = char * ((size - len(head.encode()) - 2) // len(char.encode()))
+        text = head + body + '"}'
+        assert len(text.encode()) == size, (len(text.encode()), size)
+        return text
+
+    texts = [row(bound), row(bound + 1), row(bound + 2, "é"), row(bound, "é"), "{" * (bound + 1)]
+    assert _reasons(_batch(texts)) == ["", TOO_LONG, TOO_LONG, "", TOO_LONG]
+
+
+def test_a_50_mb_row_is_never_made_a_python_string() -> None:
+    """The issue's 50 MB row: dropped as too_long in well under a second, and the text never
+    becomes a Python string (Python's own allocations stay under 5 MB; tokenizing it took 10-25 GB)."""
+    import time
+    import tracemalloc
+
+    giant = json.dumps({"prompt": "q", "chosen": "x" * 50_000_000, "rejected": "y"})
+    batch = _batch([giant, json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})])
+    tokenize_batch(batch.slice(1), model_path="tiny", gguf_file=None, settings=SETTINGS, eval_fraction=0.0, seed=0)  # load the tokenizer
+    del giant
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        reasons = _reasons(batch)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert reasons == [TOO_LONG, ""]
+    assert peak < 5_000_000, peak
+    assert time.monotonic() - started < 5
+
+
+def test_hostile_row_shapes_through_tokenize_batch() -> None:
+    """Each kind of the issue through the pipeline's own function, with the reason it must get."""
+    text = lambda t: {"type": "text", "text": t}  # noqa: E731
+    image = {"type": "image_url", "image_url": {"url": "x.png"}}
+    cases = [
+        ({"prompt": [{"role": "user", "content": [text("2+"), text("2?")]}], "chosen": "4", "rejected": "5"}, ""),
+        ({"prompt": [{"role": "user", "content": [image]}], "chosen": "4", "rejected": "5"}, NON_TEXT_CONTENT),
+        ({"prompt": [{"role": "user", "content": [text("what is"), image]}], "chosen": "a cat", "rejected": "a dog"}, NON_TEXT_CONTENT),
+        ({"prompt": "q", "chosen": [{"role": "assistant", "content": None}], "rejected": "5"}, "missing_field"),
+        ({"prompt": "q", "chosen": [{"role": "assistant", "content": {"text": "4"}}], "rejected": "5"}, UNPARSEABLE),
+        ({"prompt": [{"role": "Wizard", "content": "q"}], "chosen": "4", "rejected": "5"}, UNKNOWN_ROLE),
+        ({"prompt": "q", "chosen": [{"role": "wizard", "content": "4"}], "rejected": "5"}, UNKNOWN_ROLE),
+        ({"prompt": [{"role": "tool", "content": "42"}, {"role": "user", "content": "q"}], "chosen": "4", "rejected": "5"}, UNKNOWN_ROLE),
+        ({"prompt": [{"role": "USER", "content": "q"}], "chosen": [{"role": "Assistant", "content": "4"}], "rejected": "5"}, ""),
+        ({"prompt": [{"from": "human", "value": "q"}], "chosen": [{"from": "gpt", "value": "4"}], "rejected": "5"}, ""),
+        ({"prompt": [{"content": "q"}], "chosen": "4", "rejected": "5"}, "missing_field"),
+        ({"prompt": ["q"], "chosen": "4", "rejected": "5"}, UNPARSEABLE),
+        ({"prompt": [{"role": "user", "content": "q"}] * 100_000, "chosen": "4", "rejected": "5"}, TOO_LONG),  # 3.4 MB
+        ({"prompt": [{"role": "user", "content": "q"}] * 1_000, "chosen": "4", "rejected": "5"}, ""),
+    ]
+    # Nesting within the parser's stack, as a content: unparseable; past it: too_deeply_nested.
+    texts = [json.dumps(row) for row, _ in cases] + [
+        '{"prompt": [{"role": "user", "content": ' + "[" * 500 + "]" * 500 + '}], "chosen": "a", "rejected": "b"}',
+        '{"prompt": [{"role": "user", "content": ' + "[" * 50_000 + "]" * 50_000 + '}], "chosen": "a", "rejected": "b"}']
+    want = [reason for _, reason in cases] + [UNPARSEABLE, TOO_DEEPLY_NESTED]
+    assert _reasons(_batch(texts), TokenizeSettings(4096, 2048)) == want
+
+
+_PART = st.one_of(
+    st.builds(lambda t: {"type": "text", "text": t}, st.text(max_size=5)),
+    st.sampled_from([{"type": "image_url", "image_url": {"url": "x"}}, {"type": "image"}, {"type": "input_audio"},
+                     {"type": "text"}, {"type": "text", "text": 3}, {"text": "t"}, {"type": None}, "part", 3, None, []]),
+)
+_CONTENT = st.one_of(st.text(max_size=8), st.lists(_PART, max_size=3), st.sampled_from([None, 3, 2.5, True, {}, {"type": "text", "text": "x"}]))
+_ANY_ROLE = st.one_of(st.sampled_from(["user", "User", " ASSISTANT ", "system", "human", "gpt", "model", "developer",
+                                       "tool", "function", "Wizard", "", None, 3]), st.text(max_size=6))
+_MESSAGE = st.one_of(
+    st.builds(lambda r, c: {"role": r, "content": c}, _ANY_ROLE, _CONTENT),
+    st.builds(lambda r, c: {"from": r, "value": c}, _ANY_ROLE, _CONTENT),
+    st.sampled_from([None, "text", 3, [], {}]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(prompt=st.lists(_MESSAGE, max_size=3), chosen=st.lists(_MESSAGE, max_size=2), rejected=st.lists(_MESSAGE, max_size=2),
+       sharegpt=st.booleans())
+def test_generated_message_shapes(prompt, chosen, rejected, sharegpt) -> None:
+    """Any roles and contents in any shape: a known reason, or a pair whose roles are the three
+    standard ones and whose contents are strings; a row holding a non-text part is never kept."""
+    if sharegpt:
+        row = {"conversations": prompt, "chosen": chosen[0] if chosen else None, "rejected": rejected[0] if rejected else None}
+    else:
+        row = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    out, reason = normalise(json.loads(json.dumps(row)))
+    assert_normalised(out, reason)
+    if out is not None:
+        assert {m["role"] for k in out for m in out[k]} <= {"system", "user", "assistant"}
+        parts = [p for m in json.loads(json.dumps(row))["conversations" if sharegpt else "prompt"] if isinstance(m, dict)
+                 for p in (m.get("content", m.get("value")) if isinstance(m.get("content", m.get("value")), list) else [])]
+        assert all(isinstance(p, dict) and p.get("type") == "text" for p in parts)

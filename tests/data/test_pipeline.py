@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from raydpo.data.pipeline import build_report, kept_rows, tokenized_dataset
+from raydpo.data.pipeline import (
+    OOM_RETRIES_ENV,
+    TASK_RETRIES,
+    TOKENIZE_STAGE,
+    DataWorkerLost,
+    build_report,
+    kept_rows,
+    stage_retries,
+    tokenized_dataset,
+)
 from raydpo.data.tokenize import TokenizeSettings
 from raydpo.models import write_tiny
 from tests.conftest import SHARED
@@ -17,7 +26,7 @@ HH = SHARED / "data/hh-rlhf/helpful-base/test.jsonl.gz"
 
 def _tokenized(model_dir, train, eval_=(), fraction=0.0, limit=None, fmt="auto"):
     return tokenized_dataset(list(map(str, train)), list(map(str, eval_)), model_path=str(model_dir), gguf_file=None,
-                             settings=TokenizeSettings(64, 32), eval_fraction=fraction, seed=0, limit=limit, fmt=fmt).materialize()
+                             settings=TokenizeSettings(64, 32), eval_fraction=fraction, seed=0, limit=limit, fmt=fmt)
 
 
 def test_every_row_is_accounted_for(ray_local, tmp_path):
@@ -100,3 +109,76 @@ def test_parquet_csv_and_json_array_sources(ray_local, tmp_path):
     for r in kept_rows(ds).take_all():
         chosen.setdefault(Path(r["source"]).name, []).append(list(r["chosen_ids"]))
     assert chosen["a.parquet"] == chosen["b.csv"] == chosen["c.csv.gz"] == chosen["d.json"]
+
+
+def test_rows_past_the_size_bound_are_too_long(ray_local, tmp_path):
+    """Rows whose JSON text is over ``max_row_bytes`` (1 MiB here) are dropped as too_long before
+    parsing, in the workers and in shape detection (the giant row is the source's first); a long
+    prompt under the bound is kept, cut to its tail (keep_end)."""
+    model_dir = write_tiny(tmp_path / "m")
+    bound = TokenizeSettings(64, 32).max_row_bytes
+    giant = json.dumps({"prompt": "q", "chosen": "x" * (3 * bound), "rejected": "y"})  # one field of 3 MiB
+    over_in_bytes = json.dumps({"prompt": "é" * (bound // 2), "chosen": "a", "rejected": "b"}, ensure_ascii=False)
+    assert len(over_in_bytes) < bound < len(over_in_bytes.encode())  # under in characters, over in bytes
+    long_prompt = json.dumps({"prompt": "p" * 20_000 + " end?", "chosen": "yes", "rejected": "no"})
+    good = [json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no"}) for i in range(5)]
+    (tmp_path / "a.jsonl").write_text("\n".join([giant, *good, over_in_bytes, long_prompt]) + "\n")
+    ds = _tokenized(model_dir, [tmp_path / "a.jsonl"])
+    report = build_report(ds)
+    assert (report.read, report.kept, report.dropped) == (8, 6, {"too_long": 2})
+    assert report.examples["too_long"] == [f"{tmp_path / 'a.jsonl'}:1", f"{tmp_path / 'a.jsonl'}:7"]
+    kept = kept_rows(ds).take_all()
+    assert [r["truncated"] for r in kept] == [False] * 5 + [True]
+    assert len(kept[-1]["prompt_ids"]) == 32  # the prompt's last 32 tokens
+
+
+def test_a_worker_lost_on_every_try_fails_the_run(ray_local, tmp_path, monkeypatch):
+    """The tokenize stage's worker is killed (SIGKILL, as the kernel's OOM killer does) on each try:
+    the run fails after ``TASK_RETRIES`` retries with ``DataWorkerLost`` naming the stage, instead of
+    Ray Data's default of retrying for ever. The stage is raydpo's own (``tokenized_dataset``); only
+    the driver's OOM-retry bound is set here, as a job sets it before ``ray.init`` (``bound_oom_retries``)."""
+    import threading
+    import time
+
+    import psutil
+
+    monkeypatch.setenv(OOM_RETRIES_ENV, str(TASK_RETRIES))
+    assert stage_retries() == TASK_RETRIES
+    # 20 rows of 100 kB: about 15 s of tokenizing per try, so each try is seen running and killed.
+    rows = [json.dumps({"prompt": "p" * 100_000, "chosen": f"yes {i}", "rejected": "no"}) for i in range(20)]
+    (tmp_path / "slow.jsonl").write_text("\n".join(rows) + "\n")
+    killed: list[int] = []  # pids
+    stop = threading.Event()
+
+    def kill_tokenize_workers() -> None:
+        """Kill each worker process of ours (a descendant of this test) that runs tokenize_batch; at
+        most two more times than the stage may retry, so a stage retried for ever then succeeds."""
+        me = psutil.Process()
+        while not stop.is_set() and len(killed) < TASK_RETRIES + 3:
+            for proc in me.children(recursive=True):
+                try:
+                    running = "tokenize_batch" in " ".join(proc.cmdline())
+                    if running and proc.pid not in killed:
+                        proc.kill()
+                        killed.append(proc.pid)
+                except psutil.Error:  # gone meanwhile
+                    continue
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_tokenize_workers, daemon=True)
+    killer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(DataWorkerLost) as error:
+            tokenized_dataset([str(tmp_path / "slow.jsonl")], [], model_path="tiny", gguf_file=None,
+                              settings=TokenizeSettings(64, 32), eval_fraction=0.0, seed=0)
+    finally:
+        stop.set()
+        killer.join()
+    message = str(error.value)
+    print(message)
+    assert message.startswith(f"{TOKENIZE_STAGE}: a Ray worker died (out of memory, or a crash) on each of "
+                              f"{TASK_RETRIES + 1} tries of the same task"), message
+    assert "give the workers more memory" in message and "too_long" in message
+    assert len(killed) == TASK_RETRIES + 1, killed
+    assert time.monotonic() - started < 120

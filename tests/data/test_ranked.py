@@ -120,7 +120,7 @@ def test_ranked_bad_scores(scores: list) -> None:
     [
         ({"prompt": "q", "completions": ["a", "b", "c"], "scores": [1, 2]}, UNPARSEABLE),  # lengths differ
         ({"prompt": "q", "completions": ["a", 3], "scores": [1, 2]}, UNPARSEABLE),  # a completion of no shape
-        ({"prompt": "q", "completions": ["a", [{"role": "assistant"}]], "scores": [1, 2]}, UNPARSEABLE),
+        ({"prompt": "q", "completions": ["a", [{"role": "assistant"}]], "scores": [1, 2]}, MISSING_FIELD),  # no content
         ({"prompt": 5, "completions": ["a", "b"], "scores": [1, 2]}, UNPARSEABLE),  # fields present, wrong type
         ({"prompt": "q", "completions": ["a"], "scores": [1]}, NO_PAIR),
         ({"prompt": "q", "completions": [], "scores": []}, NO_PAIR),

@@ -16,12 +16,17 @@ import copy
 
 import pytest
 
+from raydpo.data.formats import TEMPLATE_ERROR, TOO_LONG
 from raydpo.data.tokenize import (
+    MIN_ROW_BYTES,
     PLAIN_CHAT_TEMPLATE,
+    ROW_BYTES_PER_TOKEN,
     TokenizeSettings,
     chat_template_for,
     completion_ids,
+    prompt_ids,
     tokenize_pair,
+    utf8_size,
 )
 from raydpo.models import build_tiny_tokenizer
 from tests.data.checks import bpe_tokenizer
@@ -308,3 +313,51 @@ def test_relocated_boundary_still_truncates() -> None:
     assert out.drop_reason == "" and out.truncated is True and out.boundary_fixed is True
     assert out.prompt_ids == t.convert_tokens_to_ids(["Ġhi", "Ċ", "A", ":"])
     assert out.chosen_ids == t.convert_tokens_to_ids(["ĠYes", "<eos>"])
+
+
+# --- the size bound and roles the plain template does not know (issue 26) ------------------------
+
+
+def test_max_row_bytes_is_derived_from_max_length_with_a_floor() -> None:
+    from dataclasses import asdict
+
+    assert TokenizeSettings(512, 256).max_row_bytes == MIN_ROW_BYTES == 1 << 20  # 256 x 512 = 128 KiB < 1 MiB
+    assert TokenizeSettings(8192, 4096).max_row_bytes == ROW_BYTES_PER_TOKEN * 8192 == 2 << 20
+    # A property, not a field: the reference cache's key (asdict of the settings) is unchanged.
+    assert asdict(TokenizeSettings()) == {"max_length": 512, "max_prompt_length": 256, "truncation": "keep_end"}
+
+
+def test_utf8_size() -> None:
+    assert [utf8_size(t) for t in ("", "abc", "é", "😀", "a\ud800")] == [0, 3, 2, 4, 4]
+
+
+def test_text_past_the_bound_is_too_long_and_never_tokenized(tok) -> None:
+    """A templated text over ``max_row_bytes`` is ``too_long`` before any tokenizer sees it (for
+    callers that skip the pipeline's row bound): 8 MiB would take the character-level tokenizer
+    about a minute and 4 GB; the bound answers at once. A text just under it is tokenized and cut."""
+    import time
+
+    settings = TokenizeSettings(64, 32)
+    huge = "x" * (8 << 20)
+    started = time.monotonic()
+    for prompt, chosen in (([user(huge)], [assistant("a")]), ([user("q")], [assistant(huge)])):
+        t = tokenize_pair(tok, prompt, chosen, [assistant("b")], settings)
+        assert (t.drop_reason, t.prompt_ids, t.chosen_ids) == (TOO_LONG, [], [])
+    assert prompt_ids(tok, [user(huge)], settings) == TOO_LONG
+    assert completion_ids(tok, [user(huge)], [assistant("a")]) is None
+    assert time.monotonic() - started < 5
+    # Multi-byte text counts in bytes: 600 k "é" is 1.2 MB, over the 1 MiB bound.
+    assert tokenize_pair(tok, [user("é" * 600_000)], [assistant("a")], [assistant("b")], settings).drop_reason == TOO_LONG
+    under = tokenize_pair(tok, [user("p" * 20_000)], [assistant("a")], [assistant("b")], settings)
+    assert under.drop_reason == "" and under.truncated and len(under.prompt_ids) == 32
+
+
+@pytest.mark.parametrize("role", ["Wizard", "tool", "", "User"])
+def test_plain_template_never_renders_a_made_up_speaker(tok, role: str) -> None:
+    """A role the plain template does not know raises in the template (``template_error``), for
+    callers that skip ``formats`` (which maps case and aliases, and drops the rest as unknown_role)."""
+    base = with_template(tok, PLAIN_CHAT_TEMPLATE)
+    t = tokenize_pair(base, [{"role": role, "content": "q"}], [assistant("a")], [assistant("b")], TokenizeSettings(64, 32))
+    assert t.drop_reason == TEMPLATE_ERROR
+    t = tokenize_pair(base, [user("q")], [{"role": role, "content": "a"}], [assistant("b")], TokenizeSettings(64, 32))
+    assert t.drop_reason == TEMPLATE_ERROR
