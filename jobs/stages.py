@@ -142,7 +142,14 @@ def check_resume(cfg: Config, out: Path, resumable: Callable[[Path], bool]) -> N
     rounds; or checkpoints under ``train.storage_path``) resumes only with a config that trains the
     same way; otherwise it would skip the wrong batches and restore another run's optimizer state.
     Harmless keys (``config.RESUME_HARMLESS``) may change. A saved config that cannot be read
-    (cut short, damaged bytes) where there is progress to resume fails too: the check cannot be made."""
+    (cut short, damaged bytes) where there is progress to resume fails too: the check cannot be made.
+    An offline run's checkpoints are checked here too (``raydpo.train.checkpoints.repair_run``): a
+    damaged one is set aside, saying why, and none intact fails now, not after the data stages."""
+    if cfg.online is None:  # a round's checkpoints: train_policy checks them
+        from raydpo.train.checkpoints import repair_run
+        from raydpo.train.policy import checkpoint_location
+
+        repair_run(*checkpoint_location(cfg.train.storage_path, out), say)
     path = out / RUN_CONFIG
     if not path.exists():
         return

@@ -127,12 +127,27 @@ def _why_unreadable(error: BaseException) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
 
 
+# folder -> the (name, size, mtime) of its files when this process found it intact: the job's check
+# before any work and train_policy's then hash it once (a file changed since has another size or mtime).
+_INTACT: dict[str, tuple] = {}
+
+
 def verify(fs, folder: str) -> Verdict:
     """Check checkpoint ``folder`` (a path on pyarrow filesystem ``fs``) against its manifest."""
     import pyarrow.fs
 
     infos = {i.path[len(folder) + 1:]: i for i in fs.get_file_info(
         pyarrow.fs.FileSelector(folder, recursive=True, allow_not_found=True)) if i.type == pyarrow.fs.FileType.File}
+    listing = tuple(sorted((name, i.size, i.mtime_ns) for name, i in infos.items()))
+    if _INTACT.get(folder) == listing:
+        return Verdict(None)
+    verdict = _verify(fs, folder, infos)
+    if verdict.damage is None and not verdict.unverified:
+        _INTACT[folder] = listing
+    return verdict
+
+
+def _verify(fs, folder: str, infos: dict) -> Verdict:
     if MANIFEST not in infos:
         if "loop_state.json" not in infos:
             return Verdict(f"it has neither {MANIFEST} nor loop_state.json")

@@ -123,6 +123,14 @@ def test_each_damage_is_found_and_named(engine, damage, ddp, zero2, tmp_path):
         assert why.startswith(largest), why  # names the file
 
 
+def test_a_checkpoint_changed_after_it_was_found_intact_is_checked_again(ddp, tmp_path):
+    """The job's check and train_policy's hash a checkpoint once, unless a file changed in between."""
+    folder = _copy(ddp[1], tmp_path / "ckpt")
+    assert verify(*_local(folder)).damage is None
+    _flip(folder / "engine_state.pt")
+    assert "engine_state.pt's content is not what was written" in verify(*_local(folder)).damage
+
+
 def test_a_stray_file_is_ignored_and_the_checkpoint_still_loads(ddp, tmp_path):
     """A file the manifest does not list is read by no loader: the checkpoint is intact."""
     engine, template = ddp
@@ -346,3 +354,35 @@ def test_damaged_trained_rows_lines_are_dropped_on_the_cut_back(tmp_path, capfd)
     TrainedRows(str(tmp_path), 0, start_step=4).close()
     assert path.read_text().splitlines() == lines[:4]
     assert "2 damaged line(s) dropped" in capfd.readouterr().out
+
+
+# --- the job's check before any work (jobs.stages.check_resume) ----------------------------------------
+
+def test_the_jobs_check_sets_damage_aside_and_refuses_an_unreadable_saved_config(ddp, tmp_path, capsys):
+    """``raydpo train``'s check before Ray starts: a damaged newest checkpoint is set aside there,
+    saying why; every checkpoint damaged fails there; and the run's saved config (what a resume is
+    checked against), cut short, fails naming it, as long as there is progress to resume."""
+    from jobs.stages import RUN_CONFIG, check_resume, save_run_config
+    from raydpo.config import ConfigError, load_config
+
+    def resumable(out: Path) -> bool:  # jobs.train_dpo's
+        return any((out / "ray" / "train").glob("checkpoint_*"))
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs/quickstart.yaml", [f"output_dir={tmp_path}"])
+    run, names = _run_folder(tmp_path, ddp[1], [4, 8])
+    save_run_config(cfg, tmp_path)
+    (run / names[1] / "engine_state.pt").write_bytes(b"")
+    check_resume(cfg, tmp_path, resumable)
+    assert f"{names[1]} (step 8) is damaged: engine_state.pt is 0 bytes" in capsys.readouterr().out
+    assert _ray_resumes_from(run) == 4
+
+    saved = tmp_path / RUN_CONFIG
+    saved.write_text(saved.read_text()[:100])
+    with pytest.raises(ConfigError, match=f"{saved} is damaged \\(JSONDecodeError: .*delete it to resume"):
+        check_resume(cfg, tmp_path, resumable)
+
+    (run / names[0] / "rng_rank0.pt").unlink()
+    with pytest.raises(NothingToResume, match=f"no intact checkpoint to resume from in {run}"):
+        check_resume(cfg, tmp_path, resumable)
+    shutil.rmtree(tmp_path / "ray")  # as the message says: then the damaged saved config no longer matters
+    check_resume(cfg, tmp_path, resumable)
