@@ -44,7 +44,7 @@ import os
 import re
 import stat
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +97,17 @@ def _datasets(label: str):
         raise ImportError(f"data source {label}: reading Hugging Face datasets needs the `datasets` "
                           f"package (pip install 'raydpo[hf]')") from None
     return datasets
+
+
+def _loaded(source: str, load: Callable[[], Any]) -> Any:
+    """``load()``, a ``datasets`` call, or a ``SourceError`` naming the source. ``datasets`` raises
+    many kinds of error for a source it cannot load (not found, an unknown split, a damaged file as
+    DatasetGenerationError or ArrowInvalid, even an IndexError for a saved dataset of no rows), so
+    any error from that one call is the source's."""
+    try:
+        return load()
+    except Exception as e:
+        raise SourceError(f"data source {source}: cannot be loaded ({type(e).__name__}: {_cause(e)})") from None
 
 
 def _glob_uri(uri: str) -> list[str]:
@@ -162,7 +173,8 @@ def _saved_items(folder: str, spec: dict[str, Any], split: str) -> list[dict[str
         folder = os.path.join(folder, chosen)  # where save_to_disk puts that split
     elif spec.get("split"):
         raise SourceError(f"data source {folder}: a saved Dataset has no splits; remove split ({spec['split']!r})")
-    rows = _datasets(folder).load_from_disk(folder).num_rows  # memory-mapped: reads no rows
+    datasets = _datasets(folder)
+    rows = _loaded(folder, lambda: datasets.load_from_disk(folder)).num_rows  # memory-mapped: reads no rows
     return [_item(folder, split, "saved", path=folder, start=start, stop=min(start + ROWS_PER_READ_TASK, rows))
             for start in range(0, max(rows, 1), ROWS_PER_READ_TASK)]
 
@@ -276,6 +288,7 @@ _FOREIGN = (
     (re.compile(rb"\xfd7zXZ\x00"), "xz-compressed; decompress it, or compress it with gzip"),
     (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd-compressed; decompress it, or compress it with gzip"),
     (re.compile(rb"7z\xbc\xaf\x27\x1c"), "a 7z archive; extract its files and name those"),
+    (re.compile(rb".{257}ustar", re.DOTALL), "a tar archive; extract its files and name those"),
 )
 _NOT_FILES = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
@@ -344,7 +357,7 @@ def _wide_encoding(head: bytes) -> str | None:
     has a NUL only where a row holds one (that row is then judged by the parser), never at every
     second or fourth byte."""
     n = len(head) - len(head) % 4
-    if n < 16:
+    if n < 64:  # a few bytes prove nothing: two short lines of b"\0" would look like UTF-16 BE
         return None
     nul = [head[i:n:4].count(0) / (n // 4) for i in range(4)]  # the share of NUL bytes at each offset mod 4
     if nul[2] > 0.9 and nul[3] > 0.9 and nul[0] < 0.5:  # any character below U+10000: two NULs on top
@@ -369,11 +382,13 @@ def _layout(path: str) -> _Layout:
     raw = _read_head(path)
     if not raw:
         raise SourceError(f"data source {path}: is empty (0 bytes); remove it from the sources or fill it")
-    for magic, what in _FOREIGN:
-        if magic.match(raw):
-            raise SourceError(f"data source {path}: is {what}")
     compressed = raw.startswith(_GZIP_MAGIC)
     head = _gunzip_head(path, raw) if compressed else raw[:_HEAD_BYTES]
+    for magic, what in _FOREIGN:
+        if magic.match(raw) or magic.match(head):  # a .tar.gz is a tar inside a gzip
+            raise SourceError(f"data source {path}: is {what}")
+    if compressed and head.startswith(_GZIP_MAGIC):
+        raise SourceError(f"data source {path}: is compressed twice (a gzip inside a gzip); decompress it once")
     kind = _kind(path)
     if kind == "parquet" or head.startswith(_PARQUET_MAGIC):
         if compressed:
@@ -509,8 +524,8 @@ def _read_failure(source: str, e: BaseException, where: str) -> str:
         return f"data source {source}: the gzip stream is truncated {where}: {lost}"
     if isinstance(e, (zlib.error, gzip.BadGzipFile)):  # a damaged block, a wrong CRC or length
         return f"data source {source}: the gzip stream is corrupt {where} ({_cause(e)}): {lost}"
-    return (f"data source {source}: reading failed {where} ({_cause(e)}); the rest of it was not read: check the "
-            f"file and its storage, then run again")
+    return (f"data source {source}: reading failed {where} ({_cause(e)}); the rest was not read: re-write or "
+            f"re-download it, or check its storage, then run again")
 
 
 def read_rows(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -526,17 +541,15 @@ def read_rows(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
         layout = _layout(item["path"])  # again here: a remote object is first seen by its read task
         unit = "line" if layout.kind == "jsonl" else "row"
         records = _records(item["path"], layout)
+    elif kind == "saved":
+        datasets = _datasets(source)
+        ds = _loaded(source, lambda: datasets.load_from_disk(item["path"]))
+        records = _dataset_records(ds.select(range(item["start"], item["stop"])), item["start"] + 1)
     else:
-        try:
-            if kind == "saved":
-                ds = _datasets(source).load_from_disk(item["path"])
-                records = _dataset_records(ds.select(range(item["start"], item["stop"])), item["start"] + 1)
-            else:
-                ds = _datasets(source).load_dataset(item["name"], item["subset"], split=item["hf_split"],
-                                                    revision=item["revision"])
-                records = _dataset_records(ds, 1)
-        except (OSError, ValueError) as e:  # not found (hub or disk), an unknown split, damaged files
-            raise SourceError(f"data source {source}: cannot be loaded ({_cause(e)})") from None
+        datasets = _datasets(source)
+        ds = _loaded(source, lambda: datasets.load_dataset(item["name"], item["subset"], split=item["hf_split"],
+                                                           revision=item["revision"]))
+        records = _dataset_records(ds, 1)
     last = count = 0
     try:
         for last, text in records:

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -169,16 +170,21 @@ def test_corrupt_gzip_fails_naming_the_damage(tmp_path):
 
 
 def test_formats_no_reader_knows_are_named(tmp_path):
-    """A zip (an .xlsx is one), bzip2 or xz file was read as UTF-8 junk: unparseable rows, or with
-    format detection a source left out."""
+    """A zip (an .xlsx is one), bzip2, xz, tar or doubly gzipped file was read as UTF-8 junk:
+    unparseable rows, or with format detection a source left out."""
     zipped = tmp_path / "rows.jsonl.zip"
     with zipfile.ZipFile(zipped, "w") as z:
         z.writestr("rows.jsonl", _jsonl())
     (tmp_path / "rows.jsonl.bz2").write_bytes(bz2.compress(_jsonl().encode()))
     (tmp_path / "rows.jsonl.xz").write_bytes(lzma.compress(_jsonl().encode()))
+    with tarfile.open(tmp_path / "rows.tar.gz", "w:gz") as tar:
+        tar.add(zipped, arcname="rows.jsonl.zip")
+    (tmp_path / "twice.jsonl.gz").write_bytes(gzip.compress(gzip.compress(_jsonl().encode())))
     _fails(zipped, "is a zip archive")
     _fails(tmp_path / "rows.jsonl.bz2", "is bzip2-compressed")
     _fails(tmp_path / "rows.jsonl.xz", "is xz-compressed")
+    _fails(tmp_path / "rows.tar.gz", "is a tar archive")
+    _fails(tmp_path / "twice.jsonl.gz", "is compressed twice (a gzip inside a gzip)")
 
 
 # --- Parquet -------------------------------------------------------------------------------------
@@ -205,6 +211,21 @@ def test_damaged_parquet_fails_on_the_driver(tmp_path):
     named_jsonl = tmp_path / "table.jsonl"  # Parquet by its magic bytes, whatever the name
     named_jsonl.write_bytes(data)
     assert _prompts(named_jsonl) == _prompts(good) == [r["prompt"] for r in ROWS]
+
+
+def test_a_damaged_parquet_page_fails_the_read_naming_the_row(tmp_path):
+    """The footer is sound, so the driver passes it; the read task meets the damaged page."""
+    path = tmp_path / "rows.parquet"
+    rows = [{"prompt": f"question {i} " + "x" * (i % 50), "chosen": f"c{i}", "rejected": "r"} for i in range(5000)]
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=1000)  # snappy pages, checked when read
+    column = pq.read_metadata(path).row_group(3).column(0)
+    data = bytearray(path.read_bytes())
+    middle = column.data_page_offset + column.total_compressed_size // 2
+    data[middle: middle + 64] = bytes(b ^ 0x5A for b in data[middle: middle + 64])
+    path.write_bytes(bytes(data))
+    source_items([str(path)], "train")
+    message = _fails(path, "reading failed after row ", "the rest was not read")
+    assert 0 < int(message.split("after row ")[1].split(" ")[0]) <= 3000  # at most the three sound row groups
 
 
 # --- JSON arrays ---------------------------------------------------------------------------------

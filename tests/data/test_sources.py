@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import sys
 import tempfile
 from collections import Counter
@@ -96,6 +97,27 @@ def test_hf_load_dataset_on_a_local_folder(ray_local, tmp_path):
     assert report.dropped == {"missing_field": 1} and report.examples["missing_field"] == [f"{tid}:7"]
     assert expand_sources([{"hf": "org/name", "subset": "cfg", "split": "test", "revision": "v1"}]) == [
         "hf:org/name/cfg:test@v1"]  # names only: nothing is fetched until a read task runs
+
+
+def test_saved_and_hf_sources_that_cannot_be_read_name_them(tmp_path):
+    """A saved Dataset of no rows (which ``load_from_disk`` fails on with an IndexError) and a damaged
+    one, on the driver; an hf split that does not exist, in the read task (no Ray needed to run one).
+    One ``SourceError`` each, naming the source."""
+    datasets.Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []}).save_to_disk(str(tmp_path / "none"))
+    with pytest.raises(SourceError, match=re.escape(f"data source {tmp_path / 'none'}: cannot be loaded (IndexError")):
+        source_items([str(tmp_path / "none")], "train")
+    datasets.Dataset.from_list(_rows("d", 3)).save_to_disk(str(tmp_path / "damaged"))
+    for shard in (tmp_path / "damaged").glob("*.arrow"):
+        shard.write_bytes(shard.read_bytes()[:40])
+    with pytest.raises(SourceError, match=re.escape(f"data source {tmp_path / 'damaged'}: cannot be loaded (")):
+        source_items([str(tmp_path / "damaged")], "train")
+    folder = tmp_path / "hub_like"
+    folder.mkdir()
+    _jsonl(folder / "train.jsonl", _rows("t", 2))
+    [item] = source_items([{"hf": str(folder), "split": "validation"}], "train")
+    with pytest.raises(SourceError, match=re.escape(f"data source hf:{folder}:validation: cannot be loaded (")
+                       + ".*validation"):
+        list(sources.read_rows(item))
 
 
 def test_missing_datasets_package_names_the_source(monkeypatch):
