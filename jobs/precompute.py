@@ -24,12 +24,14 @@ from raydpo.tracking import Tracker
 
 
 def run(cfg: Config) -> RefStats:
-    """Tokenize the config's data as ``train`` would and fill the cache for its kept pairs. The
-    MLflow run ends FAILED if anything raises, KILLED on a SIGTERM (:class:`Preempted`)."""
+    """Tokenize the config's data as ``train`` would and fill the cache for its kept pairs, once
+    every folder it writes was found writable. The MLflow run ends FAILED if anything raises
+    (a user's error raised inside Ray is raised as itself), KILLED on a SIGTERM (:class:`Preempted`)."""
     from actors.preemption import Preempted, SigtermStop
     from jobs import stages
 
     quiet_libraries()  # progress lines, not MLflow's store set-up, Ray Data's operator logs or weight-loading bars
+    stages.check_writable(cfg, cfg.tracking, cache=True)  # before any work: output_dir, the cache, the store
     # A new run each time, spooled in {output_dir}/precompute; an unreachable server fails here.
     tracker, _ = Tracker.start(cfg.tracking, Path(cfg.output_dir).expanduser().resolve() / "precompute",
                                cfg.tracking.run_name or "precompute", tags={"raydpo.job": "precompute"}, resume=False)
@@ -41,6 +43,9 @@ def run(cfg: Config) -> RefStats:
             _, stats = stages.reference(cfg, prepared.model_path, kept, tracker)
     except BaseException as e:
         tracker.finish("KILLED" if isinstance(e, Preempted) else "FAILED", timeout=cfg.tracking.flush_timeout_s)
+        failure = stages.user_failure(e)
+        if failure is not None and failure is not e:
+            raise failure from None  # its message says it all; Ray's wrapping repeats the task's traceback
         raise
     tracker.finish("FINISHED", timeout=cfg.tracking.flush_timeout_s)
     return stats
@@ -65,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:
         print(f"raydpo: {e}", file=sys.stderr)
         return EXIT_CODE
+    except Exception as e:  # a user's error (exit 2: a folder, a source, too many dropped rows), or a bug
+        from jobs import stages
+
+        code = stages.report_failure(e)
+        if code is None:
+            raise
+        return code
     if ns.json:
         stdout.write(json.dumps(stats.to_dict()) + "\n")
         stdout.flush()

@@ -9,8 +9,11 @@ and plain values and calls the library with settings objects. Not a job itself.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -62,16 +65,40 @@ def prepare(cfg: Config) -> Prepared:
     return Prepared(out, model_path, sources)
 
 
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def ray_data_errors_off_the_console() -> Iterator[None]:
+    """Keep Ray Data's ERROR records off the console (its log file still gets them). Ray Data logs
+    a failed task's exception, its traceback included, and then raises it in the driver: where
+    that is a user's error (a source damaged past its first bytes), the job prints its message
+    alone (:func:`report_failure`); any other exception goes on with the worker's traceback in its
+    text. On the console those records are a second copy."""
+    handlers = [h for h in logging.getLogger("ray.data").handlers if isinstance(h, logging.StreamHandler)]
+    below_error = _BelowError()
+    for handler in handlers:
+        handler.addFilter(below_error)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(below_error)
+
+
 def tokenize(cfg: Config, model_path: str, sources: list[str]) -> ray.data.Dataset:
     """Every row of the config's sources, normalised and tokenized (dropped rows too, with their
     reasons), materialized. ``train`` and ``precompute`` share it, so they see the same pairs."""
     from raydpo.data.pipeline import tokenized_dataset
 
     d = cfg.data
-    return tokenized_dataset(sources, d.eval, model_path=model_path, gguf_file=None,
-                             settings=d.tokenize_settings(), eval_fraction=d.eval_fraction, seed=d.seed,
-                             limit=d.limit, columns=d.columns, fmt=d.format, chat_template=d.chat_template,
-                             ranked_pairs=d.ranked_pairs, min_score_margin=d.min_score_margin).materialize()
+    with ray_data_errors_off_the_console():  # a damaged source is found by a read task
+        return tokenized_dataset(sources, d.eval, model_path=model_path, gguf_file=None,
+                                 settings=d.tokenize_settings(), eval_fraction=d.eval_fraction, seed=d.seed,
+                                 limit=d.limit, columns=d.columns, fmt=d.format, chat_template=d.chat_template,
+                                 ranked_pairs=d.ranked_pairs, min_score_margin=d.min_score_margin).materialize()
 
 
 def data(cfg: Config, prepared: Prepared, tracker: Tracker) -> tuple[ray.data.Dataset, dict]:
@@ -284,6 +311,44 @@ def check_shared_storage(cfg: Config) -> None:
         say(f"[raydpo] shared storage: {', '.join(seen)} seen from {len(next(iter(seen.values())))} nodes")
 
 
+def unwritable(key: str, folder: Path) -> str | None:
+    """Why the run cannot write ``folder`` (the config's ``key``), or None: it is made where
+    missing (its parents too) and a file is written in it and removed."""
+    import uuid
+
+    above = folder
+    while not above.exists() and above != above.parent:  # the nearest part of the path that exists
+        above = above.parent
+    if not above.is_dir():
+        where = "" if above == folder else f"{above} on its path "
+        return f"{key}: {folder}: {where}is a file, not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".raydpo-write-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return f"{key}: {folder} cannot be {'written' if folder.is_dir() else 'made'} ({e.strerror}); give a folder this user can write"
+    return None
+
+
+def check_writable(cfg: Config, tracking: TrackingConfig, cache: bool = False) -> None:
+    """Before any work (Ray not started): every local folder the run writes (:func:`run_folders`;
+    the reference cache also where ``cache``; the folder of a local MLflow store) can be made and
+    written; a :class:`ConfigError` names each that cannot, by its key."""
+    folders = run_folders(cfg)
+    if cache and (folder := local_folder(cfg.reference.cache_dir)) is not None:
+        folders["reference.cache_dir"] = folder
+    uri = resolve_uri(tracking.uri)
+    store = local_store(uri)
+    if store is not None:  # SQLite writes a journal beside its file: its folder must be writable
+        folders["tracking.uri" if tracking.uri else f"tracking.uri (unset: {uri})"] = (
+            store.parent if uri.startswith("sqlite:") else store)
+    errors = [error for key, folder in folders.items() if (error := unwritable(key, folder))]
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
 def start_ray(verbose: bool) -> None:
     """Start a local Ray, or join ``RAY_ADDRESS`` (``ray job submit`` sets it), and say which.
     The workers' output stays in Ray's log folder (progress comes from rank 0's spool) unless
@@ -330,20 +395,23 @@ def kept_tracking(settings: TrackingConfig, out: Path) -> TrackingConfig:
 
 def start_run(cfg: Config, config_path: str | None, verbose: bool, job: str,
               resumable: Callable[[Path], bool]) -> Tracker:
-    """Checks that fail before any work (a changed config on resume, a node-local folder on a
-    cluster of several nodes, an unreachable tracking server), with Ray started or joined, then
-    the MLflow run with its params and config. Says where the Ray dashboard and the run are."""
+    """Checks that fail before any work (a folder the run cannot write, a changed config on resume,
+    a node-local folder on a cluster of several nodes, an unreachable tracking server), with Ray
+    started or joined, then the MLflow run with its params and config. Says where the Ray
+    dashboard and the run are."""
     from raydpo import tracking
     from raydpo.progress import quiet_libraries
 
     out = Path(cfg.output_dir).expanduser().resolve()
+    settings = kept_tracking(cfg.tracking, out)
+    check_writable(cfg, settings)
     check_resume(cfg, out, resumable)
     check_model(cfg)
     if not verbose:
         quiet_libraries()
     start_ray(verbose)
     check_shared_storage(cfg)
-    tracker, resumed = Tracker.start(kept_tracking(cfg.tracking, out), out, cfg.tracking.run_name,
+    tracker, resumed = Tracker.start(settings, out, cfg.tracking.run_name,
                                      tags={"raydpo.job": job})
     say(f"[raydpo] MLflow run {tracker.run_id} ({'resumed' if resumed else 'new'}) at "
         f"{tracking.display_uri(tracker.spec.uri)}")
@@ -356,12 +424,56 @@ def start_run(cfg: Config, config_path: str | None, verbose: bool, job: str,
     return tracker
 
 
+def user_failure(error: BaseException) -> Exception | None:
+    """The error whose message alone tells the user what failed, wherever it was raised (the
+    driver, a Ray task or actor, a Ray Train worker): an :class:`InputError`, the user's to fix
+    (exit 2); or an unwritable checkpoint, lost workers, an unreachable tracking store (exit 1).
+    None for anything else (a bug: shown with its traceback), and for a SIGTERM or Ctrl-C, which
+    end their own way."""
+    from raydpo.errors import input_error
+    from raydpo.tracking import TrackingError
+    from raydpo.train.loop import CheckpointWriteError
+    from raydpo.train.policy import WorkersLost
+
+    if not isinstance(error, Exception):
+        return None
+    # Ray Train's WorkerGroupError keeps each worker's exception apart from its own chain.
+    errors = [error] + [getattr(f, "_base_exc", f) for f in getattr(error, "worker_failures", {}).values()]
+    for e in errors:
+        if (found := input_error(e)) is not None:
+            return found
+    said = (CheckpointWriteError, WorkersLost, TrackingError)
+    for e in errors:
+        while e is not None:  # as input_error: Ray's wrapper of a task's error is also its class
+            cause = getattr(e, "cause", None)
+            if isinstance(e, said) and not isinstance(cause, said):
+                return e
+            e = cause if isinstance(cause, BaseException) else e.__cause__
+    return None
+
+
+def report_failure(error: BaseException) -> int | None:
+    """:func:`user_failure`'s message alone on stderr, and the exit code (2: the user's input, 1:
+    the rest); None where ``error`` is not one (the caller re-raises it)."""
+    import sys
+
+    from raydpo.errors import InputError
+
+    failure = user_failure(error)
+    if failure is None:
+        return None
+    print(f"raydpo: {failure}", file=sys.stderr)
+    return 2 if isinstance(failure, InputError) else 1
+
+
 def training_job_main(argv: list[str] | None, prog: str, description: str | None,
                       run: Callable[..., object]) -> int:
     """The command line of a training job (``raydpo train``, ``raydpo iterate``): ``CONFIG
-    [--set KEY=VALUE ...] [--verbose]``; exit 2 on a bad config, before Ray starts, or on a
-    resume with a changed config, before any work; 143 on a SIGTERM; 1, with the message alone,
-    where the workers' checkpoint could not be written or they were lost."""
+    [--set KEY=VALUE ...] [--verbose]``; exit 2, with the message alone, on a bad config (before
+    Ray starts), a folder the run cannot write or a resume with a changed config (before any
+    work), or any other user's error (:class:`InputError`: too many dropped rows, a bad source,
+    a damaged checkpoint), wherever raised; 143 on a SIGTERM; 1, with the message alone, where
+    the workers' checkpoint could not be written, they were lost, or the tracking store is away."""
     import argparse
     import sys
 
@@ -376,18 +488,15 @@ def training_job_main(argv: list[str] | None, prog: str, description: str | None
     if cfg is None:
         return 2
     from actors.preemption import EXIT_CODE, Preempted  # after the config check: a bad one fails without torch
-    from raydpo.train.loop import CheckpointWriteError
-    from raydpo.train.policy import WorkersLost
 
     try:
         run(cfg, ns.config, verbose=ns.verbose)
-    except ConfigError as e:
-        print(f"raydpo: {e}", file=sys.stderr)
-        return 2
     except Preempted as e:
         print(f"raydpo: {e}", file=sys.stderr)
         return EXIT_CODE
-    except (CheckpointWriteError, WorkersLost) as e:  # their messages say it all
-        print(f"raydpo: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:
+        code = report_failure(e)
+        if code is None:
+            raise
+        return code
     return 0

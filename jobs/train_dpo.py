@@ -69,8 +69,9 @@ def finish(cfg: Config, tracker: Tracker, report: dict[str, Any], result, t0: fl
 
 
 def run(cfg: Config, config_path: str | None = None, verbose: bool = False) -> Outcome:
-    """The whole job. The MLflow run is marked FAILED if anything raises (KILLED on a SIGTERM);
-    re-running the same command resumes it from the latest checkpoint."""
+    """The whole job. The MLflow run is marked FAILED if anything raises (KILLED on a SIGTERM), and
+    a user's error or a failed checkpoint raised inside Ray is raised as itself, unwrapped
+    (``stages.user_failure``); re-running the same command resumes it from the latest checkpoint."""
     from actors.preemption import SigtermStop
     from jobs import stages
 
@@ -82,24 +83,11 @@ def run(cfg: Config, config_path: str | None = None, verbose: bool = False) -> O
             report, result = train(cfg, tracker, stop)
         except BaseException as e:
             tracker.finish("KILLED" if stop.preempted(e) else "FAILED", timeout=cfg.tracking.flush_timeout_s)
-            failure = checkpoint_failure(e)
-            if failure is not None:
+            failure = stages.user_failure(e)
+            if failure is not None and failure is not e:
                 raise failure from None  # its message says it all; Ray's wrapping repeats the worker's traceback
             raise
     return finish(cfg, tracker, report, result, t0)
-
-
-def checkpoint_failure(error: BaseException) -> BaseException | None:
-    """The workers' :class:`CheckpointWriteError` inside Ray Train's error, if that is what failed."""
-    from raydpo.train.loop import CheckpointWriteError
-
-    for failure in getattr(error, "worker_failures", {}).values():  # ray.train.WorkerGroupError
-        failure = getattr(failure, "_base_exc", failure)  # Ray Train 2.60 keeps the worker's exception here
-        while failure is not None:
-            if isinstance(failure, CheckpointWriteError):
-                return failure
-            failure = failure.__cause__
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
