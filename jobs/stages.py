@@ -203,10 +203,23 @@ def check_resume(cfg: Config, out: Path, resumable: Callable[[Path], bool]) -> N
 
 
 def check_model(cfg: Config) -> None:
-    """Before any work: a model folder of pickled weights is read only with ``model.allow_pickle``."""
-    from raydpo.models import has_only_pickles
+    """Before any work: ``model.name_or_path`` written as a local path (absolute, ``./``, ``../``,
+    ``~``, or one that exists) is a model folder (its ``config.json``, or the ``model.gguf_file``);
+    anything else is taken for a hub id. A folder of pickled weights is read only with
+    ``model.allow_pickle``."""
+    from raydpo.models import TINY, has_only_pickles
 
     path = cfg.model.name_or_path
+    local = Path(path).expanduser()
+    if path != TINY and (local.is_absolute() or path.startswith(("./", "../", "~")) or local.exists()):
+        if not local.is_dir():
+            raise ConfigError(f"model.name_or_path: {path} {'is a file' if local.exists() else 'does not exist'}; "
+                              "give a model folder (config.json and weights) or a hub id")
+        gguf = cfg.model.gguf_file
+        if gguf and not (local / gguf).is_file():
+            raise ConfigError(f"model.gguf_file: {gguf} is not a file in {path}")
+        if not gguf and not (local / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path: {path} has no config.json: not a Hugging Face model folder")
     if not cfg.model.gguf_file and has_only_pickles(path) and not cfg.model.allow_pickle:
         raise ConfigError(f"model.name_or_path: {path} holds pickled weights (.bin/.pt) and no safetensors; "
                           "a pickle can run code when it is loaded. Convert it to safetensors, or set "

@@ -29,7 +29,9 @@ from raydpo.errors import InputError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # An unknown key is an error, and so is a float setting of .inf or .nan: no setting means one
+    # (a NaN passes no bound check, and an infinite beta or timeout would be silently wrong).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class _Placed(_Strict):
@@ -596,6 +598,8 @@ def read_yaml(path: str | Path) -> Any:
             loader.dispose()
     except yaml.MarkedYAMLError as e:
         raise ConfigError(_yaml_message(path, e)) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply for a config") from None
     except yaml.reader.ReaderError as e:  # a control character: it has a position, not a mark
         line = text.count("\n", 0, e.position) + 1
         raise ConfigError(f"{path}, line {line}: not valid YAML: character #x{e.character:04x} is not allowed "

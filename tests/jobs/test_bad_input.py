@@ -89,8 +89,10 @@ BASE = b"model: {name_or_path: tiny}\ndata: {synthetic: {rows: 10}}\n"
     (lambda d: _write(d / "c.yaml", BASE + b"loss: {type: sigmod}\n"), ["loss.type", "unknown loss 'sigmod'"]),
     (lambda d: _write(d / "c.yaml", BASE + b"loss: {weights: {sigmoid: 1, nope: 1}}\n"), ["loss.weights", "'nope'"]),
     (lambda d: _write(d / "c.yaml", BASE + b"output_dir: s3://bucket/run\n"), ["output_dir", "local folder"]),
+    (lambda d: _write(d / "c.yaml", BASE + b"loss: {beta: .inf}\n"), ["loss.beta: Input should be a finite number"]),
+    (lambda d: _write(d / "c.yaml", b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n"), ["c.yaml: not valid YAML: nested too deeply"]),
 ], ids=["missing", "folder", "fifo", "not-utf8", "bad-yaml", "tab", "duplicate-key", "list", "empty",
-        "unknown-loss", "unknown-loss-weight", "output-dir-uri"])
+        "unknown-loss", "unknown-loss-weight", "output-dir-uri", "infinite", "deep"])
 def test_a_bad_config_file_fails_naming_the_file_or_key(tmp_path, capsys, make, parts):
     path = make(tmp_path)
     fails_with(*raydpo_here(capsys, "train", path), *parts)
@@ -163,6 +165,17 @@ def test_precompute_checks_its_folders_before_ray(tmp_path):
     message = fails_with(code, err, f"reference.cache_dir: {blocker / 'cache'}: {blocker} on its path is a file",
                          "output_dir: /sys/raydpo-test-folder/run cannot be made")
     assert "Ray:" not in message
+
+
+@pytest.mark.parametrize(("make", "part"), [
+    (lambda d: d / "no-model", "model.name_or_path: {p} does not exist"),
+    (lambda d: _write(d / "weights.safetensors", b"x"), "model.name_or_path: {p} is a file"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", "model.name_or_path: {p} has no config.json"),
+], ids=["missing", "file", "not-a-model-folder"])
+def test_a_model_path_that_is_no_model_folder_fails_before_ray(tmp_path, capsys, make, part):
+    path = make(tmp_path)
+    fails_with(*raydpo_here(capsys, "train", QUICKSTART, *quick_args(tmp_path, f"model.name_or_path={path}")),
+               part.format(p=path))
 
 
 def test_a_read_only_output_dir_fails_naming_it(tmp_path, capsys):
