@@ -450,8 +450,11 @@ def user_failure(error: BaseException) -> Exception | None:
 
     if not isinstance(error, Exception):
         return None
-    # Ray Train's WorkerGroupError keeps each worker's exception apart from its own chain.
-    errors = [error] + [getattr(f, "_base_exc", f) for f in getattr(error, "worker_failures", {}).values()]
+    # Ray Train keeps the workers' exceptions (WorkerGroupError) and its controller's
+    # (ControllerError) apart from its own chain.
+    workers = [getattr(f, "_base_exc", f) for f in getattr(error, "worker_failures", {}).values()]
+    controller = getattr(error, "controller_failure", None)
+    errors = [error, *workers, *([controller] if isinstance(controller, BaseException) else [])]
     for e in errors:
         if (found := input_error(e)) is not None:
             return found

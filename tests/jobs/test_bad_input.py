@@ -205,6 +205,29 @@ def test_an_output_dir_whose_parents_are_missing_is_made(tmp_path):
 # --- errors found while the job runs (two real runs of `raydpo train`) -----------------------------
 
 
+def test_the_error_a_job_reports_is_found_inside_rays_wrappers():
+    """Ray's own exception objects around a user's error (a task's, Ray Train's workers' and
+    controller's): the job prints the error inside (exit 2); a failed checkpoint write inside them
+    is the exit-1 kind; a bug, or a Ctrl-C, is none (it goes on with its traceback)."""
+    from ray.exceptions import RayTaskError
+    from ray.train import ControllerError, WorkerGroupError
+
+    from jobs.stages import report_failure, user_failure
+    from raydpo.data.pipeline import DataError
+    from raydpo.train.loop import CheckpointWriteError
+
+    data = DataError("dropped 100.0% of rows")
+    task = RayTaskError("read_rows", "Traceback (most recent call last): ...", data).as_instanceof_cause()
+    assert isinstance(task, DataError) and user_failure(task) is data  # the original, not Ray's dual-class copy
+    assert user_failure(WorkerGroupError("rank 1 failed", {0: RuntimeError("peer lost"), 1: task})) is data
+    assert user_failure(ControllerError(data)) is data
+    write = CheckpointWriteError("the checkpoint of step 8 could not be written")
+    assert user_failure(WorkerGroupError("rank 0 failed", {0: write})) is write
+    assert report_failure(data) == 2 and report_failure(write) == 1
+    assert user_failure(RuntimeError("a bug")) is None and report_failure(RuntimeError("a bug")) is None
+    assert user_failure(KeyboardInterrupt()) is None
+
+
 def _good(i: int) -> str:
     return json.dumps({"prompt": f"max({i % 97:02d},{i % 89:02d})=", "chosen": "1", "rejected": "2"})
 
