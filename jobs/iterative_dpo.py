@@ -124,7 +124,7 @@ def finish(cfg: Config, o: Online, history: list[dict[str, float]], t0: float) -
 def run(cfg: Config, config_path: str | None = None, verbose: bool = False) -> Outcome:
     """The whole job. The MLflow run is marked FAILED if anything raises (KILLED on a SIGTERM), and
     a user's error or a failed checkpoint raised inside Ray is raised as itself, unwrapped
-    (``stages.user_failure``); re-running the same command resumes at the first incomplete round."""
+    (``stages.failing_run``); re-running the same command resumes at the first incomplete round."""
     if cfg.online is None:
         raise ConfigError("raydpo iterate needs an online section (see configs/quickstart_online.yaml)")
     t0 = time.perf_counter()
@@ -133,14 +133,9 @@ def run(cfg: Config, config_path: str | None = None, verbose: bool = False) -> O
     o = None
     with SigtermStop() as stop:  # after start_run: ray.init installs a SIGTERM handler of its own
         try:
-            o = setup(cfg, tracker)
-            history = run_rounds(o, stop)
-        except BaseException as e:
-            tracker.finish("KILLED" if stop.preempted(e) else "FAILED", timeout=cfg.tracking.flush_timeout_s)
-            failure = stages.user_failure(e)
-            if failure is not None and failure is not e:
-                raise failure from None  # its message says it all; Ray's wrapping repeats the worker's traceback
-            raise
+            with stages.failing_run(tracker, cfg.tracking.flush_timeout_s, stop.preempted):
+                o = setup(cfg, tracker)
+                history = run_rounds(o, stop)
         finally:
             if o is not None:
                 shutdown(o)

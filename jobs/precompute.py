@@ -36,18 +36,12 @@ def run(cfg: Config) -> RefStats:
     # A new run each time, spooled in {output_dir}/precompute; an unreachable server fails here.
     tracker, _ = Tracker.start(cfg.tracking, Path(cfg.output_dir).expanduser().resolve() / "precompute",
                                cfg.tracking.run_name or "precompute", tags={"raydpo.job": "precompute"}, resume=False)
-    try:
+    with stages.failing_run(tracker, cfg.tracking.flush_timeout_s, lambda e: isinstance(e, Preempted)):
         prepared = stages.prepare(cfg)
         stages.start_ray(verbose=False)
         with SigtermStop():  # after ray.init, which installs a SIGTERM handler of its own
             kept, _ = stages.data(cfg, prepared, tracker)
             _, stats = stages.reference(cfg, prepared.model_path, kept, tracker)
-    except BaseException as e:
-        tracker.finish("KILLED" if isinstance(e, Preempted) else "FAILED", timeout=cfg.tracking.flush_timeout_s)
-        failure = stages.user_failure(e)
-        if failure is not None and failure is not e:
-            raise failure from None  # its message says it all; Ray's wrapping repeats the task's traceback
-        raise
     tracker.finish("FINISHED", timeout=cfg.tracking.flush_timeout_s)
     return stats
 

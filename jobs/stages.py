@@ -468,6 +468,22 @@ def user_failure(error: BaseException) -> Exception | None:
     return None
 
 
+@contextlib.contextmanager
+def failing_run(tracker: Tracker, timeout_s: float,
+                preempted: Callable[[BaseException], object]) -> Iterator[None]:
+    """Around a job's work: where it raises, the MLflow run ends FAILED (KILLED where
+    ``preempted(error)``), and a user's error or failed checkpoint raised inside Ray is raised as
+    itself (:func:`user_failure`): its message says it all, Ray's wrapping repeats the traceback."""
+    try:
+        yield
+    except BaseException as e:
+        tracker.finish("KILLED" if preempted(e) else "FAILED", timeout=timeout_s)
+        failure = user_failure(e)
+        if failure is not None and failure is not e:
+            raise failure from None
+        raise
+
+
 def report_failure(error: BaseException) -> int | None:
     """:func:`user_failure`'s message alone on stderr, and the exit code (2: the user's input, 1:
     the rest); None where ``error`` is not one (the caller re-raises it)."""

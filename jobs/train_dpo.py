@@ -71,7 +71,7 @@ def finish(cfg: Config, tracker: Tracker, report: dict[str, Any], result, t0: fl
 def run(cfg: Config, config_path: str | None = None, verbose: bool = False) -> Outcome:
     """The whole job. The MLflow run is marked FAILED if anything raises (KILLED on a SIGTERM), and
     a user's error or a failed checkpoint raised inside Ray is raised as itself, unwrapped
-    (``stages.user_failure``); re-running the same command resumes it from the latest checkpoint."""
+    (``stages.failing_run``); re-running the same command resumes it from the latest checkpoint."""
     from actors.preemption import SigtermStop
     from jobs import stages
 
@@ -79,14 +79,8 @@ def run(cfg: Config, config_path: str | None = None, verbose: bool = False) -> O
     tracker = stages.start_run(cfg, config_path, verbose, job="train",
                                resumable=lambda out: any((out / "ray" / "train").glob("checkpoint_*")))
     with SigtermStop() as stop:  # after start_run: ray.init installs a SIGTERM handler of its own
-        try:
+        with stages.failing_run(tracker, cfg.tracking.flush_timeout_s, stop.preempted):
             report, result = train(cfg, tracker, stop)
-        except BaseException as e:
-            tracker.finish("KILLED" if stop.preempted(e) else "FAILED", timeout=cfg.tracking.flush_timeout_s)
-            failure = stages.user_failure(e)
-            if failure is not None and failure is not e:
-                raise failure from None  # its message says it all; Ray's wrapping repeats the worker's traceback
-            raise
     return finish(cfg, tracker, report, result, t0)
 
 
