@@ -33,6 +33,7 @@ def run(cfg: Config) -> RefStats:
     quiet_libraries()  # progress lines, not MLflow's store set-up, Ray Data's operator logs or weight-loading bars
     stages.check_writable(cfg, cfg.tracking, cache=True)  # before any work: output_dir, the cache, the store
     stages.check_model(cfg)
+    stages.check_sources(cfg)
     # A new run each time, spooled in {output_dir}/precompute; an unreachable server fails here.
     tracker, _ = Tracker.start(cfg.tracking, Path(cfg.output_dir).expanduser().resolve() / "precompute",
                                cfg.tracking.run_name or "precompute", tags={"raydpo.job": "precompute"}, resume=False)

@@ -226,6 +226,24 @@ def check_model(cfg: Config) -> None:
                           "model.allow_pickle: true to convert it once into {output_dir}/initial")
 
 
+def check_sources(cfg: Config) -> None:
+    """Before any work: every source of ``data.train``, ``data.eval`` and ``online.prompts`` names
+    something readable (a pattern that matches no file, a plain folder, a FIFO, a file of no rows'
+    bytes, a missing package) and a weighted source belongs to one entry; the error names the source."""
+    from raydpo.data.sources import expand_sources, mixture_weights
+    from raydpo.errors import InputError
+
+    try:
+        mixture_weights(cfg.data.train)  # resolves every entry, and checks the weights
+        expand_sources(cfg.data.eval)
+        if cfg.online is not None:
+            expand_sources(cfg.online.prompts)
+    except ValueError as e:  # these take config entries only: their errors are about the entries
+        if isinstance(e, InputError):
+            raise
+        raise ConfigError(str(e)) from None
+
+
 def save_run_config(cfg: Config, out: Path) -> None:
     (out / RUN_CONFIG).write_text(json.dumps(flatten(cfg), indent=1, sort_keys=True))
 
@@ -409,9 +427,9 @@ def kept_tracking(settings: TrackingConfig, out: Path) -> TrackingConfig:
 def start_run(cfg: Config, config_path: str | None, verbose: bool, job: str,
               resumable: Callable[[Path], bool]) -> Tracker:
     """Checks that fail before any work (a folder the run cannot write, a changed config on resume,
-    a node-local folder on a cluster of several nodes, an unreachable tracking server), with Ray
-    started or joined, then the MLflow run with its params and config. Says where the Ray
-    dashboard and the run are."""
+    a model path that is no model, a source that names nothing readable, a node-local folder on a
+    cluster of several nodes, an unreachable tracking server), with Ray started or joined, then
+    the MLflow run with its params and config. Says where the Ray dashboard and the run are."""
     from raydpo import tracking
     from raydpo.progress import quiet_libraries
 
@@ -420,6 +438,7 @@ def start_run(cfg: Config, config_path: str | None, verbose: bool, job: str,
     check_writable(cfg, settings)
     check_resume(cfg, out, resumable)
     check_model(cfg)
+    check_sources(cfg)
     if not verbose:
         quiet_libraries()
     start_ray(verbose)

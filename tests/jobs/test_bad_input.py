@@ -147,8 +147,10 @@ def _unwritable_place() -> Path:
     ("output_dir", lambda d: _write(d / "afile", b"x") / "run", ["output_dir: {p}: {d}/afile on its path is a file"]),
     ("output_dir", lambda d: _unwritable_place() / "run", ["output_dir: {p} cannot be made", "Operation not permitted"]),
     ("reference.cache_dir", lambda d: _write(d / "afile", b"x") / "cache", ["reference.cache_dir: {p}: {d}/afile"]),
+    ("train.storage_path", lambda d: _write(d / "afile", b"x") / "ckpt", ["train.storage_path: {p}: {d}/afile"]),
     ("tracking.uri", lambda d: _unwritable_place() / "mlruns", ["tracking.uri: {p} cannot be made"]),
-], ids=["output-is-a-file", "output-under-a-file", "output-unmakeable", "cache-under-a-file", "store-unmakeable"])
+], ids=["output-is-a-file", "output-under-a-file", "output-unmakeable", "cache-under-a-file", "storage-under-a-file",
+        "store-unmakeable"])
 def test_a_folder_the_run_cannot_write_fails_before_ray_naming_its_key(tmp_path, capsys, key, make, parts):
     path = make(tmp_path)
     value = f"sqlite:///{path}/mlflow.db" if key == "tracking.uri" else path  # a SQLite store: its folder is checked
@@ -176,6 +178,18 @@ def test_a_model_path_that_is_no_model_folder_fails_before_ray(tmp_path, capsys,
     path = make(tmp_path)
     fails_with(*raydpo_here(capsys, "train", QUICKSTART, *quick_args(tmp_path, f"model.name_or_path={path}")),
                part.format(p=path))
+
+
+def test_a_source_that_names_nothing_readable_fails_before_ray(tmp_path, capsys):
+    """The driver's checks of the sources (``raydpo.data.sources``) run before Ray starts: a
+    pattern matching no file, and a weighted source named by two entries."""
+    fails_with(*raydpo_here(capsys, "train", QUICKSTART, *quick_args(
+        tmp_path, f"data.train=['{tmp_path}/none-*.jsonl']", "data.synthetic=null")),
+        f"data source '{tmp_path}/none-*.jsonl' matches no file")
+    src = _write(tmp_path / "rows.jsonl", (_good(0) + "\n").encode())
+    fails_with(*raydpo_here(capsys, "train", QUICKSTART, *quick_args(
+        tmp_path, f"data.train=[{{path: '{src}', weight: 1}}, {{path: '{tmp_path}/*.jsonl', weight: 2}}]",
+        "data.synthetic=null")), "data.train.1: source", "is also in data.train.0")
 
 
 def test_a_read_only_output_dir_fails_naming_it(tmp_path, capsys):
