@@ -37,6 +37,7 @@ RAYCLUSTER_SPEC = {"authOptions", "autoscalerOptions", "enableInTreeAutoscaling"
                    "upgradeStrategy", "workerGroupSpecs"}
 AUTOSCALER_OPTIONS = {"args", "command", "env", "envFrom", "idleTimeoutSeconds", "image", "imagePullPolicy",
                       "resources", "securityContext", "upscalingMode", "version", "volumeMounts"}
+AUTH_OPTIONS = {"enableK8sTokenAuth", "mode", "secretName"}  # KubeRay >= 1.5.1
 HEAD_GROUP_SPEC = {"enableIngress", "headService", "labels", "rayStartParams", "resources", "serviceType", "template"}
 WORKER_GROUP_SPEC = {"groupName", "idleTimeoutSeconds", "labels", "maxReplicas", "minReplicas", "numOfHosts",
                      "priority", "rayStartParams", "replicas", "resources", "scaleStrategy", "suspend", "template"}
@@ -112,7 +113,7 @@ def test_aws_config_cpu_head_and_autoscaling_gpu_workers() -> None:
 
 def test_aws_config_installs_this_project_with_extras_it_has() -> None:
     c = aws()
-    (remote, local), = c["file_mounts"].items()
+    remote, local = "~/raydpo", c["file_mounts"]["~/raydpo"]
     pyproject = (ROOT / local / "pyproject.toml").read_text()  # `ray up` runs from the repository root
     assert 'name = "raydpo"' in pyproject
     remote_home = remote.replace("~", "$HOME")
@@ -139,6 +140,19 @@ def test_aws_config_gives_every_node_the_mlflow_server(monkeypatch: pytest.Monke
     assert resolve_uri(None) == uri
 
 
+def test_aws_config_gives_every_node_the_token_ray_clients_read() -> None:
+    """Token authentication: every node gets the file Ray's clients (and ``raydpo submit``) read
+    by default, copied from the machine that runs ``ray up``, and starts Ray in token mode."""
+    from ray._private.authentication.authentication_token_setup import _get_default_token_path
+
+    c = ray_up_checks(aws())
+    default = "~/" + str(_get_default_token_path().relative_to(Path.home()))
+    assert c["file_mounts"].get(default) == default
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [cmd for cmd in c[key] if "ray start" in cmd]
+        assert re.search(r"export RAY_AUTH_MODE=token;.*ray start", start), f"{key}: token mode not set before ray start"
+
+
 # -- configs/cluster/kuberay-rayjob.yaml ---------------------------------------------------------
 
 
@@ -163,6 +177,14 @@ def test_rayjob_uses_only_kuberay_v1_fields() -> None:
         assert not unknown(group, WORKER_GROUP_SPEC)
     # The check above can fail: a misspelt field is caught.
     assert unknown({**cluster["workerGroupSpecs"][0], "minReplica": 0}, WORKER_GROUP_SPEC) == {"minReplica"}
+
+
+def test_rayjob_turns_on_token_authentication() -> None:
+    """KubeRay makes the token's Secret and gives it to every Ray container and the submitter
+    (``authOptions``, KubeRay >= 1.5.1, Ray >= 2.52)."""
+    cluster = rayjob()["spec"]["rayClusterSpec"]
+    assert cluster["authOptions"] == {"mode": "token"} and not unknown(cluster["authOptions"], AUTH_OPTIONS)
+    assert tuple(int(x) for x in cluster["rayVersion"].split(".")) >= (2, 52, 0)
 
 
 def test_rayjob_runs_once_and_autoscales_gpu_workers_from_zero() -> None:
