@@ -410,3 +410,31 @@ def test_training_workers_get_the_malloc_setting_and_train_env() -> None:
     assert worker_env(both.train) == {"MALLOC_MMAP_THRESHOLD_": "1048576", "NCCL_DEBUG": "INFO"}
     mine = load_config(QUICKSTART, ["train.env={MALLOC_MMAP_THRESHOLD_: '65536'}"])
     assert worker_env(mine.train) == {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def test_a_byte_order_mark_is_no_error_and_offsets_count_it(tmp_path: Path) -> None:
+    """Editors on Windows start UTF-8 files with a BOM: it loads; a bad byte after it is reported
+    at its offset in the file (the BOM's 3 bytes included), as a hex editor shows it."""
+    p = tmp_path / "bom.yaml"
+    p.write_bytes(b"\xef\xbb\xbf" + QUICKSTART.read_bytes())
+    assert load_config(p).model.name_or_path == "tiny"
+    p.write_bytes(b"\xef\xbb\xbfa: \xc3\n")
+    assert error_of(p) == f"{p}, line 1, column 7: byte 0xc3 (offset 6) is not UTF-8; save the file as UTF-8"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("a: 1\n---\nb: 2\n", "line 2, column 1: not valid YAML: but found another document"),
+    ("a: \x01\n", "line 1: not valid YAML: character #x0001 is not allowed"),
+    ("a: !!python/object:os.system x\n", "line 1, column 4: not valid YAML: could not determine a constructor"),
+    ("a: *nowhere\n", "line 1, column 4: not valid YAML: found undefined alias 'nowhere'"),
+])
+def test_yaml_errors_name_the_file_line_and_column(tmp_path: Path, text: str, message: str) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    assert error_of(p).startswith(f"{p}, {message}")
+
+
+def test_float_settings_must_be_finite() -> None:
+    """A NaN passes no bound check, and an infinite beta would train on silently."""
+    assert "loss.beta: Input should be a finite number" in error_of(QUICKSTART, ["loss.beta=.inf"])
+    assert "loss.simpo_gamma: Input should be a finite number" in error_of(QUICKSTART, ["loss.simpo_gamma=.nan"])
