@@ -350,9 +350,11 @@ def unwritable(key: str, folder: Path) -> str | None:
     import uuid
 
     above = folder
-    while not above.exists() and above != above.parent:  # the nearest part of the path that exists
+    # The nearest part of the path that exists (os.path: False, not an error, where a folder on
+    # the way may not be entered; making the folder then names the cause).
+    while not os.path.exists(above) and above != above.parent:
         above = above.parent
-    if not above.is_dir():
+    if not os.path.isdir(above):
         where = "" if above == folder else f"{above} on its path "
         return f"{key}: {folder}: {where}is a file, not a folder"
     try:
@@ -361,7 +363,8 @@ def unwritable(key: str, folder: Path) -> str | None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        return f"{key}: {folder} cannot be {'written' if folder.is_dir() else 'made'} ({e.strerror}); give a folder this user can write"
+        done = "written" if os.path.isdir(folder) else "made"
+        return f"{key}: {folder} cannot be {done} ({e.strerror}); give a folder this user can write"
     return None
 
 
