@@ -3,7 +3,8 @@
 ``raydpo data-check SOURCE... [--model tiny] [--max-length N] [--max-prompt-length N] [--json]``
 runs the training job's own data pipeline (same reasons, same counts) and adds token-length
 percentiles of prompt, chosen and rejected over the kept rows. With ``--json`` stdout is exactly one
-JSON object. Ray starts locally, or joins ``RAY_ADDRESS``.
+JSON object. Ray starts locally, or joins ``RAY_ADDRESS``. A source that cannot be read or decoded
+(see ``raydpo.data.sources``), or any other input error, is one line on stderr and exit code 2.
 """
 from __future__ import annotations
 

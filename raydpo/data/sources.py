@@ -288,7 +288,7 @@ _FOREIGN = (
     (re.compile(rb"\xfd7zXZ\x00"), "xz-compressed; decompress it, or compress it with gzip"),
     (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd-compressed; decompress it, or compress it with gzip"),
     (re.compile(rb"7z\xbc\xaf\x27\x1c"), "a 7z archive; extract its files and name those"),
-    (re.compile(rb".{257}ustar", re.DOTALL), "a tar archive; extract its files and name those"),
+    (re.compile(rb".{257}ustar(\x0000|  \x00)", re.DOTALL), "a tar archive; extract its files and name those"),
 )
 _NOT_FILES = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
@@ -329,12 +329,16 @@ def _cause(e: BaseException) -> str:
 
 
 def _read_head(path: str) -> bytes:
-    fs, inner = _filesystem(path)
+    local = _local_path(path)
     try:
+        if local is not None:  # Python's own error says it shortest ("Permission denied"); pyarrow's repeats the path
+            with open(local, "rb") as f:
+                return f.read(_RAW_HEAD_BYTES)
+        fs, inner = _filesystem(path)
         with fs.open_input_stream(inner, compression=None) as f:
             return f.read(_RAW_HEAD_BYTES)
     except OSError as e:  # permission denied, an I/O error, a missing object
-        raise SourceError(f"data source {path}: cannot be read ({_cause(e)})") from None
+        raise SourceError(f"data source {path}: cannot be read ({e.strerror or _cause(e)})") from None
 
 
 def _gunzip_head(path: str, raw: bytes) -> bytes:
