@@ -133,7 +133,9 @@ _INTACT: dict[str, tuple] = {}
 
 
 def verify(fs, folder: str) -> Verdict:
-    """Check checkpoint ``folder`` (a path on pyarrow filesystem ``fs``) against its manifest."""
+    """Check checkpoint ``folder`` (a path on pyarrow filesystem ``fs``) against its manifest. A name
+    in the manifest outside the folder (``../x``) is not among its files, so it is "missing": nothing
+    outside the folder is read."""
     import pyarrow.fs
 
     infos = {i.path[len(folder) + 1:]: i for i in fs.get_file_info(
@@ -148,6 +150,7 @@ def verify(fs, folder: str) -> Verdict:
 
 
 def _verify(fs, folder: str, infos: dict) -> Verdict:
+    """:func:`verify` without the memo; ``infos``: the folder's files by relative name."""
     if MANIFEST not in infos:
         if "loop_state.json" not in infos:
             return Verdict(f"it has neither {MANIFEST} nor loop_state.json")

@@ -113,7 +113,8 @@ def has_checkpoints(storage_path: str, name: str) -> bool:
 
     fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
     found = fs.get_file_info(pyarrow.fs.FileSelector(f"{root.rstrip('/')}/{name}", allow_not_found=True))
-    return any(f.base_name.startswith("checkpoint_") for f in found)
+    # A folder: Ray Train's snapshot file (checkpoint_manager_snapshot.json) is not a checkpoint.
+    return any(f.base_name.startswith("checkpoint_") and f.type == pyarrow.fs.FileType.Directory for f in found)
 
 
 def train_policy(

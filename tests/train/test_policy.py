@@ -1,6 +1,7 @@
 """How ``train_policy`` reads Ray Train's failures: a lost worker is told apart from a bug in the loop."""
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -78,8 +79,12 @@ def test_a_workers_damaged_checkpoint_is_found_in_ray_trains_error(ray_local, tm
     trainer = TorchTrainer(_load_fails_on_damaged_bytes, train_loop_config={"folder": folder},
                            scaling_config=ScalingConfig(num_workers=1),
                            run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="train"))
-    with pytest.raises(ray.train.WorkerGroupError) as raised:
-        trainer.fit()
+    sigint = signal.getsignal(signal.SIGINT)  # fit() leaves a handler of its own (train_policy puts it back too)
+    try:
+        with pytest.raises(ray.train.WorkerGroupError) as raised:
+            trainer.fit()
+    finally:
+        signal.signal(signal.SIGINT, sigint)
     found = damaged_checkpoint(raised.value)
     assert found is not None, raised.value
     assert (found.folder, found.why) == (folder, "rng_rank0.pt could not be read (EOFError: Ran out of input)")

@@ -91,3 +91,16 @@ def test_two_workers_equal_one(one_worker, tmp_path, engine):
     # although each of its workers saw a different half of the batch.
     for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "grad_norm"):
         assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-6), key
+    # The checkpoint's manifest, hashed by both ranks, lists both ranks' files, and it verifies.
+    import json
+
+    import pyarrow.fs
+
+    from raydpo.train.checkpoints import MANIFEST, verify
+
+    folder = sorted(p for p in (tmp_path / f"{engine}-2" / "ray" / "t").glob("checkpoint_*") if p.is_dir())[-1]
+    files = set(json.loads((folder / MANIFEST).read_text())["files"])
+    assert {"loop_state.json", "rng_rank0.pt", "rng_rank1.pt"} <= files, files
+    if engine == "deepspeed":
+        assert sum(name.endswith("optim_states.pt") for name in files) == 2, files  # one partition per rank
+    assert verify(pyarrow.fs.LocalFileSystem(), str(folder)).damage is None
