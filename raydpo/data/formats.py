@@ -110,14 +110,22 @@ def is_valid_text(text: str) -> bool:
     return True
 
 
-def _content(value: Any) -> str | None:
-    """A message's content as text, or None where it is not a string or a list of parts; raises
-    ``_Drop`` for a list of parts that is empty (``empty``), has a part that is not text
-    (``non_text_content``) or a malformed part (``unparseable``)."""
+class _Drop(Exception):
+    """A message that cannot be used; ``reason`` is the row's drop reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _content(value: Any) -> str:
+    """A message's content as text: a string, or the text of a list of parts; raises ``_Drop`` for
+    a list of no parts (``empty``), a part that is not text (``non_text_content``), a malformed part
+    or any other value (``unparseable``)."""
     if isinstance(value, str):
         return value
     if not isinstance(value, list):
-        return None
+        raise _Drop(UNPARSEABLE)
     if not value:
         raise _Drop(EMPTY)
     texts = []
@@ -131,14 +139,6 @@ def _content(value: Any) -> str | None:
             raise _Drop(UNPARSEABLE)
         texts.append(part["text"])
     return "".join(texts)  # as Hugging Face chat templates render text parts: nothing between them
-
-
-class _Drop(Exception):
-    """A message that cannot be used; ``reason`` is the row's drop reason."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def _message(value: Any) -> Message:
@@ -161,10 +161,7 @@ def _message(value: Any) -> Message:
     known = _ROLES.get(role.strip().lower())
     if known is None:
         raise _Drop(UNKNOWN_ROLE)
-    text = _content(content)
-    if text is None:
-        raise _Drop(UNPARSEABLE)
-    return {"role": known, "content": text}
+    return {"role": known, "content": _content(content)}
 
 
 def parse_message(value: Any) -> tuple[Message | None, str]:

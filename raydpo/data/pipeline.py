@@ -40,7 +40,15 @@ from raydpo.data.formats import (
     source_format,
 )
 from raydpo.data.sources import read_rows, source_items
-from raydpo.data.tokenize import TokenizedPair, TokenizeSettings, check_chat_template, tokenize_pair, utf8_size
+from raydpo.data.tokenize import (
+    MIN_ROW_BYTES,
+    ROW_BYTES_PER_TOKEN,
+    TokenizedPair,
+    TokenizeSettings,
+    check_chat_template,
+    tokenize_pair,
+    utf8_size,
+)
 from raydpo.errors import InputError
 from raydpo.models import load_tokenizer
 
@@ -186,13 +194,15 @@ def materialize(ds: ray.data.Dataset, stage: str, settings: TokenizeSettings | N
             raise
         oom = isinstance(lost, ray.exceptions.OutOfMemoryError)
         what = "was killed for running out of memory" if oom else "died (out of memory, or a crash)"
-        tries = stage_retries() + 1
-        bound = (f"rows over {settings.max_row_bytes:,} bytes are already dropped as too_long, and one row "
-                 f"takes up to about 500 bytes of memory per byte while tokenizing; " if settings else "")
+        retries = stage_retries()
+        bound = (f"Rows over {settings.max_row_bytes:,} bytes are dropped as too_long before tokenizing, so one "
+                 f"row needs at most about {500 * settings.max_row_bytes / 2**30:.1f} GiB there. " if settings else "")
+        cause = str(lost).strip().splitlines()[0] if str(lost).strip() else type(lost).__name__
         raise DataWorkerLost(
-            f"{stage}: a Ray worker {what} on each of {tries} tries of the same task, so the run stops. "
-            f"{bound}give the workers more memory (or run fewer at once per node), or lower "
-            f"data.max_length. Ray's error: {str(lost).strip().splitlines()[0] if str(lost).strip() else type(lost).__name__}"
+            f"{stage}: a Ray worker {what} on each of {retries + 1} tries of the same task ({retries} retries), so the "
+            f"run stops. {bound}Give each worker more memory (nodes with more memory, or fewer CPUs per node so "
+            f"fewer tasks share it), or lower data.max_length (the row bound is {ROW_BYTES_PER_TOKEN} bytes per token "
+            f"of it, at least {MIN_ROW_BYTES // 2**20} MiB). Ray's error: {cause}"
         ) from e
 
 
@@ -249,13 +259,14 @@ def tokenize_batch(
         out["rejected_tokens"].append(len(t.rejected_ids) if kept else 0)
 
     # A row past the size bound is too_long before it is parsed: its text is not even made a
-    # Python string here (nulled in Arrow), so neither json.loads nor the tokenizer sees it.
+    # Python string (nulled in Arrow), so neither json.loads nor the tokenizer sees it. The others
+    # become Python strings one at a time, not a batch (256 rows of up to max_row_bytes) at once.
     text = batch["text"]
     over = pc.greater(pc.binary_length(text), settings.max_row_bytes)
-    texts = pc.if_else(over, pa.scalar(None, text.type), text).to_pylist()
+    texts = pc.if_else(over, pa.scalar(None, text.type), text)
     for source, row_id, split, too_long, text in zip(*(batch[c].to_pylist() for c in ("source", "row_id", "split")),
                                                      over.to_pylist(), texts):
-        row, reason = parse_row(text) if not too_long else (None, TOO_LONG)
+        row, reason = parse_row(text.as_py()) if not too_long else (None, TOO_LONG)
         candidates = (normalise_pairs(row, formats.get(source, fmt), columns, ranked_pairs=ranked_pairs,
                                       min_score_margin=min_score_margin)
                       if not reason else [(None, reason)])

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from raydpo.data.pipeline import (
     TASK_RETRIES,
     TOKENIZE_STAGE,
     DataWorkerLost,
+    bound_oom_retries,
     build_report,
     kept_rows,
     stage_retries,
@@ -176,9 +180,41 @@ def test_a_worker_lost_on_every_try_fails_the_run(ray_local, tmp_path, monkeypat
         stop.set()
         killer.join()
     message = str(error.value)
-    print(message)
     assert message.startswith(f"{TOKENIZE_STAGE}: a Ray worker died (out of memory, or a crash) on each of "
-                              f"{TASK_RETRIES + 1} tries of the same task"), message
-    assert "give the workers more memory" in message and "too_long" in message
+                              f"{TASK_RETRIES + 1} tries of the same task ({TASK_RETRIES} retries), so the run stops. "
+                              "Rows over 1,048,576 bytes are dropped as too_long"), message
+    assert "Give each worker more memory" in message and "lower data.max_length" in message
     assert len(killed) == TASK_RETRIES + 1, killed
     assert time.monotonic() - started < 120
+
+
+def test_bound_oom_retries_reaches_ray_core(tmp_path):
+    """``bound_oom_retries`` before ``ray.init`` (after importing Ray, as a job does) bounds Ray core's
+    retries of a task killed for memory: its task manager says so in the driver's debug log (by
+    default it says ``-1 oom retries``, i.e. for ever). A fresh driver, in its own process."""
+    script = f"""
+import glob, ray, ray.data
+from raydpo.data.pipeline import bound_oom_retries, stage_retries
+assert bound_oom_retries() and stage_retries() == {TASK_RETRIES}
+ray.init(address="local", num_cpus=1, include_dashboard=False)
+task = ray.remote(max_retries=stage_retries())(lambda: 1)
+assert ray.get(task.remote()) == 1
+logs = ray._private.worker._global_node.get_session_dir_path() + "/logs/python-core-driver-*.log"
+ray.shutdown()
+print([line.split("with ", 1)[1].strip() for p in glob.glob(logs) for line in open(p) if "oom retries" in line])
+"""
+    env = {k: v for k, v in os.environ.items() if k != OOM_RETRIES_ENV} | {"RAY_BACKEND_LOG_LEVEL": "debug"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == f"['{TASK_RETRIES} retries, {TASK_RETRIES} oom retries']"
+
+
+def test_without_an_oom_bound_the_stages_do_not_retry(ray_local, monkeypatch):
+    """Ray already started without the bound (as the test session's Ray): it cannot be bounded now,
+    so the stages run with max_retries 0, where Ray core gives 0 OOM retries too."""
+    monkeypatch.delenv(OOM_RETRIES_ENV, raising=False)
+    assert bound_oom_retries() is False and OOM_RETRIES_ENV not in os.environ
+    assert stage_retries() == 0
+    for value, retries in (("-1", 0), ("x", 0), ("0", TASK_RETRIES), ("5", TASK_RETRIES)):
+        monkeypatch.setenv(OOM_RETRIES_ENV, value)
+        assert stage_retries() == retries
