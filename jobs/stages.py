@@ -464,9 +464,11 @@ def start_run(cfg: Config, config_path: str | None, verbose: bool, job: str,
 def user_failure(error: BaseException) -> Exception | None:
     """The error whose message alone tells the user what failed, wherever it was raised (the
     driver, a Ray task or actor, a Ray Train worker): an :class:`InputError`, the user's to fix
-    (exit 2); or an unwritable checkpoint, lost workers, an unreachable tracking store (exit 1).
+    (exit 2); or an unwritable checkpoint, lost training or data workers, an unreachable tracking
+    store (exit 1).
     None for anything else (a bug: shown with its traceback), and for a SIGTERM or Ctrl-C, which
     end their own way."""
+    from raydpo.data.pipeline import DataWorkerLost
     from raydpo.errors import input_error
     from raydpo.tracking import TrackingError
     from raydpo.train.loop import CheckpointWriteError
@@ -482,7 +484,7 @@ def user_failure(error: BaseException) -> Exception | None:
     for e in errors:
         if (found := input_error(e)) is not None:
             return found
-    said = (CheckpointWriteError, WorkersLost, TrackingError)
+    said = (CheckpointWriteError, WorkersLost, DataWorkerLost, TrackingError)  # their messages say what to do
     for e in errors:
         while e is not None:  # as input_error: Ray's wrapper of a task's error is also its class
             cause = getattr(e, "cause", None)
@@ -529,7 +531,8 @@ def training_job_main(argv: list[str] | None, prog: str, description: str | None
     Ray starts), a folder the run cannot write or a resume with a changed config (before any
     work), or any other user's error (:class:`InputError`: too many dropped rows, a bad source,
     a damaged checkpoint), wherever raised; 143 on a SIGTERM; 1, with the message alone, where
-    the workers' checkpoint could not be written, they were lost, or the tracking store is away."""
+    the workers' checkpoint could not be written, they or a data stage's workers were lost, or
+    the tracking store is away."""
     import argparse
     import sys
 

@@ -227,7 +227,7 @@ def test_the_error_a_job_reports_is_found_inside_rays_wrappers():
     from ray.train import ControllerError, WorkerGroupError
 
     from jobs.stages import report_failure, user_failure
-    from raydpo.data.pipeline import DataError
+    from raydpo.data.pipeline import DataError, DataWorkerLost
     from raydpo.train.loop import CheckpointWriteError
 
     data = DataError("dropped 100.0% of rows")
@@ -238,6 +238,7 @@ def test_the_error_a_job_reports_is_found_inside_rays_wrappers():
     write = CheckpointWriteError("the checkpoint of step 8 could not be written")
     assert user_failure(WorkerGroupError("rank 0 failed", {0: write})) is write
     assert report_failure(data) == 2 and report_failure(write) == 1
+    assert report_failure(DataWorkerLost("the tokenize stage lost its worker on every try")) == 1
     assert user_failure(RuntimeError("a bug")) is None and report_failure(RuntimeError("a bug")) is None
     assert user_failure(KeyboardInterrupt()) is None
 
