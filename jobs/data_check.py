@@ -11,38 +11,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from raydpo.data.formats import COLUMN_TARGETS, FORMATS
-
-
-class _BelowError(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR
-
-
-@contextlib.contextmanager
-def _ray_data_errors_off_the_console() -> Iterator[None]:
-    """Keep Ray Data's ERROR records off the console (its log file still gets them). Ray Data logs
-    a failed task's exception, tracebacks and all (a source that fails in a read task is reported as
-    an error "in Ray Data internal code", since ``flat_map`` does not mark it as the user's), and then
-    raises it here: ``main`` prints an input error's message alone, and lets any other exception go,
-    whose text carries the worker's traceback. On the console those records are a second copy."""
-    handlers = [h for h in logging.getLogger("ray.data").handlers if isinstance(h, logging.StreamHandler)]
-    below_error = _BelowError()
-    for handler in handlers:
-        handler.addFilter(below_error)
-    try:
-        yield
-    finally:
-        for handler in handlers:
-            handler.removeFilter(below_error)
 
 
 def check(
@@ -64,6 +39,7 @@ def check(
     import ray
     import ray.data
 
+    from jobs.stages import ray_data_errors_off_the_console
     from raydpo.data.pipeline import build_report, length_stats, tokenized_dataset
     from raydpo.data.tokenize import TokenizeSettings
 
@@ -77,7 +53,7 @@ def check(
         ctx.enable_progress_bars = False
     try:
         settings = TokenizeSettings(max_length, max_prompt_length, truncation)
-        with _ray_data_errors_off_the_console():
+        with ray_data_errors_off_the_console():  # a damaged source is found by a read task
             tokenized = tokenized_dataset(sources, [], model_path=model, gguf_file=gguf_file, settings=settings,
                                           eval_fraction=0.0, seed=0, columns=columns, fmt=fmt, chat_template=chat_template,
                                           ranked_pairs=ranked_pairs, min_score_margin=min_score_margin).materialize()
