@@ -247,7 +247,11 @@ def check_sources(cfg: Config) -> None:
 
 
 def save_run_config(cfg: Config, out: Path) -> None:
-    (out / RUN_CONFIG).write_text(json.dumps(flatten(cfg), indent=1, sort_keys=True))
+    """The resolved config that a resume is checked against; written whole or not at all (a kill
+    mid-write must not leave a truncated file that stops every later resume)."""
+    from raydpo.online.rounds import write_json
+
+    write_json(out / RUN_CONFIG, flatten(cfg))
 
 
 def local_folder(path: str) -> Path | None:

@@ -74,10 +74,11 @@ def run(cfg: Config, config_path: str | None = None, verbose: bool = False) -> O
     (``stages.failing_run``); re-running the same command resumes it from the latest checkpoint."""
     from actors.preemption import SigtermStop
     from jobs import stages
+    from raydpo.train.policy import has_checkpoints  # folders only: not Ray Train's snapshot file
 
     t0 = time.perf_counter()
     tracker = stages.start_run(cfg, config_path, verbose, job="train",
-                               resumable=lambda out: any((out / "ray" / "train").glob("checkpoint_*")))
+                               resumable=lambda out: has_checkpoints(str(out / "ray"), "train"))
     with SigtermStop() as stop:  # after start_run: ray.init installs a SIGTERM handler of its own
         with stages.failing_run(tracker, cfg.tracking.flush_timeout_s, stop.preempted):
             report, result = train(cfg, tracker, stop)
