@@ -7,7 +7,7 @@ before it is parsed, so no row can take a worker's memory. Only a whole source (
 unknown shape) or a template that does not compile stops the run. Every row read is accounted for:
 ``kept + sum(dropped) == read``.
 
-Retries: Ray Data retries a task whose worker died forever by default (``max_retries=-1``), and Ray
+Retries: Ray Data retries a task whose worker died for ever by default (``max_retries=-1``), and Ray
 core retries a task its memory monitor killed ``task_oom_retries`` times (default -1: forever)
 whenever the task's ``max_retries`` is not 0 (``TaskManager::AddPendingTask``), reading that
 setting in the driver when it starts Ray. So a worker out of memory looped for ever, silently.
@@ -195,6 +195,8 @@ def materialize(ds: ray.data.Dataset, stage: str, settings: TokenizeSettings | N
         oom = isinstance(lost, ray.exceptions.OutOfMemoryError)
         what = "was killed for running out of memory" if oom else "died (out of memory, or a crash)"
         retries = stage_retries()
+        if oom and retries:  # Ray core counts OOM kills against task_oom_retries, not max_retries
+            retries = int(os.environ[OOM_RETRIES_ENV])
         bound = (f"Rows over {settings.max_row_bytes:,} bytes are dropped as too_long before tokenizing, so one "
                  f"row needs at most about {500 * settings.max_row_bytes / 2**30:.1f} GiB there. " if settings else "")
         cause = str(lost).strip().splitlines()[0] if str(lost).strip() else type(lost).__name__
