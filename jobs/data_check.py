@@ -40,12 +40,13 @@ def check(
     import ray.data
 
     from jobs.stages import ray_data_errors_off_the_console
-    from raydpo.data.pipeline import build_report, length_stats, tokenized_dataset
+    from raydpo.data.pipeline import bound_oom_retries, build_report, length_stats, tokenized_dataset
     from raydpo.data.tokenize import TokenizeSettings
 
     t0 = time.perf_counter()
     # The tiny model's tokenizer is built in code by every worker (load_tokenizer("tiny")), so no
     # model folder is written: a temp dir on the driver would not exist on a remote cluster's nodes.
+    bound_oom_retries()  # before ray.init, which reads it
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=not quiet)
     ctx = ray.data.DataContext.get_current()
     bars = ctx.enable_progress_bars

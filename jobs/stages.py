@@ -98,7 +98,7 @@ def tokenize(cfg: Config, model_path: str, sources: list[str]) -> ray.data.Datas
         return tokenized_dataset(sources, d.eval, model_path=model_path, gguf_file=None,
                                  settings=d.tokenize_settings(), eval_fraction=d.eval_fraction, seed=d.seed,
                                  limit=d.limit, columns=d.columns, fmt=d.format, chat_template=d.chat_template,
-                                 ranked_pairs=d.ranked_pairs, min_score_margin=d.min_score_margin).materialize()
+                                 ranked_pairs=d.ranked_pairs, min_score_margin=d.min_score_margin)  # materialized
 
 
 def data(cfg: Config, prepared: Prepared, tracker: Tracker) -> tuple[ray.data.Dataset, dict]:
@@ -398,6 +398,9 @@ def start_ray(verbose: bool) -> None:
 
     import ray
 
+    from raydpo.data.pipeline import bound_oom_retries
+
+    bound_oom_retries()  # before ray.init, which reads it: a task killed for memory is retried a bounded number of times
     address = os.environ.get("RAY_ADDRESS")
     local = {} if address else {"dashboard_host": "127.0.0.1"}  # a local Ray serves its dashboard on loopback only
     context = ray.init(address=address, ignore_reinit_error=True, log_to_driver=verbose,

@@ -359,20 +359,22 @@ def _wide_encoding(head: bytes) -> str | None:
     """The encoding that text without a byte-order mark looks like when its NUL bytes fall where
     UTF-16 or UTF-32 puts them for JSON or CSV (mostly ASCII: ``{\0"\0p\0``), else None. UTF-8 text
     has a NUL only where a row holds one (that row is then judged by the parser), never at every
-    second or fourth byte."""
+    second or fourth byte. The guess is confirmed by decoding: the text must then read as rows do,
+    beginning with ``{``, ``[``, a quote or a letter (a CSV header), so UTF-8 rows among lines of
+    NUL bytes stay rows."""
     n = len(head) - len(head) % 4
     if n < 64:  # a few bytes prove nothing: two short lines of b"\0" would look like UTF-16 BE
         return None
     nul = [head[i:n:4].count(0) / (n // 4) for i in range(4)]  # the share of NUL bytes at each offset mod 4
-    if nul[2] > 0.9 and nul[3] > 0.9 and nul[0] < 0.5:  # any character below U+10000: two NULs on top
-        return "UTF-32 LE"
-    if nul[0] > 0.9 and nul[1] > 0.9 and nul[3] < 0.5:
-        return "UTF-32 BE"
     odd, even = (nul[1] + nul[3]) / 2, (nul[0] + nul[2]) / 2
-    if odd > 0.2 and even < 0.05:
-        return "UTF-16 LE"
-    if even > 0.2 and odd < 0.05:
-        return "UTF-16 BE"
+    guesses = (("UTF-32 LE", "utf-32-le", nul[2] > 0.9 and nul[3] > 0.9 and nul[0] < 0.5),  # below U+10000: two NULs on top
+               ("UTF-32 BE", "utf-32-be", nul[0] > 0.9 and nul[1] > 0.9 and nul[3] < 0.5),
+               ("UTF-16 LE", "utf-16-le", odd > 0.2 and even < 0.05),
+               ("UTF-16 BE", "utf-16-be", even > 0.2 and odd < 0.05))
+    for name, codec, looks in guesses:
+        if looks:
+            text = head[:n].decode(codec, errors="replace").lstrip()
+            return name if text[:1] in ('{', '[', '"') or text[:1].isascii() and text[:1].isalpha() else None
     return None
 
 

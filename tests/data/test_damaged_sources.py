@@ -107,6 +107,11 @@ def test_bad_bytes_inside_utf8_and_nul_bytes_are_judged_row_by_row(tmp_path):
     assert len(rows) == 3 + len(ROWS)
     assert json.loads(rows[0]["text"])["prompt"] == "caf\ufffd" and rows[1]["text"] == "\x00\n"
 
+    # NUL lines at every second byte after a UTF-8 row: NULs where UTF-16 BE puts them, but the
+    # text does not read as rows in UTF-16: still UTF-8, each line judged by the parser.
+    path.write_bytes(_jsonl().splitlines(keepends=True)[0].encode() + b"\x00\n" * 40)
+    assert len(_read(path)) == 41
+
 
 # --- compression ---------------------------------------------------------------------------------
 

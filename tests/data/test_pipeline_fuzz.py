@@ -3,7 +3,8 @@ invalid UTF-8 (surrogates written as bytes among it), lone surrogates as JSON es
 the parser's stack, NUL bytes, empty and blank files, JSON junk beside valid rows, huge strings, a
 truncated .gz, a CSV with ragged rows, and chat templates that raise on some rows. Whatever the
 bytes, nothing crashes and every record is accounted for: ``read`` is the number of records each
-file holds and ``kept + sum(dropped) == read``. One file per example holds 150 seeded hostile rows
+file holds and ``kept + sum(dropped) == read``; a whole source that cannot be read (empty, cut
+short) fails with a ``SourceError`` naming it. One file per example holds 150 seeded hostile rows
 (``checks.hostile_rows``), whose reasons must equal, row by row, those of ``tokenize_batch`` run
 in-process (12 x 150 rows through Ray).
 
@@ -15,8 +16,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import tempfile
-import zlib
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from hypothesis import strategies as st
 import pyarrow as pa
 
 from raydpo.data.pipeline import DataError, build_report, tokenize_batch, tokenized_dataset
-from raydpo.data.sources import read_rows, source_items
+from raydpo.data.sources import SourceError, read_rows, source_items
 from raydpo.data.tokenize import TokenizeSettings
 from tests.data.checks import TEMPLATES, hostile_rows, hostile_text
 
@@ -57,6 +58,11 @@ _line = st.one_of(
 ).map(lambda b: b.replace(b"\n", b" ").replace(b"\r", b" "))
 HOSTILE_ROWS = 150  # seeded hostile rows per example, in their own file (f.jsonl)
 _lines = st.lists(_line, max_size=25).map(lambda ls: b"\n".join(ls) + b"\n" if ls else b"")
+# The first line of every drawn JSONL file: a valid row, so that the file's first bytes (which say
+# how a source is read: gzip, Parquet and other magic bytes, a byte-order mark, UTF-16 without one)
+# are a row's, and the drawn junk after it is judged row by row. Sources that fail as a whole
+# (empty, truncated) are drawn as such, below; tests/data/test_damaged_sources.py has the rest.
+FIRST = json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}).encode() + b"\n"
 # A CSV cell: no quotes, separators or line breaks, so one line is one record.
 _cell = st.text(st.characters(blacklist_characters='",\n\r', blacklist_categories=("Cs",)), max_size=12)
 _csv = st.lists(st.lists(_cell, min_size=1, max_size=5), max_size=12).map(
@@ -68,46 +74,42 @@ def _records_in(data: bytes) -> int:
     return sum(1 for line in data.split(b"\n") if line.decode("utf-8", "replace").strip())
 
 
-def _records_in_truncated_gz(packed: bytes, full: bytes) -> int:
-    """A .gz cut short: its complete, non-blank lines, plus one row for the damage (none when empty)."""
-    if not packed:
-        return 0
-    if packed == full:
-        return _records_in(gzip.decompress(packed))
-    prefix = zlib.decompressobj(wbits=31).decompress(packed)  # what can still be decompressed
-    complete = prefix[: prefix.rfind(b"\n") + 1]
-    return _records_in(complete) + 1
-
-
 def _csv_records(data: bytes) -> int:
     lines = data.decode().split("\n")[1:]  # after the header; an empty line is no record
     return sum(1 for line in lines if line)
 
 
+Expected = int | str  # the records a file holds, or a fragment of the SourceError it fails with
+
+
 def _files(draw_lines: bytes, draw_gz: bytes, cut: float, draw_csv: bytes, blank: bytes, seed: int,
-           folder: Path) -> dict[str, int]:
-    """Write one example's files into ``folder``; return path -> the number of records it holds."""
-    expected: dict[str, int] = {}
+           folder: Path) -> dict[str, Expected]:
+    """Write one example's files into ``folder``; return path -> the number of records it holds,
+    or what its ``SourceError`` says (a whole source that cannot be read fails, naming it)."""
+    expected: dict[str, Expected] = {}
     hostile = folder / "f.jsonl"
     hostile.write_text("".join(text + "\n" for text, _ in hostile_rows(seed, HOSTILE_ROWS)), encoding="utf-8")
     expected[str(hostile)] = HOSTILE_ROWS
     plain = folder / "a.jsonl"
-    plain.write_bytes(draw_lines)
-    expected[str(plain)] = _records_in(draw_lines)
+    plain.write_bytes(FIRST + draw_lines)
+    expected[str(plain)] = 1 + _records_in(draw_lines)
     packed = folder / "b.jsonl.gz"
-    packed.write_bytes(gzip.compress(draw_gz))
-    expected[str(packed)] = _records_in(draw_gz)
-    full = gzip.compress(draw_lines + draw_gz)
-    damaged = full[: int(len(full) * cut)]
+    packed.write_bytes(gzip.compress(FIRST + draw_gz))
+    expected[str(packed)] = 1 + _records_in(draw_gz)
+    full = gzip.compress(FIRST + draw_lines + draw_gz)
     truncated = folder / "c.jsonl.gz"
-    truncated.write_bytes(damaged)
-    expected[str(truncated)] = _records_in_truncated_gz(damaged, full)
+    truncated.write_bytes(full[: int(len(full) * cut)])
+    kept = int(len(full) * cut)
+    expected[str(truncated)] = (1 + _records_in(draw_lines + draw_gz) if kept == len(full)
+                                else "is empty" if kept == 0
+                                else "holds no rows" if kept == 1  # b"\x1f": not gzip's magic yet, one blank character
+                                else "(truncated|corrupt|not a valid gzip)")  # the rows after the cut are unknown
     table = folder / "d.csv"
     table.write_bytes(draw_csv)
-    expected[str(table)] = _csv_records(draw_csv)
+    expected[str(table)] = _csv_records(draw_csv) or "holds no rows"
     empty = folder / "e.jsonl"
     empty.write_bytes(blank)
-    expected[str(empty)] = 0
+    expected[str(empty)] = "is empty" if not blank else "holds no rows"
     return expected
 
 
@@ -129,15 +131,20 @@ def test_expected_counts_match_the_reader(draw_lines, draw_gz, cut, draw_csv, bl
     """The test's own record counts agree with ``read_rows`` file by file (no Ray: fast, many
     examples), so a mismatch in the pipeline test below is the pipeline's."""
     with tempfile.TemporaryDirectory() as tmp:
-        for path, n in _files(draw_lines, draw_gz, cut, draw_csv, blank, seed, Path(tmp)).items():
-            assert sum(1 for _ in read_rows(source_items([path], "train")[0])) == n, path
+        for path, want in _files(draw_lines, draw_gz, cut, draw_csv, blank, seed, Path(tmp)).items():
+            if isinstance(want, int):
+                assert sum(1 for _ in read_rows(source_items([path], "train")[0])) == want, path
+            else:
+                with pytest.raises(SourceError, match=rf"data source {re.escape(path)}: .*{want}"):
+                    sum(1 for _ in read_rows(source_items([path], "train")[0]))
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(**_example)
 def test_malformed_files_are_counted_not_crashed(ray_local, draw_lines, draw_gz, cut, draw_csv, blank, seed, template):
     with tempfile.TemporaryDirectory() as tmp:
-        expected = _files(draw_lines, draw_gz, cut, draw_csv, blank, seed, Path(tmp))
+        expected = {path: n for path, n in _files(draw_lines, draw_gz, cut, draw_csv, blank, seed, Path(tmp)).items()
+                    if isinstance(n, int)}  # whole sources that fail: the test above
         tokenized = tokenized_dataset(list(expected), [], model_path="tiny", gguf_file=None, settings=SETTINGS,
                                       eval_fraction=0.0, seed=0, fmt="standard",
                                       chat_template=TEMPLATES[template]).materialize()

@@ -41,3 +41,26 @@ def test_a_submitted_job_keeps_a_local_mlflow_store_in_output_dir(tmp_path, monk
     for kept in ("http://127.0.0.1:5000", f"sqlite:///{tmp_path / 'elsewhere.db'}"):
         assert kept_tracking(relative.model_copy(update={"uri": kept}), out).uri == kept
     assert kept_tracking(relative, copy / "out") == relative  # output_dir goes with the copy too: nothing better
+
+
+def test_a_job_starts_ray_with_memory_kill_retries_bounded(tmp_path):
+    """Ray core retries a task its memory monitor killed for ever unless the driver bounds it
+    before ``ray.init``: the job's ``start_ray`` does, so the data stages retry a bounded number of
+    times. A fresh process: a test session's own Ray is started already."""
+    import os
+    import subprocess
+    import sys
+
+    from raydpo.data.pipeline import OOM_RETRIES_ENV, TASK_RETRIES
+
+    code = ("import os, ray\n"
+            "from jobs.stages import start_ray\n"
+            "from raydpo.data.pipeline import stage_retries\n"
+            "start_ray(verbose=False)\n"
+            f"print(os.environ[{OOM_RETRIES_ENV!r}], stage_retries())\n"
+            "ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k not in (OOM_RETRIES_ENV, "RAY_ADDRESS")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == [str(TASK_RETRIES), str(TASK_RETRIES)]
