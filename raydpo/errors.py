@@ -10,6 +10,15 @@ from __future__ import annotations
 class InputError(Exception):
     """The user's input cannot be used; the message names the file, key or row and what to do."""
 
+    def __init__(self, message: str, *more: object) -> None:
+        super().__init__(message, *more)
+        self.message = message
+
+    def __str__(self) -> str:
+        # The message as raised: Ray Data appends lines of retry advice to a failed task's exception
+        # (its args), which would turn the one line a job prints into three, the last misleading.
+        return self.message
+
 
 def input_error(error: BaseException) -> InputError | None:
     """The ``InputError`` that ``error`` is or wraps (Ray re-raises a task's exception as a

@@ -59,15 +59,6 @@ class SourceError(InputError, ValueError):
     source (path or URI), the cause and what to do. A ``ValueError`` too, as these errors were
     before, so a caller that caught those still does."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        # The message as raised: Ray Data appends lines of retry advice to a failed task's exception
-        # (its args), which would turn the one line a job prints into three, the last misleading.
-        return self.message
-
 
 ROWS_PER_READ_TASK = 100_000  # a saved dataset is read by several tasks, each this many rows
 _SAVED_DATASET = ("state.json", "dataset_info.json")  # what save_to_disk writes for a Dataset
