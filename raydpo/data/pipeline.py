@@ -307,7 +307,7 @@ def _detect_formats(entries: list, split: str, columns: dict[str, str] | None, s
     for source, items in by_source.items():
         rows: list[Any] = []
         for item in items:
-            for record in read_rows(item):
+            for record in read_rows(item, max_row_bytes):
                 if utf8_size(record["text"]) > max_row_bytes:
                     continue
                 row, reason = parse_row(record["text"])
@@ -371,7 +371,8 @@ def tokenized_dataset(
     def lines(entries: list, split: str) -> ray.data.Dataset:
         # One read task per file, saved-dataset row range or HF split (entries: see sources.py).
         items = source_items(entries, split)
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_rows, **_remote_args())
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
+            read_rows, fn_kwargs={"max_chars": settings.max_row_bytes}, **_remote_args())  # no giant line held whole
         ds = ds.limit(limit) if limit else ds
         # A file's rows come out as one block, and one block is one tokenize task: split them, so a
         # single big file is tokenized by every worker (streaming: no barrier, order kept).

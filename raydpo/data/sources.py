@@ -451,15 +451,34 @@ def _json_syntax_error(path: str, text: str, e: json.JSONDecodeError) -> str:
             f"{e.msg}, near {near!r}{hint}")
 
 
-def _records(path: str, layout: _Layout) -> Iterator[tuple[int, str]]:
+_SKIP_CHARS = 1 << 20  # the rest of an over-long line is read past in pieces of this many characters
+
+
+def _bounded_lines(f: io.TextIOBase, max_chars: int | None) -> Iterator[str]:
+    """The lines of ``f``; a line longer than ``max_chars`` characters comes out as its first
+    ``max_chars + 1`` only, and the rest of it is read past without being held, so one giant line
+    (a multi-GB record) never takes more memory than the bound. What comes out is still over the
+    bound, so the tokenize stage drops the row as ``too_long``."""
+    if max_chars is None:
+        yield from f
+        return
+    while line := f.readline(max_chars + 1):
+        if len(line) > max_chars and not line.endswith(("\n", "\r")):
+            while (rest := f.readline(_SKIP_CHARS)) and not rest.endswith(("\n", "\r")):
+                pass
+        yield line
+
+
+def _records(path: str, layout: _Layout, max_chars: int | None = None) -> Iterator[tuple[int, str]]:
     """``(row_id, JSON text)`` for every record of one file; row ids count from 1 (JSONL: the line).
 
     Every format goes through JSON text so that one parser (``json.loads`` then ``normalise``)
-    judges every row, and a row that fails is counted, whatever file it came from.
+    judges every row, and a row that fails is counted, whatever file it came from. A JSONL line
+    past ``max_chars`` is cut there (``_bounded_lines``); the other formats are read whole.
     """
     if layout.kind == "jsonl":
         with _open_text(path, layout) as f:
-            for line_no, line in enumerate(f, start=1):
+            for line_no, line in enumerate(_bounded_lines(f, max_chars), start=1):
                 if line.strip():
                     yield line_no, line
     elif layout.kind == "parquet":
@@ -525,8 +544,11 @@ def _read_failure(source: str, e: BaseException, where: str) -> str:
             f"re-download it, or check its storage, then run again")
 
 
-def read_rows(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def read_rows(item: dict[str, Any], max_chars: int | None = None) -> Iterator[dict[str, Any]]:
     """One read item (``source_items``) -> one row per record: ``{source, row_id, split, text}``.
+    ``max_chars``: a JSONL line longer than this comes out cut to one character past it (the
+    tokenize stage's ``TokenizeSettings.max_row_bytes``: it then drops the row as ``too_long``), so
+    a read task never holds a giant line whole.
 
     Raises a ``SourceError`` naming the source when it cannot be read (see the module's notes),
     when reading fails part way (saying after which line or row), or when it holds no rows."""
@@ -537,7 +559,7 @@ def read_rows(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
     if kind == "file":
         layout = _layout(item["path"])  # again here: a remote object is first seen by its read task
         unit = "line" if layout.kind == "jsonl" else "row"
-        records = _records(item["path"], layout)
+        records = _records(item["path"], layout, max_chars)
     elif kind == "saved":
         datasets = _datasets(source)
         ds = _loaded(source, lambda: datasets.load_from_disk(item["path"]))

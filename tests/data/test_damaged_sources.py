@@ -345,3 +345,28 @@ def test_a_source_error_is_an_input_error_found_under_wrappers(tmp_path):
         raise RuntimeError("a task failed") from e.value
     except RuntimeError as wrapper:
         assert input_error(wrapper) is e.value
+
+
+# --- a giant line ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "gzip"])
+def test_a_giant_jsonl_line_is_never_held_whole(tmp_path, packed):
+    """A line past the bound comes out cut to one character past it (the tokenize stage then drops
+    it as too_long) and the rest of it is read past: reading a 32 MB line holds well under 32 MB,
+    and the lines after it keep their numbers."""
+    import tracemalloc
+
+    good = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
+    giant = json.dumps({"prompt": "p" * (32 << 20), "chosen": "a", "rejected": "b"})
+    data = f"{good}\n{giant}\n\n{good}\n".encode()
+    path = tmp_path / ("rows.jsonl.gz" if packed else "rows.jsonl")
+    path.write_bytes(gzip.compress(data) if packed else data)
+    (item,) = source_items([str(path)], "train")
+    tracemalloc.start()
+    rows = list(read_rows(item, max_chars=1000))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert [(r["row_id"], len(r["text"])) for r in rows] == [(1, len(good) + 1), (2, 1001), (4, len(good) + 1)]
+    assert peak < 8 << 20, f"{peak / 2**20:.1f} MiB held while reading a 32 MiB line"
+    assert [r["row_id"] for r in read_rows(item)] == [1, 2, 4]  # unbounded: the line whole, as before
