@@ -592,7 +592,10 @@ def read_yaml(path: str | Path) -> Any:
             node = loader.get_single_node()
             if node is None:
                 return None
-            _no_duplicate_keys(path, node, "")
+            if _expanded_size(node, {}) > MAX_CONFIG_VALUES:
+                raise ConfigError(f"{path}: expands to more than {MAX_CONFIG_VALUES:,} values through YAML aliases "
+                                  "(*name): not a config")
+            _no_duplicate_keys(path, node, "", set())
             return loader.construct_document(node)
         finally:
             loader.dispose()
@@ -622,12 +625,30 @@ def _yaml_message(path: str | Path, e: yaml.MarkedYAMLError) -> str:
     return f"{where}: not valid YAML: {problem}{context}"
 
 
-def _no_duplicate_keys(path: str | Path, node: yaml.Node, at: str) -> None:
+MAX_CONFIG_VALUES = 100_000  # far past any config; a "billion laughs" alias bomb would expand to 10**9
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many nodes ``node`` becomes once its aliases are expanded (an alias is the same node
+    object again), counted once per distinct node, so an alias bomb is measured, never expanded."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 1  # a recursive alias (a node inside itself) counts once, not forever
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
+def _no_duplicate_keys(path: str | Path, node: yaml.Node, at: str, seen: set[int]) -> None:
     """A :class:`ConfigError` naming the key path and both lines where a mapping under ``node``
-    holds a key twice: YAML loads the last silently, so one of the two settings would be lost."""
+    holds a key twice: YAML loads the last silently, so one of the two settings would be lost.
+    Each node is checked once (``seen``), however many aliases name it."""
+    if id(node) in seen:
+        return
+    seen.add(id(node))
     if isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _no_duplicate_keys(path, item, f"{at}.{i}" if at else str(i))
+            _no_duplicate_keys(path, item, f"{at}.{i}" if at else str(i), seen)
     elif isinstance(node, yaml.MappingNode):
         first: dict[tuple[str, str], str] = {}
         for key, value in node.value:
@@ -638,9 +659,9 @@ def _no_duplicate_keys(path: str | Path, node: yaml.Node, at: str) -> None:
                     raise ConfigError(f"{path}: key {dotted} is given twice ({first[key.tag, key.value]} and "
                                       f"{where}); YAML would keep only the last: keep one")
                 first[key.tag, key.value] = where
-                _no_duplicate_keys(path, value, dotted)
+                _no_duplicate_keys(path, value, dotted, seen)
             else:
-                _no_duplicate_keys(path, value, at)
+                _no_duplicate_keys(path, value, at, seen)
 
 
 def flatten(cfg: Config) -> dict[str, Any]:

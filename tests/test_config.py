@@ -438,3 +438,17 @@ def test_float_settings_must_be_finite() -> None:
     """A NaN passes no bound check, and an infinite beta would train on silently."""
     assert "loss.beta: Input should be a finite number" in error_of(QUICKSTART, ["loss.beta=.inf"])
     assert "loss.simpo_gamma: Input should be a finite number" in error_of(QUICKSTART, ["loss.simpo_gamma=.nan"])
+
+
+def test_an_alias_bomb_fails_without_being_expanded(tmp_path: Path) -> None:
+    """"Billion laughs": nine levels of ten aliases each would expand to 10**9 values (and hang the
+    loader, then the duplicate-key walk); the expansion is measured, not made. A merged mapping
+    (``<<:``), the alias a config really uses, still loads."""
+    bomb = tmp_path / "bomb.yaml"
+    levels = ['a0: &a0 ["lol"]'] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    bomb.write_text("\n".join(levels) + "\n")
+    assert error_of(bomb) == f"{bomb}: expands to more than 100,000 values through YAML aliases (*name): not a config"
+
+    merged = tmp_path / "merged.yaml"
+    merged.write_text(QUICKSTART.read_text().replace("train:\n", "train:\n  <<: {keep_checkpoints: 5}\n", 1))
+    assert load_config(merged).train.keep_checkpoints == 5
