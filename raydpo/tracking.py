@@ -212,9 +212,16 @@ class Tracker:
         ``system_metrics``). Fails fast with :class:`TrackingError` when the store is unreachable,
         before any compute. Whatever an earlier process of this run left undelivered in the
         spool is delivered first, in order."""
+        from mlflow.exceptions import MlflowException
+
+        from raydpo.config import ConfigError
+
         _bounded_http()
         uri = resolve_uri(settings.uri)
-        client = _client(uri)
+        try:
+            client = _client(uri)
+        except MlflowException as e:  # a scheme MLflow has no store for: the user's to fix
+            raise ConfigError(f"tracking.uri: {display_uri(uri)}: {' '.join(e.message.split())}") from None
         try:
             exp = client.get_experiment_by_name(settings.experiment)
         except Exception as e:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from raydpo.config import TrackingConfig
+from raydpo.config import ConfigError, TrackingConfig
 from raydpo.tracking import SPOOL_DIR, Tracker, TrackingError, mask_secrets, versions
 
 REPORT = {
@@ -117,6 +117,11 @@ def test_params_are_masked_and_versioned_inputs_logged(mlflow_uri, tmp_path):
     assert again.finish("FINISHED", timeout=60)
     logged = client.get_run(tracker.run_id).data.params
     assert logged["model.hf_token"] == "***" and logged["train.new_setting"] == "1"
+
+
+def test_a_uri_mlflow_has_no_store_for_is_the_users_error_naming_tracking_uri(tmp_path):
+    with pytest.raises(ConfigError, match=r"^tracking\.uri: foo://bar: .*unsupported URI 'foo://bar'"):
+        Tracker.start(settings("foo://bar"), tmp_path / "out", "r")
 
 
 def test_unreachable_server_fails_fast_before_any_work(tmp_path):
