@@ -75,7 +75,8 @@ def test_checkpoints_go_to_storage_path_one_folder_per_output_dir(tmp_path):
 def test_a_changed_config_does_not_resume_checkpoints_kept_in_storage(tmp_path):
     """The job's own check looks in {output_dir}/ray; checkpoints under train.storage_path count too."""
     from jobs.stages import check_resume, save_run_config
-    from raydpo.train.policy import checkpoint_location
+    from raydpo.train import checkpoints
+    from raydpo.train.policy import checkpoint_location, has_checkpoints
 
     out = tmp_path / "out"
     out.mkdir()
@@ -83,8 +84,11 @@ def test_a_changed_config_does_not_resume_checkpoints_kept_in_storage(tmp_path):
     cfg = load_config(QUICKSTART, common)
     save_run_config(cfg, out)
     store, name = checkpoint_location(cfg.train.storage_path, out)
-    (Path(store) / name / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
-    only_local = lambda o: any((o / "ray" / "train").glob("checkpoint_*"))  # noqa: E731  (what jobs/train_dpo.py asks)
+    checkpoint = Path(store) / name / "checkpoint_2026-01-01_00-00-00.000000"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "loop_state.json").write_text(json.dumps({"step": 2, "manifest": checkpoints.MANIFEST}))
+    checkpoints.write_manifest(checkpoint, 2, checkpoints.describe(checkpoint, ["loop_state.json"]))  # intact
+    only_local = lambda o: has_checkpoints(str(o / "ray"), "train")  # noqa: E731  (what jobs/train_dpo.py asks)
     check_resume(cfg, out, only_local)  # the same config resumes
     with pytest.raises(ConfigError, match=r"train.lr: 0.003 -> 0.01"):
         check_resume(load_config(QUICKSTART, [*common, "train.lr=0.01"]), out, only_local)
