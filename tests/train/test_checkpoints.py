@@ -364,9 +364,10 @@ def test_the_jobs_check_sets_damage_aside_and_refuses_an_unreadable_saved_config
     checked against), cut short, fails naming it, as long as there is progress to resume."""
     from jobs.stages import RUN_CONFIG, check_resume, save_run_config
     from raydpo.config import ConfigError, load_config
+    from raydpo.train.policy import has_checkpoints
 
     def resumable(out: Path) -> bool:  # jobs.train_dpo's
-        return any((out / "ray" / "train").glob("checkpoint_*"))
+        return has_checkpoints(str(out / "ray"), "train")
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs/quickstart.yaml", [f"output_dir={tmp_path}"])
     run, names = _run_folder(tmp_path, ddp[1], [4, 8])
