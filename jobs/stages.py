@@ -476,7 +476,7 @@ def user_failure(error: BaseException) -> Exception | None:
     None for anything else (a bug: shown with its traceback), and for a SIGTERM or Ctrl-C, which
     end their own way."""
     from raydpo.data.pipeline import DataWorkerLost
-    from raydpo.errors import input_error
+    from raydpo.errors import find_cause, input_error
     from raydpo.tracking import TrackingError
     from raydpo.train.loop import CheckpointWriteError
     from raydpo.train.policy import WorkersLost
@@ -493,11 +493,8 @@ def user_failure(error: BaseException) -> Exception | None:
             return found
     said = (CheckpointWriteError, WorkersLost, DataWorkerLost, TrackingError)  # their messages say what to do
     for e in errors:
-        while e is not None:  # as input_error: Ray's wrapper of a task's error is also its class
-            cause = getattr(e, "cause", None)
-            if isinstance(e, said) and not isinstance(cause, said):
-                return e
-            e = cause if isinstance(cause, BaseException) else e.__cause__
+        if (found := find_cause(e, said)) is not None:
+            return found
     return None
 
 

@@ -20,10 +20,11 @@ class InputError(Exception):
         return self.message
 
 
-def input_error(error: BaseException) -> InputError | None:
-    """The ``InputError`` that ``error`` is or wraps (Ray re-raises a task's exception as a
-    ``RayTaskError`` subclass whose ``cause`` is the original; Ray Data and Ray Train chain theirs
-    through ``__cause__``), or None. Follows each link once, so a cycle cannot loop."""
+def find_cause(error: BaseException, kinds: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException | None:
+    """The exception of ``kinds`` that ``error`` is or wraps, or None. Ray re-raises a task's
+    exception as a ``RayTaskError`` subclass of the original's class whose ``cause`` is the
+    original (that one is returned, with its own message); Ray Data and Ray Train chain theirs
+    through ``__cause__``. Follows each link once, so a cycle cannot loop."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [error]
     while todo:
@@ -32,7 +33,13 @@ def input_error(error: BaseException) -> InputError | None:
             continue
         seen.add(id(e))
         cause = getattr(e, "cause", None)
-        if isinstance(e, InputError) and not isinstance(cause, InputError):
+        if isinstance(e, kinds) and not isinstance(cause, kinds):
             return e
         todo += [cause if isinstance(cause, BaseException) else None, e.__cause__, e.__context__]
     return None
+
+
+def input_error(error: BaseException) -> InputError | None:
+    """The ``InputError`` that ``error`` is or wraps (see ``find_cause``), or None."""
+    found = find_cause(error, InputError)
+    return found if isinstance(found, InputError) else None

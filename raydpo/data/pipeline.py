@@ -50,7 +50,7 @@ from raydpo.data.tokenize import (
     tokenize_pair,
     utf8_size,
 )
-from raydpo.errors import InputError
+from raydpo.errors import InputError, find_cause
 from raydpo.models import load_tokenizer
 
 TOKENIZED_SCHEMA = pa.schema(
@@ -174,29 +174,13 @@ warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
 _WORKER_LOST = (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError, ray.exceptions.NodeDiedError)
 
 
-def _worker_lost(error: BaseException) -> BaseException | None:
-    """The worker-lost error that ``error`` is or wraps (Ray Data chains through ``__cause__``, Ray
-    core through ``cause``), or None."""
-    seen: set[int] = set()
-    todo: list[object] = [error]
-    while todo:
-        e = todo.pop()
-        if not isinstance(e, BaseException) or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, _WORKER_LOST):
-            return e
-        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
-    return None
-
-
 def materialize(ds: ray.data.Dataset, stage: str, settings: TokenizeSettings | None = None) -> ray.data.MaterializedDataset:
     """``ds.materialize()``, where a worker lost on every try is ``DataWorkerLost`` naming ``stage``,
     how often it was tried, and what to change (``settings``: the bound that applied to rows)."""
     try:
         return ds.materialize()
     except Exception as e:
-        lost = _worker_lost(e)
+        lost = find_cause(e, _WORKER_LOST)
         if lost is None:
             raise
         oom = isinstance(lost, ray.exceptions.OutOfMemoryError)
