@@ -425,11 +425,26 @@ def check_file(path: str) -> None:
     """Raise a ``SourceError`` when the local file ``path`` names (a path or ``file://`` URI) cannot
     be read as a source, as far as its first bytes tell (see ``_layout``) and, for Parquet, its
     footer. Costs a stat, one open and a read of 16 KiB (plus the footer). A remote URI is left to
-    its read task, which makes the same checks before reading."""
-    if _local_path(path) is None:
+    its read task, which makes the same checks before reading. A file found good is not read
+    again while its size and modification time stay the same: the driver resolves the sources
+    several times a run (the pre-Ray check, the format detection, the mixture, the read items)."""
+    local = _local_path(path)
+    if local is None:
+        return
+    try:
+        st = os.stat(local)
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+    except OSError:
+        stamp = None  # _layout says why, naming the file
+    if stamp is not None and _CHECKED.get(path) == stamp:
         return
     if _layout(path).kind == "parquet":
         _check_parquet_footer(path)
+    if stamp is not None:
+        _CHECKED[path] = stamp
+
+
+_CHECKED: dict[str, tuple[int, int, int]] = {}  # path -> (size, mtime_ns, inode) of a file check_file found good
 
 
 # --- reading -------------------------------------------------------------------------------------
