@@ -210,15 +210,13 @@ def _move_aside(fs, run: str, name: str, why: str) -> str:
     target = f"{run}/{DAMAGED}/{name}"
     if fs.get_file_info(target).type != pyarrow.fs.FileType.NotFound:
         target += f".{time.strftime('%Y%m%d-%H%M%S')}"
+    source = f"{run}/{name}"
     try:
-        fs.move(f"{run}/{name}", target)
+        fs.move(source, target)
     except (OSError, NotImplementedError):
-        if fs.get_file_info(f"{run}/{name}").type == pyarrow.fs.FileType.Directory:
-            pyarrow.fs.copy_files(f"{run}/{name}", target, source_filesystem=fs, destination_filesystem=fs)
-            fs.delete_dir(f"{run}/{name}")
-        else:
-            pyarrow.fs.copy_files(f"{run}/{name}", target, source_filesystem=fs, destination_filesystem=fs)
-            fs.delete_file(f"{run}/{name}")
+        folder = fs.get_file_info(source).type == pyarrow.fs.FileType.Directory
+        pyarrow.fs.copy_files(source, target, source_filesystem=fs, destination_filesystem=fs)
+        (fs.delete_dir if folder else fs.delete_file)(source)
     with fs.open_output_stream(f"{target}.txt") as f:
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {why}\n".encode())
     return target
