@@ -57,7 +57,7 @@ def check(
         with ray_data_errors_off_the_console():  # a damaged source is found by a read task
             tokenized = tokenized_dataset(sources, [], model_path=model, gguf_file=gguf_file, settings=settings,
                                           eval_fraction=0.0, seed=0, columns=columns, fmt=fmt, chat_template=chat_template,
-                                          ranked_pairs=ranked_pairs, min_score_margin=min_score_margin).materialize()
+                                          ranked_pairs=ranked_pairs, min_score_margin=min_score_margin)  # materialized
             report = build_report(tokenized)
             report.lengths = length_stats(tokenized)
     finally:
