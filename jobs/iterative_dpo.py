@@ -73,16 +73,22 @@ def run_rounds(o: Online, stop: SigtermStop) -> list[dict[str, float]]:
         rd = RoundDir(out, r)
         child, _ = Tracker.start(cfg.tracking, rd.path, f"round {r}",
                                  tags={"mlflow.parentRunId": o.parent.run_id, "raydpo.job": "iterate", "raydpo.round": str(r)})
+        clock = round_stages.StageClock()
         try:
-            generations = round_stages.generate(o, rd)
-            scored = round_stages.judge(o, rd, generations)
-            accounting = round_stages.pair(o, rd, generations, scored)
-            with stop.training(rd.train_dir):
-                trained = round_stages.train(o, rd, child, last_step)
+            with clock("generate"):
+                generations = round_stages.generate(o, rd)
+            with clock("judge"):
+                scored = round_stages.judge(o, rd, generations)
+                accounting = round_stages.pair(o, rd, generations, scored)
+            with stop.training(rd.train_dir), clock("train"):
+                trained = round_stages.train(o, rd, child, last_step, clock)
             stop.raise_if_stopped()
-            sync_seconds = o.pool.sync(str(rd.policy), r)
-            evaluation = round_stages.evaluate(o, rd)
+            with clock("sync"):
+                sync_seconds = o.pool.sync(str(rd.policy), r)
+            with clock("evaluate"):
+                evaluation = round_stages.evaluate(o, rd)
             metrics = round_stages.round_metrics(rd, scored, accounting, trained, evaluation, sync_seconds)
+            metrics |= clock.metrics()
             child.log_metrics(metrics, step=trained["last_step"])
             rounds.write_json(rd.done, metrics)  # the round is complete
         except BaseException as e:

@@ -9,6 +9,7 @@ scores and pairs. The round's policy is the offline flow's result: the same refe
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -45,6 +46,34 @@ class Online:
     judge: Judge
     tokenizer: Any
     parent: Tracker
+
+
+class StageClock:
+    """Wall seconds per stage of one round (``with clock("train"): ...``), logged as
+    ``round/seconds_{stage}``; a stage timed inside another (the reference inside train) is
+    subtracted from it, and ``round/seconds`` is the whole round."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        self._open: list[str] = []
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        self._open.append(stage)
+        try:
+            yield
+        finally:
+            self._open.pop()
+            took = time.perf_counter() - t0
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + took
+            if self._open:  # the enclosing stage's own time excludes this one
+                self.seconds[self._open[-1]] = self.seconds.get(self._open[-1], 0.0) - took
+
+    def metrics(self) -> dict[str, float]:
+        return {**{f"round/seconds_{k}": v for k, v in self.seconds.items()},
+                "round/seconds": time.perf_counter() - self.t0}
 
 
 def _texts(o: Online, completions: list[list[int]]) -> list[str]:
@@ -115,7 +144,7 @@ def pair(o: Online, rd: RoundDir, generations: list[dict], scored: list[Scored])
     return {"pairs": stats.pairs, "skipped": dict(stats.skipped), "judge_failures": dict(stats.judge_failures)}
 
 
-def train(o: Online, rd: RoundDir, child: Tracker, step_offset: int) -> dict[str, Any]:
+def train(o: Online, rd: RoundDir, child: Tracker, step_offset: int, clock: StageClock) -> dict[str, Any]:
     """Reference log-probs for the pairs (cached), then the policy update from the previous
     round's policy; returns ``{last_step, metrics}``."""
     from raydpo.data.pipeline import TRAIN_COLUMNS
@@ -127,7 +156,9 @@ def train(o: Online, rd: RoundDir, child: Tracker, step_offset: int) -> dict[str
     pairs = ray.data.from_arrow(rounds.read_pairs(rd.pairs))
     if cfg.loss.needs_reference():
         ref_model = o.initial if cfg.online.reference == "initial" else previous
-        pairs, _ = stages.reference(cfg, ref_model, pairs, child)
+        with clock("reference"):
+            pairs, _ = stages.reference(cfg, ref_model, pairs, child)
+            pairs = pairs.materialize()  # here, so its seconds are the reference's
     columns = TRAIN_COLUMNS if cfg.loss.needs_reference() else TRAIN_COLUMNS[:3]
     result = train_policy(pairs.select_columns(columns).materialize(), None, model_path=previous,
                           out_dir=rd.train_dir, train=cfg.train, loss=cfg.loss, dtype=cfg.model.dtype,
