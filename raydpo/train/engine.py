@@ -260,6 +260,13 @@ class Engine:
         """Accumulate gradients of the mean loss of ONE micro-batch."""
         raise NotImplementedError
 
+    def restart_optimizer(self, optim: OptimConfig) -> None:
+        """AdamW as a freshly built engine would have it, on the weights as they are: moments 0,
+        step 0, and a new schedule of ``optim.total_steps``. An online round trains the previous
+        round's policy with a fresh optimizer (as iterative DPO does), on a trainer that stays
+        loaded across rounds."""
+        raise NotImplementedError
+
     def step(self) -> float:
         """Optimizer step + scheduler step + zero grad.
 
@@ -387,6 +394,13 @@ class DDPEngine(Engine):
     def learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def restart_optimizer(self, optim: OptimConfig) -> None:
+        self.optim_config = optim
+        self.optimizer = _make_optimizer(self.model, optim)
+        self.scheduler = _make_scheduler(self.optimizer, optim)
+        self._micro_step = 0
+        self._prepare_next_micro_batch()
+
     def save(self, directory: str) -> None:
         # DDP keeps identical replicas, so rank 0 writes everything; the barrier makes the file
         # visible before any rank returns (and e.g. starts loading it).
@@ -511,6 +525,29 @@ class DeepSpeedEngine(Engine):
 
     def learning_rate(self) -> float:
         return float(self.ds_engine.get_lr()[0])
+
+    def restart_optimizer(self, optim: OptimConfig) -> None:
+        """ZeRO keeps the float32 master partitions inside its optimizer, so the optimizer is
+        reset in place rather than rebuilt: each partition's AdamW moments zeroed and its step set
+        to 0 (what torch AdamW and DeepSpeed's CPU Adam create on their first step), the learning
+        rate put back and a new schedule attached where DeepSpeed steps it."""
+        if optim.max_grad_norm != self.optim_config.max_grad_norm:
+            raise ValueError("restart_optimizer: DeepSpeed fixes gradient clipping when the engine is built")
+        client = self.optimizer.optimizer  # the torch AdamW / DeepSpeedCPUAdam over ZeRO's partitions
+        for state in client.state.values():
+            for name in ("exp_avg", "exp_avg_sq"):
+                if name in state:
+                    state[name].zero_()
+            if "step" in state:
+                state["step"] = state["step"].zero_() if torch.is_tensor(state["step"]) else 0
+        for group in client.param_groups:
+            group["lr"], group["weight_decay"], group["betas"], group["eps"] = (
+                optim.lr, optim.weight_decay, optim.betas, optim.eps)
+            group.pop("initial_lr", None)  # the new schedule takes it from lr
+        self.scheduler = _make_scheduler(client, optim)
+        self.ds_engine.lr_scheduler = self.scheduler
+        self.optim_config = optim
+        self._micro_step = 0
 
     def save(self, directory: str) -> None:
         # Collective: ZeRO ranks each write their optimizer partition (hence a shared

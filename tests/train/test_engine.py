@@ -389,3 +389,24 @@ def test_config_validation() -> None:
         OptimConfig(lr=1e-3, schedule="exponential")
     with pytest.raises(ValueError):
         build_engine("fsdp", torch.nn.Linear(2, 2), OptimConfig(lr=1e-3), grad_accum_steps=1, micro_batch_size=1)
+
+
+@pytest.mark.parametrize("kind,zero_stage", [("ddp", 2), ("deepspeed", 2), ("deepspeed", 3)])
+def test_restart_optimizer_equals_a_fresh_engine_on_the_same_weights(kind: str, zero_stage: int) -> None:
+    """An online round on the trainer that stays loaded (round 2 after round 1) trains exactly as a
+    new engine built from round 1's weights would: AdamW moments 0, step 0, a new schedule."""
+    live, _, _ = _run_single(kind, zero_stage)  # "round 1": two steps move the weights and the moments
+    round1 = _params(live)
+    second = OptimConfig(lr=2e-3, weight_decay=0.01, warmup_steps=0, total_steps=3, schedule="linear", max_grad_norm=1.0)
+    live.restart_optimizer(second)
+    batches = _global_batches(N_STEPS + 2)[N_STEPS:]  # "round 2": other batches
+    _, live_norms = _train(live, batches, 0, 1, grad_accum=2)
+
+    model = _tiny_llama()
+    model.load_state_dict(round1)
+    fresh = build_engine(kind, model, second, grad_accum_steps=2, micro_batch_size=GLOBAL_BATCH // 2, zero_stage=zero_stage)
+    _, fresh_norms = _train(fresh, batches, 0, 1, grad_accum=2)
+
+    assert live.learning_rate() == pytest.approx(fresh.learning_rate()) == pytest.approx(2e-3 / 3)
+    assert live_norms == pytest.approx(fresh_norms, rel=1e-6)
+    _assert_params_close(_params(live), _params(fresh), atol=1e-7)
