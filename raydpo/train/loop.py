@@ -40,7 +40,8 @@ from raydpo.logprobs import PolicyScorer
 from raydpo.metrics import all_reduce_sum
 from raydpo.models import load_model, load_tokenizer
 from raydpo.train import checkpoints
-from raydpo.train.adapters import ModelPrep, prepare_model, save_final
+from raydpo.train.adapters import ModelPrep, prepare_model
+from raydpo.train.adapters import save_final as save_final_folder
 from raydpo.train.engine import OptimConfig, build_engine
 from raydpo.train.shuffle import ShuffledShard, epoch_order, worker_positions
 from raydpo.train.step import LossSpec, RunningMean, evaluate, train_step
@@ -68,6 +69,7 @@ class LoopArgs:
     tracker: TrackerSpec | None = None  # rank 0 logs metrics and plots into the driver's run
     step_offset: int = 0  # logged step = step_offset + step (an online round continues the run's axis)
     has_eval: bool = True
+    round: int = 0  # an online round's number (its checkpoints say which round they are of); 0 offline
 
 
 class FixedShards(ray.train.DataConfig):
@@ -153,7 +155,7 @@ def _save_checkpoint(engine, args: LoopArgs, step: int, metrics: dict[str, float
         torch.save(_rng_state(), staging / f"rng_rank{_rank()}.pt")
         if _rank() == 0:
             # "manifest": this checkpoint has one, so one found without it is damaged, not an older raydpo's.
-            state = {"step": step, "bco": asdict(bco), "manifest": checkpoints.MANIFEST}
+            state = {"step": step, "round": args.round, "bco": asdict(bco), "manifest": checkpoints.MANIFEST}
             (staging / "loop_state.json").write_text(json.dumps(state))
         _write_manifest(staging, step)
     except (OSError, RuntimeError) as e:  # RuntimeError: torch's file writer
@@ -308,16 +310,29 @@ def load_checkpoint(engine, bco: RunningMean, folder: Path, name: str) -> int:
     return step
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    args: LoopArgs = config["args"]
+@dataclass
+class Worker:
+    """What a training worker loads once: the tokenizer, the policy behind its scorer, the engine
+    (model, optimizer, process group), and the loss. An online run keeps it across rounds."""
+
+    rank: int
+    world: int
+    tokenizer: Any
+    pad_id: int
+    lm: torch.nn.Module
+    engine: Any
+    spec: LossSpec
+    layout: dict[str, Any]  # packed rows (of at most max_tokens tokens) or one padded batch
+
+
+def set_up(args: LoopArgs) -> Worker:
+    """Load the tokenizer and the policy at ``args.model_path`` and build the engine for
+    ``args.total_steps`` steps (a later training on the same worker restarts its optimizer)."""
     # One line per log step is the progress; per-iteration Ray Data bars from every worker are noise.
     ray.data.DataContext.get_current().enable_progress_bars = False
     train = args.train
     torch.manual_seed(train.seed)
-    rank = _rank()
-    world = dist.get_world_size() if dist.is_initialized() else 1
     tokenizer = load_tokenizer(args.model_path, args.gguf_file)
-    pad_id = tokenizer.pad_token_id
     lm = prepare_model(load_model(args.model_path, args.dtype, args.gguf_file), ModelPrep.from_train(train))
     scorer = PolicyScorer(lm, train.logprob_chunk_tokens)
     engine = build_engine(
@@ -327,21 +342,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     if train.engine == "deepspeed" and train.zero_stage == 3:
         scorer.register_zero3()  # the chunked head reads the partitioned head weight directly
-    spec = LossSpec.from_config(args.loss)
     # Packed: each micro-batch's 2 x micro_batch_size sequences in rows of at most max_tokens tokens
     # (positions restart per sequence, no attention across them); else one padded batch.
     layout = {"packed": train.packing, "max_tokens": train.max_tokens_per_batch}
+    return Worker(_rank(), dist.get_world_size() if dist.is_initialized() else 1, tokenizer, tokenizer.pad_token_id,
+                  lm, engine, LossSpec.from_config(args.loss), layout)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The offline training: set up, resume from Ray Train's latest checkpoint, train, save the
+    final HF folder."""
+    args: LoopArgs = config["args"]
+    w = set_up(args)
+    bco = RunningMean()
+    start_step = _restore(w.engine, bco)
+    if w.rank == 0 and start_step:
+        _say(f"[raydpo] resumed at step {start_step}/{args.total_steps}")
+    eval_shard = ray.train.get_dataset_shard("eval") if args.has_eval else None  # ray
+    stopped = train_steps(w, args, bco, start_step, eval_shard)
+    if not stopped:
+        save_final(w, args)
+
+
+def train_steps(w: Worker, args: LoopArgs, bco: RunningMean, start_step: int, eval_shard=None) -> bool:
+    """COLLECTIVE: steps ``start_step + 1 .. args.total_steps`` on ``args``' training rows, with
+    the metrics, evaluations and checkpoints ``args.train`` asks for. Returns whether the driver
+    asked the workers to stop (a SIGTERM): then the last step is checkpointed and nothing more."""
+    train, rank, world, engine = args.train, w.rank, w.world, w.engine
     # Rank 0 logs: writes go to the spool on disk and a thread delivers them, so a slow or
     # stopped tracking server never stalls the step.
     tracker = Tracker.open(args.tracker, "rank0", say=_say) if rank == 0 and args.tracker else None
-    bco = RunningMean()
-    start_step = _restore(engine, bco)
-    if rank == 0 and start_step:
-        _say(f"[raydpo] resumed at step {start_step}/{args.total_steps}")
-
     train_shard = ShuffledShard(args.train_blocks, args.train_rows, train.seed, rank, world,
                                 args.local_batch_size, args.steps_per_epoch)  # its part of each epoch
-    eval_shard = ray.train.get_dataset_shard("eval") if args.has_eval else None  # ray
     trained_rows = TrainedRows(args.output_dir, rank, start_step)
     stop = StopCheck(args.output_dir, rank)
     step, saved, stopping = start_step, start_step, False
@@ -359,7 +391,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if stop.requested(engine.device):  # at a step boundary, the same one on every rank
                 stopping = True
                 break
-            metrics = train_step(engine, _micro(batch, train.micro_batch_size), spec, pad_id, bco, **layout)
+            metrics = train_step(engine, _micro(batch, train.micro_batch_size), w.spec, w.pad_id, bco, **w.layout)
             step += 1
             trained_rows.write(step, epoch, positions[i], batch)
             metrics["epoch"] = epoch + (i + 1) / args.steps_per_epoch
@@ -374,12 +406,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if eval_shard is not None and ((train.eval_every and step % train.eval_every == 0) or last):
                 eval_batches = eval_shard.iter_batches(batch_size=train.micro_batch_size, batch_format="numpy")
                 margins: list[float] = []  # every eval pair's reward margin, for the histogram
-                eval_metrics = evaluate(engine, eval_batches, spec, pad_id, margins=margins, **layout)
+                eval_metrics = evaluate(engine, eval_batches, w.spec, w.pad_id, margins=margins, **w.layout)
                 metrics |= eval_metrics
                 if tracker:
                     tracker.log_metrics(eval_metrics, args.step_offset + step)
                     tracker.log_plots(args.step_offset + step, margins)
-            if (train.checkpoint_every and step % train.checkpoint_every == 0) or last:
+            # An online round (args.round) checkpoints only where train.checkpoint_every says: its
+            # end is its policy's HF folder, and the next round starts a fresh optimizer.
+            if (train.checkpoint_every and step % train.checkpoint_every == 0) or (last and not args.round):
                 _save_checkpoint(engine, args, step, {**metrics, "step": step}, bco, saved)
                 saved = step
             if train.fail_at_step == step:
@@ -391,12 +425,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stop.stopped(step)
         if rank == 0:
             _say(f"[raydpo] stopped at step {step}/{args.total_steps} as asked; checkpointed")
-    else:
-        _save_final(engine, lm, tokenizer, args)
     if tracker:
         if eval_shard is None and not stopping:
             tracker.log_plots(args.step_offset + step)
         tracker.close(timeout=10)  # what is left, the driver delivers (or the next run)
+    return stopping
 
 
 def _inject_failure(args: LoopArgs, step: int) -> None:
@@ -411,11 +444,11 @@ def _inject_failure(args: LoopArgs, step: int) -> None:
     raise RuntimeError(f"injected failure after step {step} (train.fail_at_step)")
 
 
-def _save_final(engine, lm: torch.nn.Module, tokenizer, args: LoopArgs) -> None:
-    """The policy as a plain HF folder, ``{output_dir}/final``, that from_pretrained loads (LoRA
-    merged in, the adapter also in ``final/adapter``)."""
-    state = engine.full_state_dict()  # collective (gathers ZeRO-3 shards); keys carry the scorer's "lm."
-    if _rank() == 0:
-        save_final(lm, state, tokenizer, Path(args.output_dir) / "final", prefix="lm.")
+def save_final(w: Worker, args: LoopArgs) -> None:
+    """COLLECTIVE: the policy as a plain HF folder, ``{output_dir}/final``, that from_pretrained
+    loads (LoRA merged in, the adapter also in ``final/adapter``)."""
+    state = w.engine.full_state_dict()  # gathers ZeRO-3 shards; keys carry the scorer's "lm."
+    if w.rank == 0:
+        save_final_folder(w.lm, state, w.tokenizer, Path(args.output_dir) / "final", prefix="lm.")
     if dist.is_initialized():
         dist.barrier()
