@@ -1,4 +1,5 @@
-"""The reward-model judge, in an actor pool of its own, and the wiring of an LLM judge to a generator.
+"""The judge built from its settings (:func:`make_judge`), the reward-model judge in an actor pool
+of its own, and the wiring of an LLM judge to a generator.
 
 :class:`RewardModelJudge` loads a sequence-classification model once and scores each completion of
 a prompt (a :class:`raydpo.online.judges.Judge`). It is a plain class; the caller places it as Ray
@@ -14,9 +15,10 @@ from typing import Callable
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from actors.generator import Generator, SamplingSettings
+from actors.generator import Generator, GeneratorPool, SamplingSettings
+from raydpo.config import GeneratorConfig, JudgeConfig
 from raydpo.models import DTYPES, load_tokenizer
-from raydpo.online.judges import PromptItem, Scored
+from raydpo.online.judges import DEFAULT_PAIRWISE_TEMPLATE, Judge, PairwiseLlmJudge, PromptItem, Scored, VerifierJudge
 
 
 def load_reward_model(model_path: str, dtype: str = "float32") -> PreTrainedModel:
@@ -155,3 +157,22 @@ class RewardModelPool:
 
         for a in self.actors:
             ray.kill(a)
+
+
+def make_judge(judge: JudgeConfig, generator: GeneratorConfig, max_length: int) -> Judge:
+    """The judge ``judge.type`` names: a verifier in the driver, a reward model in an actor pool of
+    its own (texts cut at ``max_length`` tokens), or an LLM served by generator actors of its own
+    (greedy, version 0) on ``judge``'s resources, with the policy generators' ``backend`` and ``env``."""
+    if judge.type == "verifier":
+        return VerifierJudge(judge.verifier, judge.verifier_args)
+    if judge.type == "reward_model":
+        return RewardModelPool(judge.model, num_actors=judge.num_actors, num_cpus=judge.num_cpus,
+                               num_gpus=judge.num_gpus, batch_size=judge.batch_size, max_length=max_length,
+                               accelerator_type=judge.accelerator_type, resources=judge.resources)
+    served = GeneratorPool(GeneratorConfig(backend=generator.backend, num_actors=judge.num_actors,
+                                           num_cpus=judge.num_cpus, num_gpus=judge.num_gpus,
+                                           accelerator_type=judge.accelerator_type, resources=judge.resources,
+                                           env=generator.env),
+                           judge.model)
+    return PairwiseLlmJudge(generator_complete(served, load_tokenizer(judge.model)),
+                            judge.template or DEFAULT_PAIRWISE_TEMPLATE)

@@ -22,7 +22,7 @@ import ray.data
 from actors.generator import GeneratorPool
 from jobs import stages
 from raydpo.config import Config
-from raydpo.online import rounds
+from raydpo.online import evaluation, rounds
 from raydpo.online.judges import Judge, Scored
 from raydpo.online.pairs import make_pairs
 from raydpo.online.prompts import Prompt, PromptSet
@@ -190,8 +190,9 @@ def _initial_logps(o: Online, prompt_ids: list[list[int]], completions: list[lis
 
 def evaluate(o: Online, rd: RoundDir) -> dict[str, float]:
     """The pool's policy on the fixed evaluation prompts, against the initial policy's samples
-    there (round 0's): mean judge score, win rate (a tie counts half) and a sequence-level KL
-    estimate, mean over its samples y of log pi(y) - log pi_initial(y)."""
+    there (round 0's): judge score statistics, win rate (a tie counts half), a sequence-level KL
+    estimate (mean over its samples y of log pi(y) - log pi_initial(y)) and completion lengths;
+    the arithmetic is :mod:`raydpo.online.evaluation`'s."""
     if rd.eval.exists():
         return rounds.read_json(rd.eval)
     prompts, k = o.prompts.eval, o.cfg.online.eval_samples
@@ -206,21 +207,19 @@ def evaluate(o: Online, rd: RoundDir) -> dict[str, float]:
         scored = _score(o, prompts, [m["texts"] + b["texts"] for m, b in zip(mine, base)])
     else:  # the initial policy against itself: the same scores twice, not asked twice
         scored = [Scored(s.scores * 2, s.failures) for s in _score(o, prompts, [m["texts"] for m in mine])]
-    wins, games, own = 0.0, 0, []
-    for s in scored:
-        a, b = s.scores[:k], s.scores[k:]
-        own += [x for x in a if x is not None]
-        for x in a:
-            for y in b:
-                if x is not None and y is not None:
-                    wins += 1.0 if x > y else 0.5 if x == y else 0.0
-                    games += 1
+    own = evaluation.score_stats([x for s in scored for x in s.scores[:k]])
     initial = _initial_logps(o, [m["prompt_ids"] for m in mine], [m["completions"] for m in mine])
-    gaps = [lp - lp0 for m, lps0 in zip(mine, initial) for lp, lp0 in zip(m["logps"], lps0)]
-    metrics = {"round/eval_score_mean": statistics.fmean(own) if own else float("nan"),
-               "round/eval_score_std": statistics.pstdev(own) if len(own) > 1 else 0.0,
-               "round/win_rate_vs_initial": wins / games if games else float("nan"),
-               "round/kl_to_initial": statistics.fmean(gaps) if gaps else float("nan")}
+    lengths = evaluation.length_stats([c for m in mine for c in m["completions"]],
+                                      [f for m in mine for f in m["finished"]])
+    metrics = {"round/eval_score_mean": own.mean,
+               "round/eval_score_std": own.std,
+               "round/eval_score_ci95": own.ci95,
+               "round/win_rate_vs_initial": evaluation.win_rate([s.scores[:k] for s in scored],
+                                                                [s.scores[k:] for s in scored]),
+               "round/kl_to_initial": evaluation.kl_estimate([lp for m in mine for lp in m["logps"]],
+                                                             [lp for lps in initial for lp in lps]),
+               "round/eval_tokens_mean": lengths.mean_tokens,
+               "round/eval_finished_fraction": lengths.finished_fraction}
     rounds.write_json(rd.eval, metrics)
     return metrics
 
@@ -280,21 +279,7 @@ def load_prompts(cfg: Config, tok) -> PromptSet:
 
 
 def make_judge(cfg: Config) -> Judge:
-    """The judge the config names (``online.judge``): a verifier in the driver, a reward model in
-    an actor pool of its own, or an LLM served by generator actors of its own (greedy, version 0)."""
-    from actors.judge import RewardModelPool, generator_complete
-    from raydpo.config import GeneratorConfig
-    from raydpo.online.judges import DEFAULT_PAIRWISE_TEMPLATE, PairwiseLlmJudge, VerifierJudge
+    """The judge ``online.judge`` names (:func:`actors.judge.make_judge`)."""
+    from actors.judge import make_judge as build
 
-    j = cfg.online.judge
-    if j.type == "verifier":
-        return VerifierJudge(j.verifier, j.verifier_args)
-    if j.type == "reward_model":
-        return RewardModelPool(j.model, num_actors=j.num_actors, num_cpus=j.num_cpus, num_gpus=j.num_gpus,
-                               batch_size=j.batch_size, max_length=cfg.data.max_length,
-                               accelerator_type=j.accelerator_type, resources=j.resources)
-    served = GeneratorPool(GeneratorConfig(backend=cfg.online.generator.backend, num_actors=j.num_actors,
-                                           num_cpus=j.num_cpus, num_gpus=j.num_gpus, accelerator_type=j.accelerator_type,
-                                           resources=j.resources, env=cfg.online.generator.env),
-                           j.model)
-    return PairwiseLlmJudge(generator_complete(served, tokenizer(j.model)), j.template or DEFAULT_PAIRWISE_TEMPLATE)
+    return build(cfg.online.judge, cfg.online.generator, cfg.data.max_length)
