@@ -49,6 +49,10 @@ class ReferenceLogps:
         self.batch_tokens = batch_tokens
         self.max_padding = max_padding
 
+    def window(self, batch: pa.Table) -> pa.Table:
+        """The actor method of :class:`ReferencePool` (a handle cannot call ``__call__``)."""
+        return self(batch)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         t0 = time.perf_counter()
         prompts = batch["prompt_ids"].to_pylist()
@@ -63,6 +67,58 @@ class ReferenceLogps:
             "padded_tokens": [padded],
             "seconds": [time.perf_counter() - t0],
         })
+
+
+class ReferencePool:
+    """Reference actors that live for a whole online run (``reference`` settings: their number
+    and resources). The model is loaded at the first sequence the cache lacks, once per actor,
+    and kept: later rounds and evaluations pay only their forwards. Plain Arrow tables in and
+    out, no Ray Data: a round's pairs are small, and the actors hold the CPUs a Ray Data task
+    would wait for."""
+
+    def __init__(self, cache: Cache, model_path: str, settings: ReferenceConfig, gguf_file: str | None = None) -> None:
+        self.cache, self.settings = cache, settings
+        self._actor = ray.remote(ReferenceLogps).options(
+            num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, accelerator_type=settings.accelerator_type,
+            resources=settings.resources)
+        self._kwargs = {"cache": cache, "model_path": model_path, "gguf_file": gguf_file, "dtype": settings.dtype,
+                        "batch_tokens": settings.batch_tokens, "max_padding": settings.max_padding}
+        self.actors: list = []
+
+    def add_logps(self, pairs: pa.Table) -> tuple[pa.Table, RefStats]:
+        """``pairs`` (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) with ``ref_chosen_logps`` /
+        ``ref_rejected_logps``, computing only what the cache lacks, and the figures as
+        :func:`reference_stage` reports them."""
+        s, t0 = self.settings, time.perf_counter()
+        self.cache.init()
+        keyed = add_keys(pairs)
+        index, corrupt, foreign = self.cache.read_index()
+        index_ref = ray.put(index.select(["key"]))
+        hits = count_hits(keyed, index_ref).to_pylist()[0]
+        stats = RefStats(cache_key=f"{self.cache.key.dir_key}-{int(hits['key_sum']):032x}", cache_dir=self.cache.path,
+                         rows=pairs.num_rows, hits=hits["hits"], misses=pairs.num_rows - hits["hits"],
+                         corrupt_blocks=corrupt, foreign_blocks=foreign)
+        missing = missing_sequences(keyed, index_ref)
+        if missing.num_rows:
+            t1, loads_before = time.perf_counter(), self.cache.loads()
+            if not self.actors:
+                self.actors = [self._actor.remote(**self._kwargs) for _ in range(s.num_actors)]
+            windows = [missing.slice(lo, s.window) for lo in range(0, missing.num_rows, s.window)]
+            computed = ray.get([self.actors[i % len(self.actors)].window.remote(w) for i, w in enumerate(windows)])
+            stats.compute_seconds = time.perf_counter() - t1
+            stats.sequences_computed = sum(c["sequences"][0].as_py() for c in computed)
+            stats.tokens = sum(c["tokens"][0].as_py() for c in computed)
+            stats.padded_tokens = sum(c["padded_tokens"][0].as_py() for c in computed)
+            stats.model_loads = self.cache.loads() - loads_before
+            index, _, _ = self.cache.read_index()
+        with_ref = lookup(keyed, ray.put(index.select(["key", "logp"])))
+        stats.seconds = time.perf_counter() - t0
+        return with_ref, stats
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
 
 
 def reference_cache(model_path: str, gguf_file: str | None, chat_template: str | None,

@@ -38,6 +38,8 @@ def setup(cfg: Config, tracker: Tracker) -> Online:
     """The initial policy, the prompts, the judge, and the generators holding the policy of the
     last complete round."""
     from actors.generator import GeneratorPool
+    from actors.reference import ReferencePool
+    from raydpo.train.round_trainer import RoundTrainer
 
     prepared = stages.prepare(cfg)
     stages.save_run_config(cfg, prepared.out)
@@ -46,14 +48,19 @@ def setup(cfg: Config, tracker: Tracker) -> Online:
     say(prompts.summary())
     tracker.log_dict({"read": prompts.read, "train": len(prompts.train), "eval": len(prompts.eval),
                       "dropped": dict(prompts.dropped), "truncated": prompts.truncated}, "prompts_report.json")
-    pool = GeneratorPool(cfg.online.generator, prepared.model_path)
-    online = Online(cfg, prepared.out, prepared.model_path, prompts, pool,
-                                  round_stages.make_judge(cfg), tok,
-                                  tracker)
     done = rounds.first_incomplete(prepared.out, cfg.online.rounds) - 1
+    policy = rounds.policy_path(prepared.out, done, prepared.model_path)  # the newest complete round's
+    # Every pool for the whole run, started together: the trainer loads while round 0 is evaluated.
+    trainer = RoundTrainer(policy, prepared.out, cfg.train, cfg.loss, cfg.model.dtype)
+    reference = None
+    if (cfg.loss.needs_reference() and cfg.online.reference == "initial") or prompts.eval:
+        reference = ReferencePool(stages.cache_for(cfg, prepared.model_path), prepared.model_path, cfg.reference)
+    pool = GeneratorPool(cfg.online.generator, prepared.model_path)
+    online = Online(cfg, prepared.out, prepared.model_path, prompts, pool, round_stages.make_judge(cfg), tok,
+                    tracker, trainer, reference)
     if done:
         say(f"[raydpo] resuming after round {done}: syncing its policy into the generators")
-        pool.sync(rounds.policy_path(prepared.out, done, prepared.model_path), done)
+        pool.sync(policy, done)
     say(f"[raydpo] generators: {cfg.online.generator.num_actors} x {pool.backend()}")
     return online
 
@@ -84,7 +91,8 @@ def run_rounds(o: Online, stop: SigtermStop) -> list[dict[str, float]]:
                 trained = round_stages.train(o, rd, child, last_step, clock)
             stop.raise_if_stopped()
             with clock("sync"):
-                sync_seconds = o.pool.sync(str(rd.policy), r)
+                sync_seconds = round_stages.sync(o, rd)
+            o.trainer.policy_saved(str(rd.policy))
             with clock("evaluate"):
                 evaluation = round_stages.evaluate(o, rd)
             metrics = round_stages.round_metrics(rd, scored, accounting, trained, evaluation, sync_seconds)
@@ -109,7 +117,10 @@ def run_rounds(o: Online, stop: SigtermStop) -> list[dict[str, float]]:
 def shutdown(o: Online) -> None:
     """The generators and the judge's actors, ended however the job ends (a caller in the same
     process, a test or a notebook, must not keep them holding CPUs)."""
+    o.trainer.close()
     o.pool.shutdown()
+    if o.reference is not None:
+        o.reference.shutdown()
     if hasattr(o.judge, "shutdown"):  # a judge with actors of its own
         o.judge.shutdown()
 

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import ray.data
 
 from actors.generator import GeneratorPool
+from actors.reference import ReferencePool
 from jobs import stages
 from raydpo.config import Config
 from raydpo.online import evaluation, rounds
@@ -29,6 +29,7 @@ from raydpo.online.prompts import Prompt, PromptSet
 from raydpo.online.rounds import RoundDir
 from raydpo.progress import say
 from raydpo.tracking import Tracker
+from raydpo.train.round_trainer import RoundTrainer
 
 ROUND_SEED_STRIDE = 1_000_003  # round r samples with sampling.seed + r * stride: new samples every round
 EVAL_SEED = 7_777_777  # the evaluation samples of every policy use one seed: differences are the policy's
@@ -46,6 +47,8 @@ class Online:
     judge: Judge
     tokenizer: Any
     parent: Tracker
+    trainer: RoundTrainer  # holds the policy of the last round trained
+    reference: ReferencePool | None  # the initial policy's log-probs: the pairs' reference, the evaluation's KL
 
 
 class StageClock:
@@ -144,43 +147,65 @@ def pair(o: Online, rd: RoundDir, generations: list[dict], scored: list[Scored])
     return {"pairs": stats.pairs, "skipped": dict(stats.skipped), "judge_failures": dict(stats.judge_failures)}
 
 
-def train(o: Online, rd: RoundDir, child: Tracker, step_offset: int, clock: StageClock) -> dict[str, Any]:
-    """Reference log-probs for the pairs (cached), then the policy update from the previous
-    round's policy; returns ``{last_step, metrics}``."""
-    from raydpo.data.pipeline import TRAIN_COLUMNS
-    from raydpo.train.policy import train_policy
+def _reference_columns(o: Online, rd: RoundDir, pairs: pa.Table, child: Tracker) -> pa.Table:
+    """The pairs' reference log-probs, written to the round's folder once: the initial policy's
+    from the reference actors (through the cache), or, for ``online.reference: previous_round``,
+    the trainer's own before it trains (so a round resumed mid-training reads them, not its
+    half-trained policy's)."""
+    from actors.reference import log_stats, summary
 
+    if not rd.reference.exists():
+        if o.cfg.online.reference == "initial":
+            with_ref, stats = o.reference.add_logps(pairs)
+            say(summary(stats))
+            log_stats(child, stats)
+            columns = {k: with_ref[k] for k in ("ref_chosen_logps", "ref_rejected_logps")}
+        else:
+            scored = o.trainer.score(pairs)
+            columns = {k: pa.array(v, pa.float32()) for k, v in scored.items()}
+        rounds.write_table(rd.reference, pa.table(columns))
+    ref = rounds.read_table(rd.reference)
+    return pairs.append_column("ref_chosen_logps", ref["ref_chosen_logps"]).append_column(
+        "ref_rejected_logps", ref["ref_rejected_logps"])
+
+
+def train(o: Online, rd: RoundDir, child: Tracker, step_offset: int, clock: StageClock) -> dict[str, Any]:
+    """The round's reference log-probs, then the update of the trainer's policy (the previous
+    round's) on the round's pairs; returns ``{last_step, metrics}``."""
     if rd.trained.exists():
         return rounds.read_json(rd.trained)
-    cfg, previous = o.cfg, rounds.policy_path(o.out, rd.round - 1, o.initial)
-    pairs = ray.data.from_arrow(rounds.read_pairs(rd.pairs))
-    if cfg.loss.needs_reference():
-        ref_model = o.initial if cfg.online.reference == "initial" else previous
+    pairs = rounds.read_table(rd.pairs).select(["prompt_ids", "chosen_ids", "rejected_ids"])
+    if o.cfg.loss.needs_reference():
         with clock("reference"):
-            pairs, _ = stages.reference(cfg, ref_model, pairs, child)
-            pairs = pairs.materialize()  # here, so its seconds are the reference's
-    columns = TRAIN_COLUMNS if cfg.loss.needs_reference() else TRAIN_COLUMNS[:3]
-    result = train_policy(pairs.select_columns(columns).materialize(), None, model_path=previous,
-                          out_dir=rd.train_dir, train=cfg.train, loss=cfg.loss, dtype=cfg.model.dtype,
-                          tracker=child.spec, step_offset=step_offset)
-    trained = {"last_step": result.last_step, "metrics": result.metrics}
-    if result.final_dir.exists():  # else stopped early (SIGTERM): checkpointed, not trained
+            pairs = _reference_columns(o, rd, pairs, child)
+    result = o.trainer.train(pairs, rd.round, rd.train_dir, step_offset, child.spec)
+    trained = {"last_step": result["last_step"], "metrics": result["metrics"]}
+    if not result["stopped"]:  # else checkpointed at a SIGTERM, not trained
         rounds.write_json(rd.trained, trained)
     return trained
+
+
+def sync(o: Online, rd: RoundDir) -> float:
+    """The round's policy into every generator; the seconds the slowest receiver took.
+    ``collective``: broadcast by the trainer (it holds the policy) to every generator rank;
+    ``disk``: every generator reloads the round's HF folder."""
+    if o.cfg.online.generator.sync == "disk":
+        return o.pool.sync(str(rd.policy), rd.round)
+    index, endpoint = o.trainer.begin_send(o.pool.receivers(), o.pool.sync_timeout_s)
+    receiving = o.pool.begin_receive(endpoint, rd.round)
+    o.trainer.end_send(index)
+    return o.pool.finish_receive(receiving, rd.round, str(rd.policy))
 
 
 def _initial_logps(o: Online, prompt_ids: list[list[int]], completions: list[list[list[int]]]) -> list[list[float]]:
     """Each completion's summed log-prob under the initial policy, from the reference actors
     (through the cache: a completion seen before is not recomputed)."""
-    from actors.reference import reference_stage
-
     rows = [(p, c) for p, cs in zip(prompt_ids, completions) for c in cs]
     table = pa.table({"prompt_ids": [p for p, _ in rows], "chosen_ids": [c for _, c in rows],
                       "rejected_ids": [c for _, c in rows]},  # one sequence per row: the cache computes it once
                      schema=pa.schema([(k, pa.list_(pa.int32())) for k in ("prompt_ids", "chosen_ids", "rejected_ids")]))
-    with_ref, _ = reference_stage(ray.data.from_arrow(table), stages.cache_for(o.cfg, o.initial),
-                                  model_path=o.initial, gguf_file=None, settings=o.cfg.reference)
-    flat = [float(x) for x in with_ref.to_pandas()["ref_chosen_logps"]]
+    with_ref, _ = o.reference.add_logps(table)
+    flat = with_ref["ref_chosen_logps"].to_pylist()
     out, i = [], 0
     for cs in completions:
         out.append(flat[i: i + len(cs)])

@@ -5,7 +5,9 @@
 - ``generations.jsonl``: per training prompt, its k samples (token ids, text, log-probs, version);
 - ``scores.jsonl``: the judge's scores and failures per prompt;
 - ``pairs.parquet``: the preference pairs (``raydpo.online.pairs``);
-- ``train/``: the policy update (Ray Train checkpoints, then ``train/final``, the round's policy);
+- ``reference.parquet``: their reference log-probs, row for row (unless the loss is reference-free);
+- ``train/``: the policy update (the rows trained, step by step; then ``train/final``, the round's
+  policy; the trainer's checkpoints, one Ray Train run for all rounds, are in ``{output_dir}/trainer``);
 - ``trained.json``: the update's last step and metrics;
 - ``eval.json``: the new policy on the fixed evaluation prompts (score, win rate, KL);
 - ``round.json``: the round's metrics; written last, so a round is complete when it exists.
@@ -33,6 +35,7 @@ class RoundDir:
         self.generations = self.path / "generations.jsonl"
         self.scores = self.path / "scores.jsonl"
         self.pairs = self.path / "pairs.parquet"
+        self.reference = self.path / "reference.parquet"  # the pairs' reference log-probs, row for row
         self.train_dir = self.path / "train"
         self.policy = self.train_dir / "final"
         self.trained = self.path / "trained.json"
@@ -85,8 +88,12 @@ PAIR_SCHEMA = pa.schema([
 
 
 def write_pairs(path: Path, columns: dict[str, list]) -> None:
-    _replace(path, lambda tmp: pq.write_table(pa.table(columns, schema=PAIR_SCHEMA), tmp))
+    write_table(path, pa.table(columns, schema=PAIR_SCHEMA))
 
 
-def read_pairs(path: Path) -> pa.Table:
+def write_table(path: Path, table: pa.Table) -> None:
+    _replace(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def read_table(path: Path) -> pa.Table:
     return pq.read_table(path)

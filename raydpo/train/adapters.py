@@ -166,8 +166,18 @@ def _is_peft(model: torch.nn.Module) -> bool:
     return isinstance(model, peft.PeftModel)
 
 
-def _merged_copy(model: Any, state: dict[str, Tensor], adapter_dir: Path) -> torch.nn.Module:
-    """A merged plain model holding ``state``'s weights; writes the adapter on the way."""
+def hf_weights(model: torch.nn.Module, state_dict: dict[str, Tensor], *, prefix: str = "") -> dict[str, Tensor]:
+    """The weights a plain HF model of ``model`` takes, by their HF names: ``state_dict`` (what
+    the engine's ``full_state_dict()`` returned, keys under ``prefix``) with a PEFT model's
+    adapters merged in, as :func:`save_final` writes them; what a generator receives in a sync.
+    Consumes ``state_dict`` as :func:`save_final` does."""
+    state = _strip(state_dict, prefix)
+    return _merged_copy(model, state, None).state_dict() if _is_peft(model) else state
+
+
+def _merged_copy(model: Any, state: dict[str, Tensor], adapter_dir: Path | None) -> torch.nn.Module:
+    """A merged plain model holding ``state``'s weights; writes the adapter to ``adapter_dir``
+    on the way (unless None)."""
     import peft
 
     base = model.get_base_model()
@@ -185,5 +195,6 @@ def _merged_copy(model: Any, state: dict[str, Tensor], adapter_dir: Path) -> tor
             f"state_dict does not match the PEFT model: unexpected {result.unexpected_keys[:3]}, "
             f"missing {still_meta[:3]} (wrong prefix?)"
         )
-    fresh.save_pretrained(adapter_dir, safe_serialization=True)
+    if adapter_dir is not None:
+        fresh.save_pretrained(adapter_dir, safe_serialization=True)
     return fresh.merge_and_unload()

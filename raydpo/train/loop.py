@@ -359,15 +359,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if w.rank == 0 and start_step:
         _say(f"[raydpo] resumed at step {start_step}/{args.total_steps}")
     eval_shard = ray.train.get_dataset_shard("eval") if args.has_eval else None  # ray
-    stopped = train_steps(w, args, bco, start_step, eval_shard)
-    if not stopped:
+    if not train_steps(w, args, bco, start_step, eval_shard).stopped:
         save_final(w, args)
 
 
-def train_steps(w: Worker, args: LoopArgs, bco: RunningMean, start_step: int, eval_shard=None) -> bool:
+@dataclass(frozen=True)
+class Steps:
+    """What :func:`train_steps` did: ``stopped`` when the driver asked the workers to stop (a
+    SIGTERM: the last step is then checkpointed and nothing more); the last step trained and its
+    metrics (empty if none)."""
+
+    stopped: bool
+    step: int
+    metrics: dict[str, float]
+
+
+def train_steps(w: Worker, args: LoopArgs, bco: RunningMean, start_step: int, eval_shard=None) -> Steps:
     """COLLECTIVE: steps ``start_step + 1 .. args.total_steps`` on ``args``' training rows, with
-    the metrics, evaluations and checkpoints ``args.train`` asks for. Returns whether the driver
-    asked the workers to stop (a SIGTERM): then the last step is checkpointed and nothing more."""
+    the metrics, evaluations and checkpoints ``args.train`` asks for."""
     train, rank, world, engine = args.train, w.rank, w.world, w.engine
     # Rank 0 logs: writes go to the spool on disk and a thread delivers them, so a slow or
     # stopped tracking server never stalls the step.
@@ -376,7 +385,7 @@ def train_steps(w: Worker, args: LoopArgs, bco: RunningMean, start_step: int, ev
                                 args.local_batch_size, args.steps_per_epoch)  # its part of each epoch
     trained_rows = TrainedRows(args.output_dir, rank, start_step)
     stop = StopCheck(args.output_dir, rank)
-    step, saved, stopping = start_step, start_step, False
+    step, saved, stopping, metrics = start_step, start_step, False, {}
     engine.module.train()
     t_last, pairs_last = time.perf_counter(), 0
     for epoch in range(start_step // args.steps_per_epoch, 10**9):
@@ -429,7 +438,7 @@ def train_steps(w: Worker, args: LoopArgs, bco: RunningMean, start_step: int, ev
         if eval_shard is None and not stopping:
             tracker.log_plots(args.step_offset + step)
         tracker.close(timeout=10)  # what is left, the driver delivers (or the next run)
-    return stopping
+    return Steps(stopping, step, {k: float(v) for k, v in metrics.items()})
 
 
 def _inject_failure(args: LoopArgs, step: int) -> None:

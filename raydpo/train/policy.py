@@ -10,6 +10,7 @@ import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import ray.data
 import ray.train
@@ -117,6 +118,16 @@ def has_checkpoints(storage_path: str, name: str) -> bool:
     return any(f.base_name.startswith("checkpoint_") and f.type == pyarrow.fs.FileType.Directory for f in found)
 
 
+def schedule(n_train: int, train: TrainConfig) -> tuple[int, int, int]:
+    """``(pairs per worker per step, steps per epoch, total steps)`` of a training on ``n_train``
+    pairs; :class:`DataError` when they are less than one global batch."""
+    local_batch = train.batch_size // train.num_workers
+    steps_per_epoch = (n_train // train.num_workers) // local_batch
+    if steps_per_epoch == 0:
+        raise DataError(f"{n_train} training pairs is less than one batch (train.batch_size {train.batch_size})")
+    return local_batch, steps_per_epoch, min(train.max_steps or 10**12, steps_per_epoch * train.epochs)
+
+
 def train_policy(
     train_ds: ray.data.Dataset,
     eval_ds: ray.data.Dataset | None,
@@ -137,11 +148,7 @@ def train_policy(
     :mod:`raydpo.train.checkpoints`). Metrics go to ``tracker``'s run at steps ``step_offset + 1 ...``;
     progress to the console."""
     n_train, n_eval = train_ds.count(), eval_ds.count() if eval_ds is not None else 0
-    local_batch = train.batch_size // train.num_workers
-    steps_per_epoch = (n_train // train.num_workers) // local_batch
-    if steps_per_epoch == 0:
-        raise DataError(f"{n_train} training pairs is less than one batch (train.batch_size {train.batch_size})")
-    total = min(train.max_steps or 10**12, steps_per_epoch * train.epochs)
+    local_batch, steps_per_epoch, total = schedule(n_train, train)
     args = LoopArgs(
         train=train, loss=loss, model_path=model_path, output_dir=str(out_dir), local_batch_size=local_batch,
         total_steps=total, steps_per_epoch=steps_per_epoch,
@@ -153,10 +160,35 @@ def train_policy(
         f"{total} steps of {train.batch_size} pairs"
         + (f"; checkpoints in {storage_path}/{name}" if train.storage_path else ""))
 
+    loop_config = {"args": args}
+    # One line per logged step, read from rank 0's tracking spool (the workers' output stays in Ray's logs).
+    progress = TrainProgress(Spool(tracker.spool_dir, "rank0"), step_offset + total).start() if tracker else None
+    # fit() installs a SIGINT handler bound to this run's controller and leaves it behind; after the
+    # fit, Ctrl-C (in a later round's generation, or while `raydpo submit` follows a job) must reach
+    # the caller's handler again, not abort a controller that is gone.
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        result = fit(train_loop_per_worker, loop_config, train, storage_path, name,
+                     datasets={"eval": eval_ds} if n_eval else {})  # train rows: LoopArgs.train_blocks
+    finally:
+        if progress:
+            progress.stop()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    return PolicyResult(out_dir / "final", metrics, step_offset + total)
+
+
+def fit(loop, loop_config: dict[str, Any], train: TrainConfig, storage_path: str, name: str,
+        datasets: dict[str, ray.data.Dataset] | None = None) -> ray.train.Result:
+    """Ray Train's ``fit()`` of ``loop`` on ``train.num_workers`` workers, resuming from the newest
+    intact checkpoint in ``{storage_path}/{name}``: a damaged one is moved aside before the
+    workers start, saying why, and so is one a worker fails to load (the fit then starts again).
+    Lost workers with no restart left raise :class:`WorkersLost`."""
     def trainer() -> TorchTrainer:
         return TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"args": args},
+            loop,
+            train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                          resources_per_worker={"CPU": train.cpus_per_worker, **(train.resources or {})},
                                          placement_strategy=train.placement_strategy,
@@ -168,36 +200,22 @@ def train_policy(
                 failure_config=FailureConfig(max_failures=train.max_failures),
                 worker_runtime_env={"env_vars": worker_env(train)},
             ),
-            datasets={"eval": eval_ds} if n_eval else {},  # train rows: LoopArgs.train_blocks
+            datasets=datasets or {},
             dataset_config=FixedShards(),
         )
-    # One line per logged step, read from rank 0's tracking spool (the workers' output stays in Ray's logs).
-    progress = TrainProgress(Spool(tracker.spool_dir, "rank0"), step_offset + total).start() if tracker else None
-    # fit() installs a SIGINT handler bound to this run's controller and leaves it behind; after the
-    # fit, Ctrl-C (in a later round's generation, or while `raydpo submit` follows a job) must reach
-    # the caller's handler again, not abort a controller that is gone.
-    sigint = signal.getsignal(signal.SIGINT)
+
     damaged: dict[str, str] = {}  # checkpoint folder name -> why a worker could not load it
-    try:
-        while True:
-            # Before any worker starts: Ray Train resumes from the newest intact checkpoint.
-            repair_run(storage_path, name, say, damaged)
-            try:
-                result = trainer().fit()
-                break
-            except ray.train.WorkerGroupError as e:
-                failed = damaged_checkpoint(e)
-                if failed is not None and PurePosixPath(failed.folder).name not in damaged:
-                    damaged[PurePosixPath(failed.folder).name] = failed.why  # moved aside by the next repair_run
-                    continue
-                lost = lost_workers(e)
-                if lost:
-                    raise workers_lost(lost, storage_path, name) from e
-                raise
-    finally:
-        if progress:
-            progress.stop()
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, sigint)
-    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-    return PolicyResult(out_dir / "final", metrics, step_offset + total)
+    while True:
+        # Before any worker starts: Ray Train resumes from the newest intact checkpoint.
+        repair_run(storage_path, name, say, damaged)
+        try:
+            return trainer().fit()
+        except ray.train.WorkerGroupError as e:
+            failed = damaged_checkpoint(e)
+            if failed is not None and PurePosixPath(failed.folder).name not in damaged:
+                damaged[PurePosixPath(failed.folder).name] = failed.why  # moved aside by the next repair_run
+                continue
+            lost = lost_workers(e)
+            if lost:
+                raise workers_lost(lost, storage_path, name) from e
+            raise

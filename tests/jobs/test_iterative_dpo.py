@@ -79,10 +79,10 @@ def test_rounds_raise_the_score_resume_and_are_tracked(ray_local, tmp_path, mlfl
         generations = read_jsonl(rd.generations)
         assert all(g["version"] == r - 1 for g in generations)  # sampled from the previous round's policy
         assert all(len(g["completions"]) == 4 for g in generations)
-        from raydpo.online.rounds import read_pairs
-        assert read_pairs(rd.pairs).num_rows == m["round/pairs"] > 0
+        from raydpo.online.rounds import read_table
+        assert read_table(rd.pairs).num_rows == m["round/pairs"] > 0
         assert m["round/pairs"] <= len(generations)  # best_worst: at most one pair per prompt
-        assert m["round/skipped"] == len(generations) - len({int(i) for i in read_pairs(rd.pairs)["prompt_row"].to_pylist()})
+        assert m["round/skipped"] == len(generations) - len({int(i) for i in read_table(rd.pairs)["prompt_row"].to_pylist()})
 
     # The score rises: the last policy beats the initial one on the held-out prompts.
     baseline, last = read_json(RoundDir(out, 0).eval), outcome.history[-1]
