@@ -15,6 +15,11 @@ Every generator holds a policy version: :meth:`Generator.load_weights` sets it, 
 version (:class:`VersionMismatch`) instead of training on stale ones. A reload that does not finish
 within its timeout raises :class:`SyncTimeout`, naming the folder and the seconds.
 
+Two ways for a new policy to arrive, with the same version rules: from a safetensors folder
+(``load_weights``: the disk path) or over a collective (``receive_weights``: every generator, and
+every vLLM worker inside one, is a receiver rank of one ``raydpo.weight_sync`` broadcast whose
+sender is the trainer; ``GeneratorPool.begin_receive`` / ``finish_receive`` drive it).
+
 :class:`GeneratorActor` is the Ray actor around one generator (placed with ``num_cpus`` /
 ``num_gpus`` by the caller).
 """
@@ -22,10 +27,12 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from raydpo.online.samples import SamplingSettings, Samples
+from raydpo.weight_sync import Endpoint, WeightSyncError
 
 Backend = Literal["vllm", "transformers", "auto"]
 
@@ -48,6 +55,10 @@ class Generator(Protocol):
     def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Samples]: ...
 
     def load_weights(self, folder: str, version: int, timeout_s: float) -> float: ...
+
+    def receivers(self) -> int: ...
+
+    def receive_weights(self, endpoint: Endpoint, rank: int, version: int, timeout_s: float) -> float: ...
 
 
 def vllm_available() -> bool:
@@ -113,7 +124,8 @@ def _with_timeout(fn, timeout_s: float, what: str):
 
 def _sync(generator, engine: _Engine, reload, timeout_s: float, what: str, version: int) -> float:
     """Run ``reload`` under ``timeout_s`` (waiting for the engine counts); on success the
-    generator holds ``version``, on a timeout no known version. Returns the seconds taken."""
+    generator holds ``version``; on a timeout or an error inside ``reload`` no known version (a
+    reload or a receive that broke off may have replaced some tensors). Returns the seconds taken."""
     t0 = time.perf_counter()
     engine.newest_sync += 1
     ticket = engine.newest_sync
@@ -125,7 +137,7 @@ def _sync(generator, engine: _Engine, reload, timeout_s: float, what: str, versi
 
     try:
         _with_timeout(guarded, timeout_s, what)
-    except SyncTimeout:
+    except BaseException:
         generator.version = UNKNOWN_VERSION
         raise
     generator.version = version
@@ -229,6 +241,41 @@ class TransformersGenerator:
 
         return _sync(self, self.engine, load, timeout_s, f"weight sync from {folder}", version)
 
+    def receivers(self) -> int:
+        return 1
+
+    def receive_weights(self, endpoint: Endpoint, rank: int, version: int, timeout_s: float = 120.0) -> float:
+        """Join the sync at ``endpoint`` as receiver ``rank`` and copy every received tensor into
+        the parameter or buffer of its name; returns the seconds taken (waiting for the engine
+        counts). The whole stream is read before a name mismatch raises, so the sender is not
+        left waiting."""
+        import torch
+
+        from raydpo.weight_sync import WeightReceiver
+
+        def load() -> None:
+            # keep_vars: the tensors themselves; a tied LM head appears under both names
+            state = self.model.state_dict(keep_vars=True)
+            seen, unexpected = set(), []
+            with WeightReceiver(endpoint, rank, self.device) as receiver, torch.no_grad():
+                for name, tensor in receiver.receive():
+                    target = state.get(name)
+                    if target is None or target.shape != tensor.shape:
+                        unexpected.append(name)
+                        continue
+                    target.copy_(tensor)
+                    seen.add(name)
+            missing = {k for k in state if k not in seen and not k.endswith("lm_head.weight")}
+            if missing or unexpected:
+                raise ValueError(f"weight sync from {endpoint.host}:{endpoint.port}: missing {sorted(missing)[:5]}, "
+                                 f"unexpected or of another shape {sorted(unexpected)[:5]}")
+
+        return _sync(self, self.engine, load, timeout_s, _collective_what(endpoint, rank), version)
+
+
+def _collective_what(endpoint: Endpoint, rank: int) -> str:
+    return f"collective weight sync from {endpoint.host}:{endpoint.port} (receiver rank {rank})"
+
 
 class VllmGenerator:
     """A ``vllm.LLM`` engine fed token ids; weights reloaded in place, prefix cache reset."""
@@ -280,6 +327,23 @@ class VllmGenerator:
 
         return _sync(self, self.engine, reload, timeout_s, f"vLLM weight sync from {folder}", version)
 
+    def receivers(self) -> int:
+        """One receiver rank per vLLM worker (``tensor_parallel_size``): each loads its shard
+        from the full tensors."""
+        return self.llm.llm_engine.vllm_config.parallel_config.world_size
+
+    def receive_weights(self, endpoint: Endpoint, rank: int, version: int, timeout_s: float = 120.0) -> float:
+        """Every vLLM worker joins the sync at ``endpoint`` as receiver ``rank + its rank`` and
+        reloads in place from the stream; then the prefix cache is dropped. Returns the seconds."""
+        import dataclasses
+
+        def reload() -> None:
+            # A plain dict crosses vLLM's RPC serialization; the worker rebuilds the Endpoint.
+            self.llm.collective_rpc("raydpo_receive_weights", args=(dataclasses.asdict(endpoint), rank))
+            self.llm.reset_prefix_cache()
+
+        return _sync(self, self.engine, reload, timeout_s, "vLLM " + _collective_what(endpoint, rank), version)
+
 
 class VllmWeightSync:
     """Mixed into every vLLM worker (``worker_extension_cls``); ``collective_rpc`` calls it.
@@ -293,6 +357,18 @@ class VllmWeightSync:
 
     def raydpo_reload_weights(self, folder: str) -> None:
         self.model_runner.reload_weights(weights_path=folder)
+        self._raydpo_repack()
+
+    def raydpo_receive_weights(self, endpoint: dict, first_rank: int) -> None:
+        """Receiver ``first_rank + self.rank`` of the sync at ``endpoint``: the stream goes
+        straight into vLLM's in-place reload (``model.load_weights`` shards it per worker)."""
+        from raydpo.weight_sync import Endpoint, WeightReceiver
+
+        with WeightReceiver(Endpoint(**endpoint), first_rank + self.rank, self.device) as receiver:
+            self.model_runner.reload_weights(weights_iterator=receiver.receive())
+        self._raydpo_repack()
+
+    def _raydpo_repack(self) -> None:
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
         for module in self.model_runner.get_model().modules():
@@ -332,6 +408,13 @@ class GeneratorActor:
     def load_weights(self, folder: str, version: int, timeout_s: float = 120.0) -> float:
         return self.generator.load_weights(folder, version, timeout_s)
 
+    def receivers(self) -> int:
+        """Receiver ranks this actor takes in a collective sync."""
+        return self.generator.receivers()
+
+    def receive_weights(self, endpoint: Endpoint, rank: int, version: int, timeout_s: float = 120.0) -> float:
+        return self.generator.receive_weights(endpoint, rank, version, timeout_s)
+
 
 class GeneratorPool:
     """``settings.num_actors`` generator actors (``online.generator``) that sample and sync as one.
@@ -343,7 +426,17 @@ class GeneratorPool:
 
     An actor that dies (its process killed, its node lost) is replaced: the new one loads the
     policy the pool holds and its shard is sampled again with the same seeds, so the round gets
-    the samples it would have had (up to ``MAX_RESTARTS`` per call)."""
+    the samples it would have had (up to ``MAX_RESTARTS`` per call).
+
+    A collective sync is a driver-side pair around the trainer's ``WeightSender``:
+    ``begin_receive(endpoint, version)`` starts every actor receiving (returns at once) and
+    ``finish_receive(handle, version, fallback_folder)`` waits for every acknowledgement within
+    ``sync_timeout_s`` of the begin. The pool's version moves only when every actor holds
+    ``version``: an actor that died is replaced and loads ``fallback_folder`` from disk, as does
+    every actor whose receive failed because of it; without a fallback folder, or with an actor
+    that stalled, :class:`WeightSyncError` says which actors died, failed or stalled, the pool
+    keeps its version (a replaced actor holds it), and an actor whose receive failed holds no
+    known version (it refuses to generate) until the next sync succeeds."""
 
     MAX_RESTARTS = 3
 
@@ -357,7 +450,10 @@ class GeneratorPool:
         self._settings, self._model_path = settings, model_path
         self.actors = [self._start(i) for i in range(settings.num_actors)]
         self.sync_timeout_s = settings.sync_timeout_s
-        self.version, self.folder = 0, model_path  # the policy every actor holds
+        # The policy every actor holds, and a folder of it (None after a collective sync
+        # without one: an actor that dies then cannot be given the policy).
+        self.version, self.folder = 0, model_path
+        self._receivers = ray.get([a.receivers.remote() for a in self.actors])  # ranks per actor
 
     def _start(self, i: int):
         s = self._settings
@@ -373,6 +469,9 @@ class GeneratorPool:
         say(f"[raydpo] generator actor {i} died ({type(error).__name__}); starting another with policy version {version}")
         self.actors[i] = self._start(i)
         if version:
+            if self.folder is None:
+                raise WeightSyncError(f"generator actor {i} died and policy version {version} came over a collective "
+                                      "sync without a folder: nothing to load it from") from error
             ray.get(self.actors[i].load_weights.remote(self.folder, version, self.sync_timeout_s))
 
     def backend(self) -> str:
@@ -406,8 +505,84 @@ class GeneratorPool:
         self.version, self.folder = version, folder
         return max(seconds)
 
+    def receivers(self) -> int:
+        """Receiver ranks of a collective sync (the sender adds rank 0): one per generator
+        actor, ``tensor_parallel_size`` per vLLM actor."""
+        return sum(self._receivers)
+
+    def begin_receive(self, endpoint: Endpoint, version: int) -> "ReceiveHandle":
+        """Every actor starts joining the sync at ``endpoint`` (actor i takes the ranks after
+        actor i - 1's); returns at once. The sender's ``send`` runs meanwhile."""
+        import time
+
+        if endpoint.world_size != self.receivers() + 1:
+            raise ValueError(f"weight sync endpoint for {endpoint.world_size - 1} receivers; this pool has "
+                             f"{self.receivers()}: open the sender with pool.receivers()")
+        first, refs = 1, []
+        for actor, n in zip(self.actors, self._receivers):
+            refs.append(actor.receive_weights.remote(endpoint, first, version, self.sync_timeout_s))
+            first += n
+        return ReceiveHandle(refs, time.monotonic())
+
+    def finish_receive(self, handle: "ReceiveHandle", version: int, fallback_folder: str | None = None) -> float:
+        """Wait for every actor's acknowledgement, at most ``sync_timeout_s`` after the begin;
+        the pool then holds ``version`` (and ``fallback_folder`` as its folder) and the slowest
+        actor's seconds come back. Failures: see the class docstring."""
+        import time
+
+        import ray
+
+        left = max(handle.started + self.sync_timeout_s - time.monotonic(), 0.0)
+        ready, _ = ray.wait(handle.refs, num_returns=len(handle.refs), timeout=left)
+        ready = set(ready)
+        seconds: list[float] = []
+        died: dict[int, str] = {}
+        failed: dict[int, str] = {}
+        stalled: list[int] = []
+        for i, ref in enumerate(handle.refs):
+            if ref not in ready:
+                stalled.append(i)
+                continue
+            try:
+                seconds.append(ray.get(ref))
+            except ray.exceptions.RayActorError as e:
+                died[i] = f"{type(e).__name__}"
+            except ray.exceptions.RayTaskError as e:
+                failed[i] = str(e.cause) if getattr(e, "cause", None) is not None else str(e).splitlines()[-1]
+        if not (died or failed or stalled):
+            self.version, self.folder = version, fallback_folder
+            return max(seconds)
+
+        recover = fallback_folder is not None and not stalled
+        for i in died:  # a new actor: the fallback loads into it below, else it holds the pool's policy
+            self._replace(i, WeightSyncError(died[i]), version=0 if recover else None)
+        report = "; ".join([f"actor {i} died ({why}), replaced" for i, why in died.items()]
+                           + [f"actor {i} failed: {why}" for i, why in failed.items()]
+                           + [f"actor {i} stalled: no answer within {self.sync_timeout_s:g} s" for i in stalled])
+        if recover:
+            from raydpo.progress import say
+
+            say(f"[raydpo] collective weight sync of version {version} incomplete ({report}); "
+                f"loading {fallback_folder} from disk where it did not arrive")
+            redo = sorted([*died, *failed])
+            refs = [self.actors[i].load_weights.remote(fallback_folder, version, self.sync_timeout_s) for i in redo]
+            seconds += ray.get(refs)
+            self.version, self.folder = version, fallback_folder
+            return max(seconds)
+        raise WeightSyncError(f"collective weight sync of policy version {version} failed: {report}. The pool keeps "
+                              f"version {self.version}" + ("" if fallback_folder else " (no fallback folder given)"))
+
     def shutdown(self) -> None:
         import ray
 
         for a in self.actors:
             ray.kill(a)
+
+
+@dataclass
+class ReceiveHandle:
+    """One collective sync in flight (``GeneratorPool.begin_receive``): each actor's reply, in
+    actor order, and when it began (``time.monotonic`` seconds)."""
+
+    refs: list
+    started: float

@@ -371,6 +371,11 @@ class GeneratorConfig(_Placed):
     tensor_parallel_size: int = Field(1, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     sync_timeout_s: float = Field(300.0, gt=0)  # a weight sync that takes longer fails the round
+    # How a new policy reaches the generators: "collective" broadcasts the trainer's tensors over a
+    # process group of their own (gloo on CPUs, NCCL on GPUs; raydpo/weight_sync.py), with the
+    # round's folder as the fallback for an actor that died; "disk" reloads the round's folder.
+    sync: Literal["collective", "disk"] = "collective"
+    sync_bucket_mib: int = Field(256, gt=0)  # collective: bytes per broadcast, MiB (weight_sync.DEFAULT_BUCKET_BYTES)
     engine: dict[str, Any] = {}  # more vllm.LLM arguments, e.g. {gpu_memory_utilization: 0.4, max_model_len: 2048}
     env: dict[str, str] = {}  # environment of the actors, e.g. VLLM_CPU_KVCACHE_SPACE for vLLM-CPU
 
