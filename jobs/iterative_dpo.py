@@ -37,6 +37,7 @@ class Outcome:
 def setup(cfg: Config, tracker: Tracker) -> Online:
     """The initial policy, the prompts, the judge, and the generators holding the policy of the
     last complete round."""
+    from actors import placement
     from actors.generator import GeneratorPool
     from actors.reference import ReferencePool
     from raydpo.train.round_trainer import RoundTrainer
@@ -50,10 +51,15 @@ def setup(cfg: Config, tracker: Tracker) -> Online:
                       "dropped": dict(prompts.dropped), "truncated": prompts.truncated}, "prompts_report.json")
     done = rounds.first_incomplete(prepared.out, cfg.online.rounds) - 1
     policy = rounds.policy_path(prepared.out, done, prepared.model_path)  # the newest complete round's
-    # Every pool for the whole run, started together: the trainer loads while round 0 is evaluated.
+    # Every pool lives for the whole run: before any starts, they must fit the cluster together.
+    needs_reference = (cfg.loss.needs_reference() and cfg.online.reference == "initial") or bool(prompts.eval)
+    placement.check([placement.generator_pool(cfg.online.generator), placement.judge_pool(cfg.online.judge),
+                     placement.reference_pool(cfg.reference) if needs_reference else None,
+                     placement.trainer_pool(cfg.train)])
+    # Started together: the trainer loads while round 0 is evaluated.
     trainer = RoundTrainer(policy, prepared.out, cfg.train, cfg.loss, cfg.model.dtype)
     reference = None
-    if (cfg.loss.needs_reference() and cfg.online.reference == "initial") or prompts.eval:
+    if needs_reference:
         reference = ReferencePool(stages.cache_for(cfg, prepared.model_path), prepared.model_path, cfg.reference)
     pool = GeneratorPool(cfg.online.generator, prepared.model_path)
     online = Online(cfg, prepared.out, prepared.model_path, prompts, pool, round_stages.make_judge(cfg), tok,

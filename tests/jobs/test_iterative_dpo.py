@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from raydpo.config import load_config
-from raydpo.online.rounds import RoundDir, read_json, read_jsonl
+from raydpo.online.rounds import RoundDir, read_json, read_jsonl, read_table
 from tests.jobs.strike import Strike, checkpoints, freeze, trained_rows, wait_for_step, wait_until
 
 pytestmark = pytest.mark.slow  # two online jobs of two rounds each, one stopped by a real SIGTERM (minutes)
@@ -57,7 +57,7 @@ def test_rounds_raise_the_score_resume_and_are_tracked(ray_local, tmp_path, mlfl
         run(online(tmp_path, mlflow_uri, *SMALL, *smaller))
     stopped = preempted.value.step  # the step round 1's training checkpointed on the way out
     assert stopped is not None and stopped >= struck["after_step"], str(preempted.value)
-    assert checkpoints(r1.train_dir)[-1] == stopped
+    assert checkpoints(r1.train_dir, out / "trainer" / "ray" / "train")[-1] == stopped  # the run's one trainer
     assert r1.pairs.exists() and not r1.complete() and not r1.policy.exists()
     client = MlflowClient(mlflow_uri)
     run_id = (out / "mlflow_run_id").read_text().strip()
@@ -79,7 +79,6 @@ def test_rounds_raise_the_score_resume_and_are_tracked(ray_local, tmp_path, mlfl
         generations = read_jsonl(rd.generations)
         assert all(g["version"] == r - 1 for g in generations)  # sampled from the previous round's policy
         assert all(len(g["completions"]) == 4 for g in generations)
-        from raydpo.online.rounds import read_table
         assert read_table(rd.pairs).num_rows == m["round/pairs"] > 0
         assert m["round/pairs"] <= len(generations)  # best_worst: at most one pair per prompt
         assert m["round/skipped"] == len(generations) - len({int(i) for i in read_table(rd.pairs)["prompt_row"].to_pylist()})
