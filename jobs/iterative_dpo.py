@@ -1,5 +1,7 @@
 """Iterative online DPO: R rounds of generate -> judge -> pair -> train, each round's policy
-synced into the generators in place.
+synced into the generators in place. One trainer and one reference actor group serve every round
+(``raydpo.train.round_trainer``, ``actors.reference.ReferencePool``); with
+``online.max_staleness`` >= 1 the next round's samples are drawn while a round trains.
 
 ``python -m jobs.iterative_dpo CONFIG [--set key=value ...] [--verbose]`` (or ``raydpo iterate``).
 One MLflow run holds the whole run (``round/*`` metrics at step = round, the rounds plot, the
@@ -94,7 +96,12 @@ def run_rounds(o: Online, stop: SigtermStop) -> list[dict[str, float]]:
                 scored = round_stages.judge(o, rd, generations)
                 accounting = round_stages.pair(o, rd, generations, scored)
             with stop.training(rd.train_dir), clock("train"):
-                trained = round_stages.train(o, rd, child, last_step, clock)
+                training = round_stages.begin_train(o, rd, child, last_step, clock)
+                if cfg.online.max_staleness and r < cfg.online.rounds:
+                    with clock("ahead"):  # the next round's samples and scores, drawn while this round trains
+                        ahead = RoundDir(out, r + 1)
+                        round_stages.judge(o, ahead, round_stages.generate(o, ahead))
+                trained = round_stages.end_train(o, rd, training)
             stop.raise_if_stopped()
             with clock("sync"):
                 sync_seconds = round_stages.sync(o, rd)

@@ -109,7 +109,9 @@ def _round_prompts(o: Online, r: int) -> list[Prompt]:
 
 
 def generate(o: Online, rd: RoundDir) -> list[dict]:
-    """The round's samples, from the policy of the previous round (the pool holds it)."""
+    """The round's samples, from the policy the pool holds: the previous round's, or with
+    ``online.max_staleness`` >= 1 the one before when drawn while the previous round trains.
+    Each row carries its policy version; :func:`pair` refuses the ones out of bounds."""
     if not rd.generations.exists():
         prompts = _round_prompts(o, rd.round)
         say(f"[raydpo] round {rd.round}: sampling {o.cfg.online.sampling.k} completions of {len(prompts)} prompts")
@@ -117,12 +119,7 @@ def generate(o: Online, rd: RoundDir) -> list[dict]:
         tokens = sum(len(c) for row in rows for c in row["completions"])
         rounds.write_json(rd.path / "generation.json", {"seconds": seconds, "tokens": tokens})
         rounds.write_jsonl(rd.generations, rows)  # last: the stage is complete when this exists
-    rows = rounds.read_jsonl(rd.generations)
-    wrong = {row["version"] for row in rows} - {rd.round - 1}
-    if wrong:  # never train on samples of another policy than the round's
-        raise RuntimeError(f"round {rd.round}: samples of policy version(s) {sorted(wrong)} in {rd.generations}; "
-                           f"expected {rd.round - 1}")
-    return rows
+    return rounds.read_jsonl(rd.generations)
 
 
 def judge(o: Online, rd: RoundDir, generations: list[dict]) -> list[Scored]:
@@ -135,16 +132,23 @@ def judge(o: Online, rd: RoundDir, generations: list[dict]) -> list[Scored]:
 
 
 def pair(o: Online, rd: RoundDir, generations: list[dict], scored: list[Scored]) -> dict[str, Any]:
-    """Writes the pairs; returns the accounting (pairs, skipped prompts by reason, judge failures)."""
-    online = o.cfg.online
+    """Writes the pairs; returns the accounting (pairs, skipped prompts by reason, judge failures,
+    and the staleness of the pairs' samples: versions behind the policy the round trains, which
+    is ``rd.round - 1``). Samples more than ``online.max_staleness`` versions behind, or of a
+    version not yet trained, give no pair (counted as ``stale``): never trained on silently."""
+    online, trains = o.cfg.online, rd.round - 1
+    versions = [g["version"] for g in generations]
     columns, stats = make_pairs([g["prompt_ids"] for g in generations], [g["completions"] for g in generations],
-                                scored, online.pairs, online.min_score_margin)
+                                scored, online.pairs, online.min_score_margin, versions,
+                                accept=(trains - online.max_staleness, trains))
     if not rd.pairs.exists():
         rounds.write_pairs(rd.pairs, columns)
     say(f"[raydpo] round {rd.round}: {stats.summary()}")
     if not stats.pairs:  # e.g. a verifier that fails on everything (its first error was logged above)
         raise RuntimeError(f"round {rd.round}: the judge's scores gave no pair: {stats.summary()}")
-    return {"pairs": stats.pairs, "skipped": dict(stats.skipped), "judge_failures": dict(stats.judge_failures)}
+    lags = [trains - versions[row] for row in columns["prompt_row"]]
+    return {"pairs": stats.pairs, "skipped": dict(stats.skipped), "judge_failures": dict(stats.judge_failures),
+            "staleness_mean": statistics.fmean(lags), "staleness_max": max(lags)}
 
 
 def _reference_columns(o: Online, rd: RoundDir, pairs: pa.Table, child: Tracker) -> pa.Table:
@@ -169,16 +173,24 @@ def _reference_columns(o: Online, rd: RoundDir, pairs: pa.Table, child: Tracker)
         "ref_rejected_logps", ref["ref_rejected_logps"])
 
 
-def train(o: Online, rd: RoundDir, child: Tracker, step_offset: int, clock: StageClock) -> dict[str, Any]:
-    """The round's reference log-probs, then the update of the trainer's policy (the previous
-    round's) on the round's pairs; returns ``{last_step, metrics}``."""
+def begin_train(o: Online, rd: RoundDir, child: Tracker, step_offset: int, clock: StageClock):
+    """The round's reference log-probs, then the start of the update of the trainer's policy (the
+    previous round's) on the round's pairs; :func:`end_train` waits for it. A round already
+    trained gives its record instead (a dict)."""
     if rd.trained.exists():
         return rounds.read_json(rd.trained)
     pairs = rounds.read_table(rd.pairs).select(["prompt_ids", "chosen_ids", "rejected_ids"])
     if o.cfg.loss.needs_reference():
         with clock("reference"):
             pairs = _reference_columns(o, rd, pairs, child)
-    result = o.trainer.train(pairs, rd.round, rd.train_dir, step_offset, child.spec)
+    return o.trainer.begin_train(pairs, rd.round, rd.train_dir, step_offset, child.spec)
+
+
+def end_train(o: Online, rd: RoundDir, training) -> dict[str, Any]:
+    """``{last_step, metrics}`` of the round's training; recorded unless a SIGTERM stopped it."""
+    if isinstance(training, dict):
+        return training
+    result = o.trainer.end_train(training)
     trained = {"last_step": result["last_step"], "metrics": result["metrics"]}
     if not result["stopped"]:  # else checkpointed at a SIGTERM, not trained
         rounds.write_json(rd.trained, trained)
@@ -258,9 +270,12 @@ def round_metrics(rd: RoundDir, scored: list[Scored], accounting: dict[str, Any]
         "round/judge_score_std": statistics.pstdev(scores) if len(scores) > 1 else 0.0,
         "round/pairs": accounting["pairs"],
         "round/skipped": sum(accounting["skipped"].values()),
+        "round/stale_refused": accounting["skipped"].get("stale", 0),
         "round/judge_failures": sum(accounting["judge_failures"].values()),
         "round/gen_tokens_per_s": gen["tokens"] / gen["seconds"] if gen["seconds"] else float("nan"),
         "round/sync_seconds": sync_seconds,
+        "round/staleness_mean": accounting["staleness_mean"],
+        "round/staleness_max": accounting["staleness_max"],
         "round/last_step": trained["last_step"],
         **evaluation,
     }

@@ -439,6 +439,10 @@ class OnlineConfig(_Strict):
     pairs: Literal["best_worst", "all_with_margin"] = "best_worst"
     min_score_margin: float = Field(0.0, ge=0)
     reference: Literal["initial", "previous_round"] = "initial"
+    # 0: each round samples from the policy it trains (synchronous rounds). S >= 1: round r + 1's
+    # samples are drawn while round r trains, from the policy one version behind; a pair older than
+    # S versions is refused (counted as "stale").
+    max_staleness: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _has_prompts(self) -> "OnlineConfig":

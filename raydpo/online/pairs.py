@@ -4,7 +4,8 @@ highest against the first lowest; ``all_with_margin`` every pair whose score gap
 margin. Ties never pair.
 
 Every prompt is accounted for: it gives pairs, or it is skipped with a reason (``all_tied``: no
-two scores differ by the margin; ``too_few_scored``: the judge failed on all but one sample).
+two scores differ by the margin; ``too_few_scored``: the judge failed on all but one sample;
+``stale``: its samples came from a policy older than the staleness bound allows).
 Pairs keep the generated token ids as they are: the policy is trained on exactly the tokens it
 sampled, with no detokenize-retokenize round trip.
 """
@@ -20,6 +21,7 @@ from raydpo.online.judges import Scored
 PairMode = Literal["best_worst", "all_with_margin"]
 ALL_TIED = "all_tied"
 TOO_FEW_SCORED = "too_few_scored"
+STALE = "stale"
 
 
 @dataclass
@@ -36,15 +38,20 @@ class PairStats:
 
 
 def make_pairs(prompt_ids: list[list[int]], completions: list[list[list[int]]], scored: list[Scored],
-               mode: PairMode = "best_worst", min_margin: float = 0.0) -> tuple[dict[str, list], PairStats]:
+               mode: PairMode = "best_worst", min_margin: float = 0.0, versions: list[int] | None = None,
+               accept: tuple[int, int] | None = None) -> tuple[dict[str, list], PairStats]:
     """One entry per prompt in each list -> pair columns ``prompt_ids``, ``chosen_ids``,
     ``rejected_ids``, ``chosen_score``, ``rejected_score``, ``prompt_row`` (the index into the
-    lists), and the accounting."""
+    lists), and the accounting. ``versions``: the policy version each prompt's samples came from;
+    a prompt whose version lies outside ``accept`` (oldest, newest; inclusive) gives no pair."""
     cols: dict[str, list] = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_score",
                                              "rejected_score", "prompt_row")}
     stats = PairStats(prompts=len(prompt_ids))
     rule = "all_margin" if mode == "all_with_margin" else mode
     for row, (prompt, comps, s) in enumerate(zip(prompt_ids, completions, scored, strict=True)):
+        if accept is not None and versions is not None and not accept[0] <= versions[row] <= accept[1]:
+            stats.skipped[STALE] += 1
+            continue
         stats.judge_failures.update(s.failures)
         usable = [i for i, v in enumerate(s.scores) if v is not None]
         if len(usable) < 2:

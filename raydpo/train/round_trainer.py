@@ -11,6 +11,7 @@ finished is resumed from its HF folder.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,15 @@ from raydpo.train.feed import Finish, RoundFeed, ScorePairs, SendWeights, TrainR
 from raydpo.train.loop import LoopArgs
 from raydpo.train.policy import checkpoint_location, fit, schedule
 from raydpo.train.round_loop import round_loop_per_worker
+
+
+@dataclass
+class Training:
+    """A round's training under way: its job, the pairs' blocks it reads, its progress lines."""
+
+    index: int
+    blocks: list[Any]
+    progress: TrainProgress | None
 
 
 class TrainerStopped(RuntimeError):
@@ -66,23 +76,27 @@ class RoundTrainer:
                     raise self._error
                 raise TrainerStopped("the trainer's workers returned while a job waited for them")
 
-    def train(self, pairs: pa.Table, round: int, output_dir: Path, step_offset: int,
-              tracker: TrackerSpec | None) -> dict[str, Any]:
-        """One round's training on ``pairs`` (with reference columns unless the loss is
-        reference-free): ``{"stopped", "last_step", "metrics"}``; ``{output_dir}/final`` gets the
-        policy unless stopped."""
+    def begin_train(self, pairs: pa.Table, round: int, output_dir: Path, step_offset: int,
+                    tracker: TrackerSpec | None) -> "Training":
+        """Start one round's training on ``pairs`` (with reference columns unless the loss is
+        reference-free) and return at once; :meth:`end_train` waits for it. ``{output_dir}/final``
+        gets the policy unless stopped."""
         _, steps_per_epoch, total = schedule(pairs.num_rows, self.train_settings)
         say(f"[raydpo] training: {pairs.num_rows} pairs, {self.train_settings.num_workers} worker(s), "
             f"{total} steps of {self.train_settings.batch_size} pairs")
-        blocks = [ray.put(pairs)]  # held here until the round is trained
+        blocks = [ray.put(pairs)]  # held by the Training until the round is trained
         progress = TrainProgress(Spool(tracker.spool_dir, "rank0"), step_offset + total).start() if tracker else None
+        index = self._put(TrainRound(round, str(output_dir), blocks, pairs.num_rows, total, steps_per_epoch,
+                                     step_offset, tracker))
+        return Training(index, blocks, progress)
+
+    def end_train(self, training: "Training") -> dict[str, Any]:
+        """``{"stopped", "last_step", "metrics"}`` of a training :meth:`begin_train` started."""
         try:
-            index = self._put(TrainRound(round, str(output_dir), blocks, pairs.num_rows, total, steps_per_epoch,
-                                         step_offset, tracker))
-            return self._wait(self.feed.result.remote(index))
+            return self._wait(self.feed.result.remote(training.index))
         finally:
-            if progress:
-                progress.stop()
+            if training.progress:
+                training.progress.stop()
 
     def score(self, pairs: pa.Table) -> dict[str, list[float]]:
         """``ref_chosen_logps`` / ``ref_rejected_logps`` of ``pairs`` under the policy held now."""
