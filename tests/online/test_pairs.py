@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from raydpo.online.judges import Scored
-from raydpo.online.pairs import ALL_TIED, TOO_FEW_SCORED, make_pairs
+from raydpo.online.pairs import ALL_TIED, STALE, TOO_FEW_SCORED, make_pairs
 
 
 def test_best_worst_all_with_margin_and_the_accounting():
@@ -31,3 +31,15 @@ def test_the_same_tokens_scored_apart_give_no_pair():
     """A noisy judge (an LLM) may score one sampled text twice differently: no preference to learn."""
     cols, stats = make_pairs([[1]], [[[5, 6], [5, 6]]], [Scored([1.0, 0.0], {})])
     assert stats.pairs == 0 and stats.skipped == {ALL_TIED: 1}
+
+
+def test_samples_outside_the_staleness_bound_give_no_pair_and_are_counted():
+    """Round 3 trains policy 2; with max_staleness 1 it accepts samples of versions 1 and 2. The
+    prompt sampled from version 0 (two behind) and one from version 3 (not trained yet) are refused."""
+    prompts, comps = [[1], [2], [3], [4]], [[[5], [6]]] * 4
+    scored = [Scored([1.0, 0.0], {})] * 4
+    cols, stats = make_pairs(prompts, comps, scored, versions=[2, 1, 0, 3], accept=(1, 2))
+    assert cols["prompt_row"] == [0, 1] and stats.pairs == 2
+    assert stats.skipped == {STALE: 2} and "stale 2" in stats.summary()
+    _, everything = make_pairs(prompts, comps, scored, versions=[2, 1, 0, 3])  # no bound: all pair
+    assert everything.pairs == 4
