@@ -105,3 +105,28 @@ def test_rounds_raise_the_score_resume_and_are_tracked(ray_local, tmp_path, mlfl
     loss2 = steps(client, by_round[2].info.run_id, "loss")
     assert max(loss1) == outcome.history[0]["round/last_step"] < min(loss2)
     assert max(loss2) == outcome.history[1]["round/last_step"]
+
+
+def test_staleness_one_draws_the_next_round_while_one_trains_and_resumes(ray_local, tmp_path, mlflow_uri):
+    """``online.max_staleness: 1``: round 2's samples are drawn from the initial policy while round
+    1 trains, and round 2 trains on them (staleness 1, logged). Round 1's training fails once
+    (``train.fail_at_step``) after those samples were drawn: the same command resumes, keeps them
+    and does not draw them again."""
+    from jobs.iterative_dpo import run
+
+    out = tmp_path / "out"
+    r2 = RoundDir(out, 2)
+    cfg = online(tmp_path, mlflow_uri, *SMALL, "online.max_staleness=1")
+    with pytest.raises(Exception, match="injected failure after step 2"):
+        run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"fail_at_step": 2})}))
+    assert not RoundDir(out, 1).complete() and r2.generations.exists() and not r2.pairs.exists()
+    drawn = r2.generations.read_bytes()
+
+    outcome = run(cfg)  # resumes: round 1 trains again, round 2 on the samples drawn before
+    assert r2.generations.read_bytes() == drawn
+    assert {g["version"] for g in read_jsonl(r2.generations)} == {0}  # drawn while round 1 trained
+    first, second = outcome.history
+    assert first["round/staleness_max"] == 0 and second["round/staleness_mean"] == second["round/staleness_max"] == 1
+    assert second["round/stale_refused"] == 0 and second["round/pairs"] > 0
+    client = MlflowClient(mlflow_uri)
+    assert sorted(steps(client, outcome.run_id, "round/staleness_mean").values()) == [0.0, 1.0]
