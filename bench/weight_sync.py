@@ -15,7 +15,9 @@ copy with seeded noise), so every sync changes the weights.
   the page cache); the trainer's ``save_pretrained`` of that folder is timed apart (``save_s``):
   a round writes its folder either way (the fallback, and "a round is complete when its policy is").
 - ``collective_s``: from ``WeightSender.open`` to ``finish_receive`` returning (group set-up,
-  packing, broadcast, the receivers' in-place load, their acknowledgement).
+  packing, transfer, the receivers' in-place load, their acknowledgement). ``transport``: ``shm``
+  (one host: buckets through /dev/shm, the gloo broadcast carries the go signal) or, with
+  ``--no-shared-memory``, ``gloo`` (the buckets themselves over gloo's TCP broadcast).
 - GB/s = model bytes (``bytes``, tensor data sent once) / seconds. The median of ``--reps``.
 
 After the last rep, greedy decoding (k=1) of both paths is compared: the same tokens.
@@ -59,7 +61,8 @@ def policies(model_path: str):
     return [(base, model_path), (other, str(folder))], save_s
 
 
-def run_backend(backend: str, model_path: str, pols, reps: int, bucket_bytes: int, prompts) -> dict:
+def run_backend(backend: str, model_path: str, pols, reps: int, bucket_bytes: int, prompts,
+                shared_memory: bool) -> dict:
     from actors.generator import GeneratorPool
     from raydpo.config import GeneratorConfig
     from raydpo.online.samples import SamplingSettings
@@ -79,9 +82,11 @@ def run_backend(backend: str, model_path: str, pols, reps: int, bucket_bytes: in
                 disk.append(time.perf_counter() - t0)
             else:
                 t0 = time.perf_counter()
-                sender = WeightSender.open(pool.receivers(), "cpu", timeout_s=300)
+                sender = WeightSender.open(pool.receivers(), "cpu", timeout_s=300, shared_memory=shared_memory)
                 handle = pool.begin_receive(sender.endpoint, version)
-                stats = sender.send(model.state_dict().items(), bucket_bytes=bucket_bytes)
+                # named_parameters: a tied LM head once (as a trainer sends it)
+                stats = sender.send(model.named_parameters(), bucket_bytes=bucket_bytes)
+                transport = sender.transport
                 sender.close()
                 pool.finish_receive(handle, version, folder)
                 coll.append(time.perf_counter() - t0)
@@ -95,15 +100,16 @@ def run_backend(backend: str, model_path: str, pols, reps: int, bucket_bytes: in
     pool.sync(folder, version)
     by_disk = [s.completions[0] for s in pool.generate(prompts, greedy)]
     version += 1
-    sender = WeightSender.open(pool.receivers(), "cpu", timeout_s=300)
+    sender = WeightSender.open(pool.receivers(), "cpu", timeout_s=300, shared_memory=shared_memory)
     handle = pool.begin_receive(sender.endpoint, version)
-    sender.send(model.state_dict().items(), bucket_bytes=bucket_bytes)
+    sender.send(model.named_parameters(), bucket_bytes=bucket_bytes)
     sender.close()
     pool.finish_receive(handle, version, folder)
     by_collective = [s.completions[0] for s in pool.generate(prompts, greedy)]
     pool.shutdown()
     return {"disk_s": statistics.median(disk), "collective_s": statistics.median(coll), "bytes": nbytes,
-            "disk_all_s": disk, "collective_all_s": coll, "same_greedy_tokens": by_disk == by_collective}
+            "disk_all_s": disk, "collective_all_s": coll, "same_greedy_tokens": by_disk == by_collective,
+            "transport": transport}
 
 
 def main() -> None:
@@ -112,6 +118,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--bucket-mib", type=int, default=256)
     ap.add_argument("--backends", default="vllm,transformers")
+    ap.add_argument("--no-shared-memory", action="store_true", help="gloo's broadcast even on one host")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = ap.parse_args()
 
@@ -128,7 +135,8 @@ def main() -> None:
     out: dict = {"model": args.model, "bucket_mib": args.bucket_mib, "reps": args.reps, "save_s": save_s,
                  "torch": torch.__version__, "cpus": os.cpu_count(), "load_before": load_before}
     for backend in args.backends.split(","):
-        got = run_backend(backend, args.model, pols, args.reps, args.bucket_mib * 2**20, prompts)
+        got = run_backend(backend, args.model, pols, args.reps, args.bucket_mib * 2**20, prompts,
+                          not args.no_shared_memory)
         prefix = "" if backend == "vllm" else f"{backend}_"
         for key, value in got.items():
             if key == "bytes":

@@ -18,7 +18,7 @@ import torch
 from actors.generator import UNKNOWN_VERSION, GeneratorActor, GeneratorPool, make_generator
 from raydpo.config import GeneratorConfig
 from raydpo.models import load_model
-from raydpo.weight_sync import WeightReceiver, WeightSender, WeightSyncError
+from raydpo.weight_sync import WeightReceiver, WeightSender, WeightSyncError, release_shared_memory
 from tests.actors.test_generator import BACKENDS, GREEDY, VLLM_CPU_ENV, hf_greedy, policy, prompts_of
 
 TIMEOUT_S = 5.0  # every failure test must end within this (plus start-up), never hang
@@ -48,14 +48,19 @@ def receive_all(endpoint, rank: int) -> dict[str, torch.Tensor]:
         return {name: t.clone() for name, t in receiver.receive()}
 
 
-def test_tensors_arrive_bit_exact_in_several_buckets(ray_local):
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "gloo"])
+def test_tensors_arrive_bit_exact_in_several_buckets(ray_local, shared_memory):
+    """Receivers in Ray tasks of this node: through /dev/shm where offered, else gloo's broadcast."""
     import ray
 
     sent = mixed_tensors()
-    sender = WeightSender.open(2, "cpu", timeout_s=30, host="127.0.0.1")
+    sender = WeightSender.open(2, "cpu", timeout_s=30, host="127.0.0.1", shared_memory=shared_memory)
     refs = [ray.remote(num_cpus=0)(receive_all).remote(sender.endpoint, rank) for rank in (1, 2)]
     stats = sender.send(iter(sent), bucket_bytes=1024)  # any iterable, consumed once
+    assert sender.transport == ("shm" if shared_memory else "gloo")
     sender.close()
+    release_shared_memory()
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"raydpo-weights-{os.getpid()}-")]  # cleaned up
     assert stats.tensors == len(sent) and stats.buckets >= 4
     assert stats.bytes == sum(t.numel() * t.element_size() for _, t in sent)
     for got in ray.get(refs):
