@@ -53,13 +53,14 @@ def setup(cfg: Config, tracker: Tracker) -> Online:
                       "dropped": dict(prompts.dropped), "truncated": prompts.truncated}, "prompts_report.json")
     done = rounds.first_incomplete(prepared.out, cfg.online.rounds) - 1
     policy = rounds.policy_path(prepared.out, done, prepared.model_path)  # the newest complete round's
+    trained = rounds.policy_path(prepared.out, rounds.last_trained(prepared.out, cfg.online.rounds), prepared.model_path)
     # Every pool lives for the whole run: before any starts, they must fit the cluster together.
     needs_reference = (cfg.loss.needs_reference() and cfg.online.reference == "initial") or bool(prompts.eval)
     placement.check([placement.generator_pool(cfg.online.generator), placement.judge_pool(cfg.online.judge),
                      placement.reference_pool(cfg.reference) if needs_reference else None,
                      placement.trainer_pool(cfg.train)])
     # Started together: the trainer loads while round 0 is evaluated.
-    trainer = RoundTrainer(policy, prepared.out, cfg.train, cfg.loss, cfg.model.dtype)
+    trainer = RoundTrainer(trained, prepared.out, cfg.train, cfg.loss, cfg.model.dtype)
     reference = None
     if needs_reference:
         reference = ReferencePool(stages.cache_for(cfg, prepared.model_path), prepared.model_path, cfg.reference)
@@ -104,10 +105,11 @@ def run_rounds(o: Online, stop: SigtermStop) -> list[dict[str, float]]:
                 trained = round_stages.end_train(o, rd, training)
             stop.raise_if_stopped()
             with clock("sync"):
-                sync_seconds = round_stages.sync(o, rd)
-            o.trainer.policy_saved(str(rd.policy))
+                sync_seconds = round_stages.sync(o, rd, trained)
             with clock("evaluate"):
                 evaluation = round_stages.evaluate(o, rd)
+            with clock("save"):  # the trainer wrote the round's HF folder meanwhile
+                round_stages.keep_policy(o, rd, trained)
             metrics = round_stages.round_metrics(rd, scored, accounting, trained, evaluation, sync_seconds)
             metrics |= clock.metrics()
             child.log_metrics(metrics, step=trained["last_step"])

@@ -187,21 +187,28 @@ def begin_train(o: Online, rd: RoundDir, child: Tracker, step_offset: int, clock
 
 
 def end_train(o: Online, rd: RoundDir, training) -> dict[str, Any]:
-    """``{last_step, metrics}`` of the round's training; recorded unless a SIGTERM stopped it."""
+    """``{last_step, metrics, stopped}`` of the round's training (its record once written)."""
     if isinstance(training, dict):
         return training
-    result = o.trainer.end_train(training)
-    trained = {"last_step": result["last_step"], "metrics": result["metrics"]}
-    if not result["stopped"]:  # else checkpointed at a SIGTERM, not trained
-        rounds.write_json(rd.trained, trained)
-    return trained
+    return o.trainer.end_train(training)
 
 
-def sync(o: Online, rd: RoundDir) -> float:
+def keep_policy(o: Online, rd: RoundDir, trained: dict[str, Any]) -> None:
+    """Once the trainer has written the round's HF folder (in the background, meanwhile), the
+    training's record: a re-run then starts the trainer from this policy instead of training the
+    round again."""
+    if not rd.trained.exists():
+        o.trainer.wait_saved()
+        rounds.write_json(rd.trained, {"last_step": trained["last_step"], "metrics": trained["metrics"]})
+    o.trainer.policy_saved(str(rd.policy))
+
+
+def sync(o: Online, rd: RoundDir, trained: dict[str, Any]) -> float:
     """The round's policy into every generator; the seconds the slowest receiver took.
     ``collective``: broadcast by the trainer (it holds the policy) to every generator rank;
     ``disk``: every generator reloads the round's HF folder."""
     if o.cfg.online.generator.sync == "disk":
+        keep_policy(o, rd, trained)  # the folder the generators read
         return o.pool.sync(str(rd.policy), rd.round)
     index, endpoint = o.trainer.begin_send(o.pool.receivers(), o.pool.sync_timeout_s)
     receiving = o.pool.begin_receive(endpoint, rd.round)

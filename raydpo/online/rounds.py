@@ -8,7 +8,7 @@
 - ``reference.parquet``: their reference log-probs, row for row (unless the loss is reference-free);
 - ``train/``: the policy update (the rows trained, step by step; then ``train/final``, the round's
   policy; the trainer's checkpoints, one Ray Train run for all rounds, are in ``{output_dir}/trainer``);
-- ``trained.json``: the update's last step and metrics;
+- ``trained.json``: the update's last step and metrics, once ``train/final`` is written whole;
 - ``eval.json``: the new policy on the fixed evaluation prompts (score, win rate, KL);
 - ``round.json``: the round's metrics; written last, so a round is complete when it exists.
 
@@ -50,6 +50,12 @@ class RoundDir:
 def first_incomplete(output_dir: Path, rounds: int) -> int:
     """The first round (1-based) without ``round.json``; ``rounds + 1`` when all are complete."""
     return next((r for r in range(1, rounds + 1) if not RoundDir(output_dir, r).complete()), rounds + 1)
+
+
+def last_trained(output_dir: Path, rounds: int) -> int:
+    """The newest round whose training is recorded (``trained.json``: its HF folder is whole); 0
+    for none. It may be one past the last complete round: the policy a resumed trainer holds."""
+    return max((r for r in range(1, rounds + 1) if RoundDir(output_dir, r).trained.exists()), default=0)
 
 
 def policy_path(output_dir: Path, r: int, initial: str) -> str:

@@ -1,7 +1,7 @@
 """The driver's channel to training workers that live across online rounds.
 
 The driver appends jobs (:class:`TrainRound`, :class:`ScorePairs`, :class:`SendWeights`,
-:class:`Finish`) to a :class:`RoundFeed` actor; every worker takes them in order, job ``i`` after
+:class:`AwaitSaved`, :class:`Finish`) to a :class:`RoundFeed` actor; every worker takes them in order, job ``i`` after
 job ``i - 1``, and rank 0 posts each job's result, which the driver awaits. Jobs are numbered
 from 0 for the run; a worker that Ray Train restarts asks :meth:`RoundFeed.start` where to begin
 (the first job without a result) and which policy to load (the newest round's, set by the driver
@@ -19,7 +19,8 @@ from raydpo.tracking import TrackerSpec
 @dataclass(frozen=True)
 class TrainRound:
     """Train the policy the workers hold on one round's pairs, from a fresh optimizer; rank 0
-    writes ``{output_dir}/final``. Result: ``{"stopped", "last_step", "metrics"}``."""
+    starts writing ``{output_dir}/final`` (:class:`AwaitSaved`). Result: ``{"stopped",
+    "last_step", "metrics"}``."""
 
     round: int
     output_dir: str  # the round's training folder: trained rows, staging, final
@@ -49,6 +50,13 @@ class SendWeights:
 
     receivers: int
     timeout_s: float
+
+
+@dataclass(frozen=True)
+class AwaitSaved:
+    """Wait until rank 0 has written the last trained round's HF folder (it writes it in a thread,
+    off the critical path: the sync and the next round's generation do not wait for the disk).
+    Result: ``{"path"}``; the write's own error if it failed."""
 
 
 @dataclass(frozen=True)

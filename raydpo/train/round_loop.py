@@ -9,13 +9,18 @@ Set up once (tokenizer, policy, engine, process group), then take the driver's j
   is resumed from; one of an earlier round is not (the round's starting policy is its HF folder);
 - :class:`ScorePairs`: the pairs' log-probs under the policy held now, before the round trains it
   (the reference of ``online.reference: previous_round``, with no reference model at all);
-- :class:`SendWeights`: the policy's weights to the generators over a process group of their own.
+- :class:`SendWeights`: the policy's weights to the generators over a process group of their own;
+- :class:`AwaitSaved`: the end of the HF folder's write, which rank 0 runs in a thread after a
+  round's training, so the sync and the next round's generation do not wait for the disk.
 
 Rank 0 posts each job's result; every rank runs every job (ZeRO-3 gathers collectively).
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,9 +35,59 @@ import torch.distributed as dist
 from raydpo.logprobs import pair_batch, scorer_of, to_device
 from raydpo.train.adapters import hf_weights
 from raydpo.train.engine import OptimConfig
-from raydpo.train.feed import Finish, ScorePairs, SendWeights, TrainRound
-from raydpo.train.loop import LoopArgs, Worker, _say, load_checkpoint, save_final, set_up, train_steps
+from raydpo.train.adapters import save_final as save_final_folder
+from raydpo.train.feed import AwaitSaved, Finish, ScorePairs, SendWeights, TrainRound
+from raydpo.train.loop import LoopArgs, Worker, _say, load_checkpoint, set_up, train_steps
 from raydpo.train.step import RunningMean
+
+
+class Trained:
+    """Rank 0's copy of the last trained round's weights (what its HF folder gets and a sync
+    sends: gathered once, held until sent) and the thread that writes the folder. ``held`` is the
+    same on every rank (whether a sync must gather first: a collective)."""
+
+    def __init__(self) -> None:
+        self.held = False
+        self.state: dict[str, torch.Tensor] | None = None
+        self.folder: Path | None = None
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def keep(self, w: Worker, folder: Path) -> None:
+        """COLLECTIVE: gather the weights (ZeRO-3: to rank 0) and start writing ``folder``:
+        whole or absent (written beside it, then renamed)."""
+        self.wait()
+        state = w.engine.full_state_dict()
+        self.held, self.state, self.folder, self.error = True, (state if w.rank == 0 else None), folder, None
+        if w.rank != 0:
+            return
+
+        def write() -> None:
+            try:
+                tmp = folder.with_name(folder.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(folder, ignore_errors=True)  # a folder of a try that failed before its record
+                # save_final consumes a PEFT model's state (it merges in place): it writes from a copy then.
+                save_final_folder(w.lm, dict(state) if not _peft(w) else {k: v.clone() for k, v in state.items()},
+                                  w.tokenizer, tmp, prefix="lm.")
+                os.replace(tmp, folder)
+            except BaseException as e:  # raised by the AwaitSaved job
+                self.error = e
+
+        self.thread = threading.Thread(target=write, name="raydpo-save-round", daemon=True)
+        self.thread.start()
+
+    def wait(self) -> dict[str, str]:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            raise RuntimeError(f"the round's policy could not be written to {self.folder}") from self.error
+        return {"path": str(self.folder)}
+
+
+def _peft(w: Worker) -> bool:
+    return hasattr(w.lm, "peft_config")
 
 
 def round_loop_per_worker(config: dict[str, Any]) -> None:
@@ -41,19 +96,24 @@ def round_loop_per_worker(config: dict[str, Any]) -> None:
     model_path, index = ray.get(feed.start.remote())
     w = set_up(replace(base, model_path=model_path))
     checkpoint = ray.train.get_checkpoint()  # ray: a stopped round's, if any
+    trained = Trained()
     while not isinstance(job := ray.get(feed.next.remote(index)), Finish):
         if isinstance(job, TrainRound):
-            result = train_round(w, base, job, checkpoint)
+            result = train_round(w, base, job, checkpoint, trained)
             checkpoint = None  # only the first round a worker trains can resume one
         elif isinstance(job, ScorePairs):
             result = score_pairs(w, base, job)
         elif isinstance(job, SendWeights):
-            result = send_weights(w, job, lambda endpoint, i=index: ray.get(feed.post_endpoint.remote(i, endpoint)))
+            result = send_weights(w, job, trained,
+                                  lambda endpoint, i=index: ray.get(feed.post_endpoint.remote(i, endpoint)))
+        elif isinstance(job, AwaitSaved):
+            result = trained.wait()
         else:
             raise TypeError(f"unknown job {type(job).__name__}")
         if w.rank == 0:
             ray.get(feed.done.remote(index, result))
         index += 1
+    trained.wait()
 
 
 def _round_of(checkpoint: ray.train.Checkpoint) -> int:
@@ -61,8 +121,10 @@ def _round_of(checkpoint: ray.train.Checkpoint) -> int:
         return int(json.loads((Path(d) / "loop_state.json").read_text()).get("round", 0))
 
 
-def train_round(w: Worker, base: LoopArgs, job: TrainRound, checkpoint: ray.train.Checkpoint | None) -> dict[str, Any]:
-    """COLLECTIVE: one round's training on the policy the workers hold."""
+def train_round(w: Worker, base: LoopArgs, job: TrainRound, checkpoint: ray.train.Checkpoint | None,
+                trained: Trained) -> dict[str, Any]:
+    """COLLECTIVE: one round's training on the policy the workers hold; its HF folder is then
+    written in the background (``trained``)."""
     args = replace(base, output_dir=job.output_dir, total_steps=job.total_steps, steps_per_epoch=job.steps_per_epoch,
                    train_blocks=job.blocks, train_rows=job.rows, tracker=job.tracker, step_offset=job.step_offset,
                    has_eval=False, round=job.round)
@@ -76,7 +138,7 @@ def train_round(w: Worker, base: LoopArgs, job: TrainRound, checkpoint: ray.trai
             _say(f"[raydpo] round {job.round}: resumed at step {start_step}/{job.total_steps}")
     steps = train_steps(w, args, bco, start_step)
     if not steps.stopped:
-        save_final(w, args)
+        trained.keep(w, Path(job.output_dir) / "final")
     return {"stopped": steps.stopped, "last_step": job.step_offset + steps.step, "metrics": steps.metrics}
 
 
@@ -118,16 +180,20 @@ def score_pairs(w: Worker, base: LoopArgs, job: ScorePairs) -> dict[str, list[fl
     return {"ref_chosen_logps": chosen.tolist(), "ref_rejected_logps": rejected.tolist()}
 
 
-def send_weights(w: Worker, job: SendWeights, post_endpoint) -> dict[str, float]:
-    """COLLECTIVE: every rank gathers the full weights (ZeRO-3: parameter shards, to rank 0);
-    rank 0 hosts the sync group, posts its endpoint for the driver to hand the generators, and
-    broadcasts the weights under their HF names."""
+def send_weights(w: Worker, job: SendWeights, trained: Trained, post_endpoint) -> dict[str, float]:
+    """COLLECTIVE: rank 0 hosts the sync group, posts its endpoint for the driver to hand the
+    generators, and broadcasts the last trained round's weights (gathered once, after its
+    training) under their HF names."""
     from raydpo.weight_sync import WeightSender
 
-    state = w.engine.full_state_dict()  # rank 0: a CPU copy; the next round may train at once
+    # Gathered after the round's training, or now if this worker holds none (nothing trained yet, or
+    # sent already): a collective, decided alike on every rank.
+    state = trained.state if trained.held else w.engine.full_state_dict()
+    trained.held, trained.state = False, None  # host memory back once sent (the folder's writer keeps its own reference)
     result: dict[str, float] = {}
     if w.rank == 0:
-        weights = hf_weights(w.lm, state, prefix="lm.")
+        # A PEFT model's adapters are merged into a copy: the folder's writer reads the state meanwhile.
+        weights = hf_weights(w.lm, {k: v.clone() for k, v in state.items()} if _peft(w) else dict(state), prefix="lm.")
         sender = WeightSender.open(job.receivers, w.engine.device, job.timeout_s)
         try:
             post_endpoint(sender.endpoint)

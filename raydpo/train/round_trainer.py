@@ -22,7 +22,7 @@ from raydpo.config import LossConfig, TrainConfig
 from raydpo.progress import TrainProgress, say
 from raydpo.spool import Spool
 from raydpo.tracking import TrackerSpec
-from raydpo.train.feed import Finish, RoundFeed, ScorePairs, SendWeights, TrainRound
+from raydpo.train.feed import AwaitSaved, Finish, RoundFeed, ScorePairs, SendWeights, TrainRound
 from raydpo.train.loop import LoopArgs
 from raydpo.train.policy import checkpoint_location, fit, schedule
 from raydpo.train.round_loop import round_loop_per_worker
@@ -111,6 +111,10 @@ class RoundTrainer:
 
     def end_send(self, index: int) -> dict[str, float]:
         return self._wait(self.feed.result.remote(index))
+
+    def wait_saved(self) -> str:
+        """The folder of the last round trained, once written (rank 0 writes it in the background)."""
+        return self._wait(self.feed.result.remote(self._put(AwaitSaved())))["path"]
 
     def policy_saved(self, model_path: str) -> None:
         """A worker that Ray Train restarts from now on loads ``model_path``."""
