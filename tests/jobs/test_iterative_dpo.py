@@ -107,16 +107,18 @@ def test_rounds_raise_the_score_resume_and_are_tracked(ray_local, tmp_path, mlfl
     assert max(loss2) == outcome.history[1]["round/last_step"]
 
 
-def test_staleness_one_draws_the_next_round_while_one_trains_and_resumes(ray_local, tmp_path, mlflow_uri):
+def test_staleness_one_and_the_previous_round_as_reference(ray_local, tmp_path, mlflow_uri):
     """``online.max_staleness: 1``: round 2's samples are drawn from the initial policy while round
     1 trains, and round 2 trains on them (staleness 1, logged). Round 1's training fails once
     (``train.fail_at_step``) after those samples were drawn: the same command resumes, keeps them
-    and does not draw them again."""
+    and does not draw them again. ``online.reference: previous_round``: the trainer scores each
+    round's pairs before it trains them, and in round 1 (policy = the initial one that sampled
+    them) its numbers are the generator's own log-probs of the same completions."""
     from jobs.iterative_dpo import run
 
     out = tmp_path / "out"
-    r2 = RoundDir(out, 2)
-    cfg = online(tmp_path, mlflow_uri, *SMALL, "online.max_staleness=1")
+    r1, r2 = RoundDir(out, 1), RoundDir(out, 2)
+    cfg = online(tmp_path, mlflow_uri, *SMALL, "online.max_staleness=1", "online.reference=previous_round")
     with pytest.raises(Exception, match="injected failure after step 2"):
         run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"fail_at_step": 2})}))
     assert not RoundDir(out, 1).complete() and r2.generations.exists() and not r2.pairs.exists()
@@ -130,3 +132,13 @@ def test_staleness_one_draws_the_next_round_while_one_trains_and_resumes(ray_loc
     assert second["round/stale_refused"] == 0 and second["round/pairs"] > 0
     client = MlflowClient(mlflow_uri)
     assert sorted(steps(client, outcome.run_id, "round/staleness_mean").values()) == [0.0, 1.0]
+
+    pairs, reference = read_table(r1.pairs), read_table(r1.reference)
+    sampled = {(row["prompt_index"], tuple(c)): lp for row in read_jsonl(r1.generations)
+               for c, lp in zip(row["completions"], row["logps"])}
+    prompt_index = [row["prompt_index"] for row in read_jsonl(r1.generations)]
+    for side in ("chosen", "rejected"):
+        own = [sampled[(prompt_index[p], tuple(c))] for p, c in zip(pairs["prompt_row"].to_pylist(),
+                                                                   pairs[f"{side}_ids"].to_pylist())]
+        assert reference[f"ref_{side}_logps"].to_pylist() == pytest.approx(own, abs=1e-4)
+    assert r2.reference.exists()
