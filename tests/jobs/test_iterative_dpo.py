@@ -142,3 +142,12 @@ def test_staleness_one_and_the_previous_round_as_reference(ray_local, tmp_path, 
                                                                    pairs[f"{side}_ids"].to_pylist())]
         assert reference[f"ref_{side}_logps"].to_pylist() == pytest.approx(own, abs=1e-4)
     assert r2.reference.exists()
+
+    # Killed after round 2 trained, before its evaluation: the re-run's trainer starts from round 2's
+    # policy (not round 1's, the newest complete round), so the collective sync hands the generators
+    # round 2's weights and the evaluation is the same as before, sample for sample.
+    evaluated = read_json(r2.eval)
+    for p in (r2.done, r2.eval, r2.eval_generations):
+        p.unlink()
+    run(cfg)
+    assert read_json(r2.eval) == evaluated
