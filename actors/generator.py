@@ -257,7 +257,7 @@ class TransformersGenerator:
             # keep_vars: the tensors themselves; a tied LM head appears under both names
             state = self.model.state_dict(keep_vars=True)
             seen, unexpected = set(), []
-            with WeightReceiver(endpoint, rank, self.device) as receiver, torch.no_grad():
+            with WeightReceiver(endpoint, rank) as receiver, torch.no_grad():
                 for name, tensor in receiver.receive():
                     target = state.get(name)
                     if target is None or target.shape != tensor.shape:
@@ -364,7 +364,7 @@ class VllmWeightSync:
         straight into vLLM's in-place reload (``model.load_weights`` shards it per worker)."""
         from raydpo.weight_sync import Endpoint, WeightReceiver
 
-        with WeightReceiver(Endpoint(**endpoint), first_rank + self.rank, self.device) as receiver:
+        with WeightReceiver(Endpoint(**endpoint), first_rank + self.rank) as receiver:
             self.model_runner.reload_weights(weights_iterator=receiver.receive())
         self._raydpo_repack()
 
@@ -453,7 +453,7 @@ class GeneratorPool:
         # The policy every actor holds, and a folder of it (None after a collective sync
         # without one: an actor that dies then cannot be given the policy).
         self.version, self.folder = 0, model_path
-        self._receivers = ray.get([a.receivers.remote() for a in self.actors])  # ranks per actor
+        self._ranks_per_actor: int | None = None  # receiver ranks of one actor (same settings: same for all)
 
     def _start(self, i: int):
         s = self._settings
@@ -508,7 +508,19 @@ class GeneratorPool:
     def receivers(self) -> int:
         """Receiver ranks of a collective sync (the sender adds rank 0): one per generator
         actor, ``tensor_parallel_size`` per vLLM actor."""
-        return sum(self._receivers)
+        import ray
+
+        # Asked at the first collective sync, not in the constructor (which does not wait for the
+        # engines to start), of the first actor that answers (one may have died meanwhile).
+        for actor in self.actors if self._ranks_per_actor is None else []:
+            try:
+                self._ranks_per_actor = ray.get(actor.receivers.remote())
+                break
+            except ray.exceptions.RayActorError:
+                continue
+        if self._ranks_per_actor is None:
+            raise WeightSyncError("no generator actor of the pool is alive to say how many receivers it has")
+        return self._ranks_per_actor * len(self.actors)
 
     def begin_receive(self, endpoint: Endpoint, version: int) -> "ReceiveHandle":
         """Every actor starts joining the sync at ``endpoint`` (actor i takes the ranks after
@@ -518,10 +530,9 @@ class GeneratorPool:
         if endpoint.world_size != self.receivers() + 1:
             raise ValueError(f"weight sync endpoint for {endpoint.world_size - 1} receivers; this pool has "
                              f"{self.receivers()}: open the sender with pool.receivers()")
-        first, refs = 1, []
-        for actor, n in zip(self.actors, self._receivers):
-            refs.append(actor.receive_weights.remote(endpoint, first, version, self.sync_timeout_s))
-            first += n
+        n = self._ranks_per_actor
+        refs = [actor.receive_weights.remote(endpoint, 1 + i * n, version, self.sync_timeout_s)
+                for i, actor in enumerate(self.actors)]
         return ReceiveHandle(refs, time.monotonic())
 
     def finish_receive(self, handle: "ReceiveHandle", version: int, fallback_folder: str | None = None) -> float:

@@ -13,12 +13,15 @@ copy with seeded noise), so every sync changes the weights.
 
 - ``disk_s``: ``pool.sync(folder, v)`` (every actor reloads the round's safetensors folder, warm in
   the page cache); the trainer's ``save_pretrained`` of that folder is timed apart (``save_s``):
-  a round writes its folder either way (the fallback, and "a round is complete when its policy is").
+  a round writes its folder either way (the fallback, and "a round is complete when its policy is"),
+  but with ``disk`` the generators wait for it: ``disk_with_save_s`` = ``save_s`` + ``disk_s``.
 - ``collective_s``: from ``WeightSender.open`` to ``finish_receive`` returning (group set-up,
   packing, transfer, the receivers' in-place load, their acknowledgement). ``transport``: ``shm``
   (one host: buckets through /dev/shm, the gloo broadcast carries the go signal) or, with
   ``--no-shared-memory``, ``gloo`` (the buckets themselves over gloo's TCP broadcast).
-- GB/s = model bytes (``bytes``, tensor data sent once) / seconds. The median of ``--reps``.
+- GB/s = model bytes (``bytes``, tensor data sent once) / seconds. The median of ``--reps``, after
+  one untimed sync of each path (``first_*_s``: the page cache, the sender's shm arena and the
+  engine's first reload are cold then; every later round is warm).
 
 After the last rep, greedy decoding (k=1) of both paths is compared: the same tokens.
 """
@@ -70,46 +73,53 @@ def run_backend(backend: str, model_path: str, pols, reps: int, bucket_bytes: in
 
     pool = GeneratorPool(GeneratorConfig(backend=backend, num_actors=1, num_cpus=1, env=ENV, sync_timeout_s=300),
                          model_path)
-    disk, coll, nbytes = [], [], 0
-    version = 0
+    pool.receivers()  # waits for the engine to start: not part of any sync
+
+    def collective(model, folder: str, version: int) -> tuple[float, object]:
+        t0 = time.perf_counter()
+        sender = WeightSender.open(pool.receivers(), "cpu", timeout_s=300, shared_memory=shared_memory)
+        handle = pool.begin_receive(sender.endpoint, version)
+        # named_parameters: a tied LM head once, as a trainer sends it
+        stats = sender.send(model.named_parameters(), bucket_bytes=bucket_bytes)
+        sender.close()
+        pool.finish_receive(handle, version, folder)
+        return time.perf_counter() - t0, (stats, sender.transport)
+
+    def disk(model, folder: str, version: int) -> tuple[float, object]:
+        t0 = time.perf_counter()
+        pool.sync(folder, version)
+        return time.perf_counter() - t0, None
+
+    # Warm-up, not timed: the first sync of each path (page cache, the sender's shm arena, the
+    # engine's first reload) is what every later round is not.
+    version = 2
+    first_disk, _ = disk(*pols[1], 1)
+    first_coll, _ = collective(*pols[0], 2)
+    times: dict[str, list[float]] = {"disk": [], "collective": []}
+    sends = []
     for rep in range(reps):
-        for path in ("disk", "collective"):
+        for name, fn in (("disk", disk), ("collective", collective)):
             version += 1
-            model, folder = pols[version % 2]
-            if path == "disk":
-                t0 = time.perf_counter()
-                pool.sync(folder, version)
-                disk.append(time.perf_counter() - t0)
-            else:
-                t0 = time.perf_counter()
-                sender = WeightSender.open(pool.receivers(), "cpu", timeout_s=300, shared_memory=shared_memory)
-                handle = pool.begin_receive(sender.endpoint, version)
-                # named_parameters: a tied LM head once (as a trainer sends it)
-                stats = sender.send(model.named_parameters(), bucket_bytes=bucket_bytes)
-                transport = sender.transport
-                sender.close()
-                pool.finish_receive(handle, version, folder)
-                coll.append(time.perf_counter() - t0)
-                nbytes = stats.bytes
-            print(f"{backend} rep {rep} {path}: {(disk if path == 'disk' else coll)[-1]:.3f} s "
-                  f"(load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
+            secs, extra = fn(*pols[version % 2], version)
+            times[name].append(secs)
+            if extra:
+                sends.append(extra[0])
+                transport = extra[1]
+            print(f"{backend} rep {rep} {name}: {secs:.3f} s (load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
     # Greedy tokens after each path, same weights (the perturbed policy): must be equal.
     greedy = SamplingSettings(k=1, temperature=0.0, max_new_tokens=16)
-    model, folder = pols[1]
-    version += 1
-    pool.sync(folder, version)
+    disk(*pols[1], version + 1)
     by_disk = [s.completions[0] for s in pool.generate(prompts, greedy)]
-    version += 1
-    sender = WeightSender.open(pool.receivers(), "cpu", timeout_s=300, shared_memory=shared_memory)
-    handle = pool.begin_receive(sender.endpoint, version)
-    sender.send(model.named_parameters(), bucket_bytes=bucket_bytes)
-    sender.close()
-    pool.finish_receive(handle, version, folder)
+    collective(*pols[1], version + 2)
     by_collective = [s.completions[0] for s in pool.generate(prompts, greedy)]
     pool.shutdown()
-    return {"disk_s": statistics.median(disk), "collective_s": statistics.median(coll), "bytes": nbytes,
-            "disk_all_s": disk, "collective_all_s": coll, "same_greedy_tokens": by_disk == by_collective,
-            "transport": transport}
+    return {"disk_s": statistics.median(times["disk"]), "collective_s": statistics.median(times["collective"]),
+            "bytes": sends[0].bytes, "disk_all_s": times["disk"], "collective_all_s": times["collective"],
+            "first_disk_s": first_disk, "first_collective_s": first_coll,
+            # the sender's side alone: joins + group, packing, transfer, waiting for the acks
+            "collective_send_s": statistics.median(s.seconds for s in sends),
+            "collective_setup_s": statistics.median(s.setup_s for s in sends),
+            "buckets": sends[0].buckets, "same_greedy_tokens": by_disk == by_collective, "transport": transport}
 
 
 def main() -> None:
@@ -143,6 +153,8 @@ def main() -> None:
                 out["bytes"] = value
             else:
                 out[prefix + key] = value
+        # The disk path end to end: the trainer saves the folder, then the generators reload it.
+        out[prefix + "disk_with_save_s"] = save_s + got["disk_s"]
         out[prefix + "disk_gb_s"] = got["bytes"] / got["disk_s"] / 1e9
         out[prefix + "collective_gb_s"] = got["bytes"] / got["collective_s"] / 1e9
     out["load_after"] = os.getloadavg()

@@ -20,18 +20,26 @@ One sync, in order:
 4. After the last bucket the sender publishes an end marker and waits for every receiver's
    acknowledgement (``ack/<rank>``, set when its iterator reaches the end).
 
-Group lifetime: one group per sync (``open`` .. ``close``). Measured on a 2-core CPU machine,
-making the store and a gloo group of 3 ranks costs about 0.02 s, next to about 0.3 s for
-SmolLM2-135M's 0.54 GB, and a group made per sync needs no recovery after a failure: a receiver
-that died, a replacement actor, a sender restarted by Ray Train all simply join the next one.
+Transport of the buckets (``WeightSender.transport``): NCCL's broadcast on GPUs; on CPUs, where
+every receiver shares the sender's ``/dev/shm`` (one host: the online loop's usual CPU layout),
+the buckets go through a shared-memory arena the sender keeps across syncs and the gloo broadcast
+carries only each bucket's go signal (``shm``); otherwise gloo broadcasts the buckets themselves
+(``gloo``, TCP). Why: gloo over loopback TCP moved 0.3-0.8 GB/s on the 2-core test machine (two
+kernel copies per receiver, CPU-bound), a write into pages written before ~8 GB/s.
 
-Failures are errors within ``timeout_s``, never hangs: every store wait and every collective runs
-under it. A receiver that dies mid-sync breaks the sender's broadcast (the peer's socket closes);
-the sender then publishes an abort marker, tears its group down (the other receivers' broadcast
-fails) and raises :class:`WeightSyncError` naming each receiver's last bucket. A receiver that
-stalls makes the sender's broadcast or its wait for acknowledgements time out, naming the ranks
-that did not acknowledge. A sender that dies closes the store: receivers fail at once; one that
-stalls makes them time out.
+Group lifetime: one group per sync (``open`` .. ``close``). Forming it costs ~2 ms once the
+receivers have joined (``SyncStats.setup_s``, 3 ranks on loopback), nothing next to a model's
+transfer, and a group made per sync needs no repair after a failure: a receiver that died, its
+replacement, a sender restarted by Ray Train all simply join the next one.
+
+Failures are errors within ``timeout_s`` of the step that stalls, never hangs: every store wait
+and every collective runs under it. A receiver that dies mid-sync breaks the sender's next
+broadcast (its socket closes); the sender then publishes an abort marker, tears its group down
+(the other receivers fail at once) and raises :class:`WeightSyncError` naming the bucket and each
+receiver's buckets taken. A receiver that stalls makes the sender's broadcast or its wait for
+acknowledgements time out, naming the ranks that did not acknowledge. A sender that dies closes
+the store: receivers fail at once; one that stalls between buckets makes them time out, naming
+the bucket they waited for.
 """
 from __future__ import annotations
 
@@ -51,10 +59,12 @@ import torch
 import torch.distributed as dist
 
 # 256 MiB per bucket. On CPU gloo the cost per broadcast is a few round trips (~1 ms on loopback),
-# so buckets above ~16 MiB already run at the link's speed; the bucket is a second copy of that
-# many bytes on the sender and on every receiver, which 256 MiB keeps small next to any model. On
-# GPUs NCCL reaches its bus bandwidth from ~64 MiB and vLLM's packed NCCL transfer uses buffers of
-# the same order; a tensor larger than the bucket goes alone in a bucket of its own size.
+# so buckets above ~16 MiB already run at the link's speed (64 MiB buckets moved 0.84 GiB/s, 256 MiB
+# 1.95 GiB/s between 2 processes on the test machine); a bucket is a second copy of that many bytes
+# on the sender and on every receiver, which 256 MiB keeps small next to any model. Over shm the
+# size only sets how often receivers get a go signal. On GPUs NCCL reaches its bus bandwidth from
+# ~64 MiB (vLLM's packed NCCL transfer uses 2 x 1 GiB). A tensor larger than the bucket goes alone
+# in a bucket of its own size.
 DEFAULT_BUCKET_BYTES = 256 * 2**20
 _ALIGN = 64  # bytes: each tensor starts at a multiple of 64, so a view of any dtype is aligned
 
@@ -303,7 +313,9 @@ class WeightSender:
 
 class WeightReceiver:
     """Rank ``rank`` (1 .. world_size - 1) of one sync. Construction joins: it connects to the
-    sender's store and blocks until the whole group has formed (at most ``timeout_s``)."""
+    sender's store and blocks until the whole group has formed (at most ``timeout_s``). Tensors
+    arrive on the CPU (gloo, shm) or on this process's current CUDA device (nccl) unless
+    ``device`` says otherwise; a consumer copies them where they go."""
 
     def __init__(self, endpoint: Endpoint, rank: int, device: torch.device | str | None = None) -> None:
         if not 1 <= rank < endpoint.world_size:
