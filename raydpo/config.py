@@ -26,6 +26,10 @@ from pydantic import (
 
 from raydpo.data.tokenize import TokenizeSettings
 from raydpo.errors import InputError
+from raydpo.losses import LossParams
+
+# Fields of LossParams that the trainer maintains as it runs (bco_pair's running reward mean): no setting.
+TRAINER_KEPT_LOSS_PARAMS = frozenset({"bco_delta"})
 
 
 class _Strict(BaseModel):
@@ -64,6 +68,17 @@ class _Placed(_Strict):
             raise ValueError(f"an accelerator type places GPU work: it needs {gpu_key} "
                              + ("true" if gpu_key == "use_gpu" else "> 0"))
         return accelerator_type
+
+
+class _ActorGroup(_Placed):
+    """Actors of one kind (the reference's, the generators, the judge's), placed alike. Their
+    placement keys are declared here alone, so ``RESUME_HARMLESS`` finds them here too."""
+
+    num_actors: int = Field(1, gt=0)
+    num_cpus: float = Field(1.0, ge=0)  # per actor
+    num_gpus: float = Field(0.0, ge=0)  # per actor
+    accelerator_type: str | None = None  # only nodes with this GPU (needs num_gpus)
+    resources: dict[str, float] | None = None  # custom resources per actor
 
 
 class TinyModel(_Strict):
@@ -181,12 +196,7 @@ class DataConfig(_Strict):
         return self
 
 
-class ReferenceConfig(_Placed):
-    num_actors: int = Field(1, gt=0)
-    num_cpus: float = Field(1.0, ge=0)  # per actor
-    num_gpus: float = Field(0.0, ge=0)  # per actor
-    accelerator_type: str | None = None  # only nodes with this GPU (needs num_gpus)
-    resources: dict[str, float] | None = None  # custom resources per actor
+class ReferenceConfig(_ActorGroup):
     batch_tokens: int = Field(8192, gt=0)  # tokens per forward, padding included
     window: int = Field(1024, gt=0)  # sequences sorted by length together; one cache block each
     max_padding: float = Field(1.05, ge=1.0)  # cap on tokens computed / real tokens, per batch
@@ -197,12 +207,14 @@ class ReferenceConfig(_Placed):
 class LossConfig(_Strict):
     type: str = "sigmoid"
     weights: dict[str, float] | None = None  # several losses combined; overrides type
-    beta: float = Field(0.1, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    simpo_gamma: float = 0.5  # SimPO target margin, reward units
-    orpo_lambda: float = Field(0.1, ge=0)  # weight of ORPO's odds-ratio term
-    discopop_tau: float = Field(0.05, gt=0)
-    dpop_lambda: float = Field(50.0, ge=0)
+    # The hyper-parameters: their names, defaults and meaning are raydpo.losses.LossParams, the one
+    # definition; here only their bounds. (LossParams.bco_delta is no setting: the trainer keeps it.)
+    beta: float = Field(LossParams.beta, gt=0)
+    label_smoothing: float = Field(LossParams.label_smoothing, ge=0, lt=0.5)
+    simpo_gamma: float = LossParams.simpo_gamma
+    orpo_lambda: float = Field(LossParams.orpo_lambda, ge=0)
+    discopop_tau: float = Field(LossParams.discopop_tau, gt=0)
+    dpop_lambda: float = Field(LossParams.dpop_lambda, ge=0)
     reference_free: bool = False  # skip the reference model: its log-probs count as 0
 
     def weight_map(self) -> dict[str, float]:
@@ -215,10 +227,10 @@ class LossConfig(_Strict):
 
         return not (self.reference_free or set(self.weight_map()) <= REFERENCE_FREE_LOSSES)
 
-    def params(self) -> dict[str, float]:
-        """The keyword arguments of ``raydpo.losses.LossParams``."""
-        keys = ("beta", "label_smoothing", "simpo_gamma", "orpo_lambda", "discopop_tau", "dpop_lambda")
-        return {k: getattr(self, k) for k in keys}
+    def params(self) -> LossParams:
+        """The losses' hyper-parameters: every field of LossParams, by name, but the trainer's own."""
+        return LossParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LossParams)
+                             if f.name not in TRAINER_KEPT_LOSS_PARAMS})
 
     # Field validators, not one on the section: an unknown name is reported at loss.type or
     # loss.weights, the key the user must change.
@@ -359,15 +371,10 @@ class TrackingConfig(_Strict):
         return self
 
 
-class GeneratorConfig(_Placed):
+class GeneratorConfig(_ActorGroup):
     """``online.generator``: the actors that sample from the current policy (``actors/generator.py``)."""
 
     backend: Literal["vllm", "transformers", "auto"] = "auto"  # auto: vLLM where it imports
-    num_actors: int = Field(1, gt=0)
-    num_cpus: float = Field(1.0, ge=0)  # per actor
-    num_gpus: float = Field(0.0, ge=0)  # per actor
-    accelerator_type: str | None = None  # only nodes with this GPU (needs num_gpus)
-    resources: dict[str, float] | None = None  # custom resources per actor
     tensor_parallel_size: int = Field(1, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     sync_timeout_s: float = Field(300.0, gt=0)  # a weight sync that takes longer fails the round
@@ -396,19 +403,15 @@ class SamplingConfig(_Strict):
                                 max_new_tokens=self.max_new_tokens, seed=self.seed + seed_offset)
 
 
-class JudgeConfig(_Placed):
-    """``online.judge``: what scores the samples (``raydpo/online/judges.py``, ``actors/judge.py``)."""
+class JudgeConfig(_ActorGroup):
+    """``online.judge``: what scores the samples (``raydpo/online/judges.py``, ``actors/judge.py``).
+    The placement keys (``_ActorGroup``) place the actors of a reward_model or llm judge."""
 
     type: Literal["verifier", "reward_model", "llm"] = "verifier"
     verifier: str | None = None  # verifier: "package.module:function", called (prompt, completion, row, **verifier_args)
     verifier_args: dict[str, Any] = {}
     model: str | None = None  # reward_model: a sequence-classification model; llm: a chat model
     template: str | None = None  # llm: a pairwise prompt with {prompt}, {a} and {b}
-    num_actors: int = Field(1, gt=0)  # reward_model and llm: actors and their resources
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    accelerator_type: str | None = None  # only nodes with this GPU (needs num_gpus)
-    resources: dict[str, float] | None = None  # custom resources per actor
     batch_size: int = Field(16, gt=0)
 
     @model_validator(mode="after")
@@ -704,9 +707,7 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
 # (logging, evaluation and checkpoint cadence, resources, fault injection, where things are kept).
 RESUME_HARMLESS = (
     "tracking.", "output_dir", "data.max_drop_fraction",
-    "reference.num_actors", "reference.num_cpus", "reference.num_gpus", "reference.accelerator_type",
-    "reference.resources", "reference.batch_tokens",
-    "reference.window", "reference.max_padding", "reference.cache_dir",
+    "reference.batch_tokens", "reference.window", "reference.max_padding", "reference.cache_dir",
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.max_failures", "train.fail_at_step", "train.cpus_per_worker", "train.use_gpu",
     "train.accelerator_type", "train.resources", "train.placement_strategy", "train.malloc_mmap_threshold",
@@ -715,12 +716,11 @@ RESUME_HARMLESS = (
     # is split into micro-batches (tests/train/test_workers.py), checkpointing recomputes, the head's
     # chunk only bounds memory.
     "train.micro_batch_size", "train.gradient_checkpointing", "train.logprob_chunk_tokens",
-    # Online: more rounds continue the run; where the actors run and how long a sync may take.
-    "online.rounds", "online.generator.num_actors", "online.generator.num_cpus", "online.generator.num_gpus",
-    "online.generator.sync_timeout_s", "online.generator.env", "online.judge.num_actors",
-    "online.judge.num_cpus", "online.judge.num_gpus", "online.judge.batch_size",
-    "online.generator.accelerator_type", "online.generator.resources", "online.judge.accelerator_type",
-    "online.judge.resources",
+    # Online: more rounds continue the run; how long a sync may take.
+    "online.rounds", "online.generator.sync_timeout_s", "online.generator.env", "online.judge.batch_size",
+    # Where and on how many actors each actor group runs.
+    *(f"{section}.{key}" for section in ("reference", "online.generator", "online.judge")
+      for key in _ActorGroup.model_fields),
 )
 
 

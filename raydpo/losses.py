@@ -43,7 +43,9 @@ class PairLogps:
 
 @dataclass(frozen=True)
 class LossParams:
-    """Hyper-parameters of every loss; each loss reads only the fields it needs.
+    """Hyper-parameters of every loss; each loss reads only the fields it needs. The one definition
+    of their names and defaults: the config's ``loss.<field>`` keys are these fields (but
+    ``bco_delta``), with bounds added (``raydpo.config.LossConfig``).
 
     beta: KL-strength / inverse temperature of the implicit reward (TRL ``beta``).
     label_smoothing: cDPO epsilon, probability that a label is flipped (``sigmoid``, ``robust``,

@@ -452,3 +452,55 @@ def test_an_alias_bomb_fails_without_being_expanded(tmp_path: Path) -> None:
     merged = tmp_path / "merged.yaml"
     merged.write_text(QUICKSTART.read_text().replace("train:\n", "train:\n  <<: {keep_checkpoints: 5}\n", 1))
     assert load_config(merged).train.keep_checkpoints == 5
+
+
+def test_loss_settings_are_the_fields_of_loss_params() -> None:
+    """``raydpo.losses.LossParams`` declares the hyper-parameters once: the ``loss`` section has
+    exactly its fields (but the trainer's running ``bco_delta``), with its defaults."""
+    import dataclasses
+
+    from raydpo.config import TRAINER_KEPT_LOSS_PARAMS, LossConfig
+    from raydpo.losses import LossParams
+
+    names = {f.name for f in dataclasses.fields(LossParams)} - TRAINER_KEPT_LOSS_PARAMS
+    assert set(LossConfig.model_fields) - {"type", "weights", "reference_free"} == names
+    assert LossConfig().params() == LossParams()
+    set_ = LossConfig(beta=0.3, label_smoothing=0.2, simpo_gamma=1.5, orpo_lambda=0.4, discopop_tau=0.2, dpop_lambda=5.0)
+    assert set_.params() == LossParams(beta=0.3, label_smoothing=0.2, simpo_gamma=1.5, orpo_lambda=0.4,
+                                       discopop_tau=0.2, dpop_lambda=5.0)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("loss.beta=0", "loss.beta: Input should be greater than 0"),
+    ("loss.label_smoothing=0.5", "loss.label_smoothing: Input should be less than 0.5"),
+    ("loss.label_smoothing=-0.1", "loss.label_smoothing: Input should be greater than or equal to 0"),
+    ("loss.orpo_lambda=-1", "loss.orpo_lambda: Input should be greater than or equal to 0"),
+    ("loss.discopop_tau=0", "loss.discopop_tau: Input should be greater than 0"),
+    ("loss.dpop_lambda=-1", "loss.dpop_lambda: Input should be greater than or equal to 0"),
+])
+def test_loss_bounds(override: str, message: str) -> None:
+    assert message in error_of(QUICKSTART, [override])
+
+
+def test_resume_harmless_keys_are_those_of_before() -> None:
+    """The placement keys of the actor groups come from their one declaration (``_ActorGroup``);
+    the set of harmless keys is what it was when they were listed by hand."""
+    from raydpo.config import RESUME_HARMLESS
+
+    assert len(RESUME_HARMLESS) == len(set(RESUME_HARMLESS))
+    assert set(RESUME_HARMLESS) == {
+        "tracking.", "output_dir", "data.max_drop_fraction",
+        "reference.num_actors", "reference.num_cpus", "reference.num_gpus", "reference.accelerator_type",
+        "reference.resources", "reference.batch_tokens",
+        "reference.window", "reference.max_padding", "reference.cache_dir",
+        "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+        "train.max_failures", "train.fail_at_step", "train.cpus_per_worker", "train.use_gpu",
+        "train.accelerator_type", "train.resources", "train.placement_strategy", "train.malloc_mmap_threshold",
+        "train.env",
+        "train.micro_batch_size", "train.gradient_checkpointing", "train.logprob_chunk_tokens",
+        "online.rounds", "online.generator.num_actors", "online.generator.num_cpus", "online.generator.num_gpus",
+        "online.generator.sync_timeout_s", "online.generator.env", "online.judge.num_actors",
+        "online.judge.num_cpus", "online.judge.num_gpus", "online.judge.batch_size",
+        "online.generator.accelerator_type", "online.generator.resources", "online.judge.accelerator_type",
+        "online.judge.resources",
+    }

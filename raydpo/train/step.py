@@ -28,7 +28,7 @@ class LossSpec:
 
     @classmethod
     def from_config(cls, loss: LossConfig) -> LossSpec:
-        return cls(loss.weight_map(), LossParams(**loss.params()), not loss.needs_reference())
+        return cls(loss.weight_map(), loss.params(), not loss.needs_reference())
 
 
 @dataclass
