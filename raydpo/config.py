@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from raydpo.data.formats import PairRule
 from raydpo.data.tokenize import TokenizeSettings
 from raydpo.errors import InputError
 from raydpo.losses import LossParams
@@ -155,7 +156,7 @@ class DataConfig(_Strict):
     columns: dict[str, str] | None = None
     # Ranked rows {prompt, completions, scores} -> pairs: the best vs the worst completion, or every
     # pair whose score gap is at least min_score_margin (ties never pair).
-    ranked_pairs: Literal["best_worst", "all_margin"] = "best_worst"
+    ranked_pairs: PairRule = "best_worst"
     min_score_margin: float = Field(0.0, ge=0.0)
     # A Jinja chat template: overrides the tokenizer's own; without either, a plain built-in one
     # ("User: ...\n\nAssistant: ...") serves base models (see raydpo.data.tokenize).
@@ -439,13 +440,23 @@ class OnlineConfig(_Strict):
     generator: GeneratorConfig = GeneratorConfig()
     sampling: SamplingConfig = SamplingConfig()
     judge: JudgeConfig = JudgeConfig(type="verifier", verifier="raydpo.online.verifiers:max_task")
-    pairs: Literal["best_worst", "all_with_margin"] = "best_worst"
+    pairs: PairRule = "best_worst"  # the rule of data.ranked_pairs, over each prompt's scored samples
     min_score_margin: float = Field(0.0, ge=0)
     reference: Literal["initial", "previous_round"] = "initial"
     # 0: each round samples from the policy it trains (synchronous rounds). S >= 1: round r + 1's
     # samples are drawn while round r trains, from the policy one version behind; a pair older than
     # S versions is refused (counted as "stale").
     max_staleness: int = Field(0, ge=0)
+
+    @field_validator("pairs", mode="before")
+    @classmethod
+    def _renamed_rule(cls, rule: Any) -> Any:
+        # The rule's name before data.ranked_pairs and online.pairs shared one: an error, not a
+        # silent alias, so a config says the rule by its one name.
+        if rule == "all_with_margin":
+            raise ValueError("all_with_margin is now all_margin (the rule's one name, as in "
+                             "data.ranked_pairs): write online.pairs: all_margin")
+        return rule
 
     @model_validator(mode="after")
     def _has_prompts(self) -> "OnlineConfig":

@@ -504,3 +504,12 @@ def test_resume_harmless_keys_are_those_of_before() -> None:
         "online.generator.accelerator_type", "online.generator.resources", "online.judge.accelerator_type",
         "online.judge.resources",
     }
+
+
+def test_the_pairing_rule_has_one_name() -> None:
+    """``online.pairs`` takes the names of ``data.ranked_pairs``; the old online name is an error
+    that names the key and the new value, never a silent alias."""
+    online = ROOT / "configs" / "quickstart_online.yaml"
+    assert load_config(online, ["online.pairs=all_margin"]).online.pairs == "all_margin"
+    message = error_of(online, ["online.pairs=all_with_margin"])
+    assert "online.pairs: " in message and "write online.pairs: all_margin" in message

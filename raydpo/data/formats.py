@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal, get_args
 
 Message = dict[str, str]
 
@@ -61,7 +61,10 @@ REASONS = (MISSING_FIELD, EMPTY, IDENTICAL, NO_COMMON_PREFIX, UNPARSEABLE, TOO_L
 
 FORMATS = ("standard", "conversational", "implicit_prompt", "sharegpt", "ranked")
 COLUMN_TARGETS = ("prompt", "chosen", "rejected", "conversations", "system", "completions", "scores")
-RANKED_PAIRS = ("best_worst", "all_margin")
+# How scored completions become pairs, for ranked rows (data.ranked_pairs) and scored online samples
+# (online.pairs) alike: see score_pairs.
+PairRule = Literal["best_worst", "all_margin"]
+RANKED_PAIRS: tuple[str, ...] = get_args(PairRule)
 # Ranked rows name their lists either way; the first name present wins.
 _COMPLETIONS = ("completions", "responses")
 _SCORES = ("scores", "ratings")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from raydpo.config import ConfigError, DataConfig, load_config
+from raydpo.config import ConfigError, DataConfig, OnlineConfig, load_config
 from raydpo.data.formats import (
     BAD_SCORE,
     EMPTY,
@@ -203,6 +203,7 @@ def test_config_ranked_fields(tmp_path: Path) -> None:
     from tests.data.test_formats_more import QUICKSTART
 
     assert typing.get_args(DataConfig.model_fields["ranked_pairs"].annotation) == RANKED_PAIRS
+    assert typing.get_args(OnlineConfig.model_fields["pairs"].annotation) == RANKED_PAIRS  # one rule, one name
     tree = yaml.safe_load(QUICKSTART.read_text())
     tree["data"].update(format="ranked", ranked_pairs="all_margin", min_score_margin=0.5, columns={"scores": "rewards"},
                         chat_template="{{ messages }}")
