@@ -1,5 +1,5 @@
 """Judges of iterative online DPO: each scores the k sampled completions of every prompt, so that
-the pair step can take a better and a worse one (issue 10, step 3).
+the pair step can take a better and a worse one.
 
 - :class:`VerifierJudge`: a Python function named by import path (``module:function``) scores each
   completion, e.g. against a known answer (:mod:`raydpo.online.verifiers`).
