@@ -119,6 +119,40 @@ def test_a_stalled_receiver_or_sender_times_out_on_both_sides():
     sender.close()
 
 
+class HangingSender:
+    """A sender in a Ray actor of its own: one bucket, then stuck until its process is killed."""
+
+    def open(self):
+        self.sender = WeightSender.open(1, "cpu", timeout_s=60, host="127.0.0.1")
+        return self.sender.endpoint, os.getpid()
+
+    def send(self) -> None:
+        def stream():
+            yield "first", torch.ones(8)
+            time.sleep(600)
+            yield "never", torch.ones(8)
+
+        self.sender.send(stream(), bucket_bytes=1)
+
+
+def test_a_sender_killed_mid_sync_fails_the_receiver_at_once(ray_local):
+    """The sender's process dies between buckets: its store and sockets close, so the receiver
+    fails at once, far inside its 60 s timeout, naming the bucket it waited for."""
+    import ray
+
+    actor = ray.remote(num_cpus=0)(HangingSender).remote()
+    endpoint, pid = ray.get(actor.open.remote())
+    actor.send.remote()
+    with WeightReceiver(endpoint, 1) as receiver:
+        stream = receiver.receive()
+        assert next(stream)[0] == "first"
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(WeightSyncError, match="no metadata for bucket 1"):
+            next(stream)
+        assert time.monotonic() - t0 < 10
+
+
 def sender_state(folder) -> list[tuple[str, torch.Tensor]]:
     """The sender's side: the policy as a trainer holds it (parameters and buffers, tied LM head
     under both its names, as ``state_dict`` gives them)."""
