@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in commands:
         print("usage: raydpo {train|iterate} CONFIG [--set dotted.key=value ...] [--verbose]\n"
               "       raydpo precompute CONFIG [--set dotted.key=value ...] [--json]\n"
-              "       raydpo data-check SOURCE... [--json]\n"
+              "       raydpo data-check CONFIG [--set dotted.key=value ...] [--json]\n"
               "       raydpo sync-tracking OUTPUT_DIR [--timeout S]\n"
               "       raydpo submit CONFIG --address http://HEAD:8265 [--follow] [--set dotted.key=value ...]",
               file=sys.stderr)

@@ -1,10 +1,11 @@
 """Check preference data before training: read -> normalise -> tokenize, then report what happened.
 
-``raydpo data-check SOURCE... [--model tiny] [--max-length N] [--max-prompt-length N] [--json]``
-runs the training job's own data pipeline (same reasons, same counts) and adds token-length
-percentiles of prompt, chosen and rejected over the kept rows. With ``--json`` stdout is exactly one
-JSON object. Ray starts locally, or joins ``RAY_ADDRESS``. A source that cannot be read or decoded
-(see ``raydpo.data.sources``), or any other input error, is one line on stderr and exit code 2.
+``raydpo data-check CONFIG [--set dotted.key=value ...] [--json]`` runs the training job's own data
+pipeline on the config's ``data`` sources (train and eval) with its ``data`` settings and its model's
+tokenizer (same reasons, same counts) and adds token-length percentiles of prompt, chosen and
+rejected over the kept rows. With ``--json`` stdout is exactly one JSON object. Ray starts locally,
+or joins ``RAY_ADDRESS``. A bad config, a source that cannot be read or decoded (see
+``raydpo.data.sources``), or any other input error, is one message on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -14,36 +15,22 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from raydpo.data.formats import COLUMN_TARGETS, FORMATS
+from raydpo.config import Config, load_config_or_report
 
 
-def check(
-    sources: list[str],
-    *,
-    model: str,
-    gguf_file: str | None,
-    max_length: int,
-    max_prompt_length: int,
-    truncation: str,
-    quiet: bool = False,
-    fmt: str = "auto",
-    columns: dict[str, str] | None = None,
-    chat_template: str | None = None,
-    ranked_pairs: str = "best_worst",
-    min_score_margin: float = 0.0,
-) -> dict[str, Any]:
-    """Run the pipeline on ``sources`` and return the report dict (``DataReport.to_dict()``, lengths included, + settings)."""
+def check(cfg: Config, *, quiet: bool = False) -> dict[str, Any]:
+    """Run the pipeline on the config's sources and return the report dict (``DataReport.to_dict()``,
+    lengths included, + settings)."""
     import ray
     import ray.data
 
     from jobs.stages import ray_data_errors_off_the_console
     from raydpo.data.pipeline import bound_oom_retries, build_report, length_stats, tokenized_dataset
-    from raydpo.data.tokenize import TokenizeSettings
 
     t0 = time.perf_counter()
+    d, model = cfg.data, cfg.model
     # The tiny model's tokenizer is built in code by every worker (load_tokenizer("tiny")), so no
     # model folder is written: a temp dir on the driver would not exist on a remote cluster's nodes.
     bound_oom_retries()  # before ray.init, which reads it
@@ -53,18 +40,18 @@ def check(
     if quiet:
         ctx.enable_progress_bars = False
     try:
-        settings = TokenizeSettings(max_length, max_prompt_length, truncation)
         with ray_data_errors_off_the_console():  # a damaged source is found by a read task
-            tokenized = tokenized_dataset(sources, [], model_path=model, gguf_file=gguf_file, settings=settings,
-                                          eval_fraction=0.0, seed=0, columns=columns, fmt=fmt, chat_template=chat_template,
-                                          ranked_pairs=ranked_pairs, min_score_margin=min_score_margin)  # materialized
+            tokenized = tokenized_dataset(d.train, d.eval, model_path=model.name_or_path, gguf_file=model.gguf_file,
+                                          settings=d.tokenize_settings(), eval_fraction=d.eval_fraction, seed=d.seed,
+                                          limit=d.limit, columns=d.columns, fmt=d.format, chat_template=d.chat_template,
+                                          ranked_pairs=d.ranked_pairs, min_score_margin=d.min_score_margin)  # materialized
             report = build_report(tokenized)
             report.lengths = length_stats(tokenized)
     finally:
         ctx.enable_progress_bars = bars
     out = report.to_dict()
-    out["settings"] = {"model": model, "gguf_file": gguf_file, "max_length": max_length,
-                       "max_prompt_length": max_prompt_length, "truncation": truncation}
+    out["settings"] = {"model": model.name_or_path, "gguf_file": model.gguf_file, "max_length": d.max_length,
+                       "max_prompt_length": d.max_prompt_length, "truncation": d.truncation}
     out["seconds"] = round(time.perf_counter() - t0, 2)
     out["_summary"] = report.summary()
     return out
@@ -84,52 +71,28 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _read_template(path: str) -> str:
-    """The template file's text; a ``ValueError`` naming the file where it is not UTF-8 or does not compile."""
-    from raydpo.data.tokenize import check_chat_template
-
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-        check_chat_template(text)
-    except ValueError as e:  # UnicodeDecodeError included
-        raise ValueError(f"--chat-template {path}: {e}") from None
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="raydpo data-check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sources", nargs="+", metavar="SOURCE", help="JSONL files (.gz too), globs or URIs")
-    parser.add_argument("--model", default="tiny", help="tokenizer: 'tiny' (default), HF hub id or local folder")
-    parser.add_argument("--gguf-file", default=None)
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--max-prompt-length", type=int, default=256)
-    parser.add_argument("--truncation", choices=["keep_end", "keep_start"], default="keep_end")
-    parser.add_argument("--format", default="auto", choices=list(FORMATS), help="row shape (default: detected per source)")
-    parser.add_argument("--ranked-pairs", choices=["best_worst", "all_margin"], default="best_worst",
-                        help="ranked rows -> pairs: best vs worst, or every pair with a score gap >= --min-score-margin")
-    parser.add_argument("--min-score-margin", type=float, default=0.0)
-    parser.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template file (default: the tokenizer's, else plain)")
-    parser.add_argument("--column", action="append", default=[], metavar="FIELD=NAME",
-                        help="read FIELD (prompt, chosen, ...) from column NAME; repeatable")
+    parser.add_argument("config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     ns = parser.parse_args(argv)
-    columns = dict(c.split("=", 1) for c in ns.column if "=" in c) or None
-    if len(ns.column) != len(columns or {}) or not set(columns or {}) <= set(COLUMN_TARGETS):
-        print(f"raydpo data-check: --column wants FIELD=NAME with FIELD in {', '.join(COLUMN_TARGETS)}", file=sys.stderr)
+    cfg = load_config_or_report(ns.config, ns.overrides)  # fails before Ray starts
+    if cfg is None:
+        return 2
+    if not cfg.data.train:
+        print(f"raydpo data-check: {ns.config} names no data.train sources to check "
+              "(data.synthetic rows are generated by the run itself)", file=sys.stderr)
         return 2
 
-    from raydpo.data.sources import expand_sources
+    from jobs.stages import check_sources
     from raydpo.errors import input_error
 
-    if not 0 < ns.max_prompt_length < ns.max_length:
-        print("raydpo data-check: need 0 < --max-prompt-length < --max-length", file=sys.stderr)
-        return 2
     try:
         # Fails before Ray starts: a source that names nothing, or that its first bytes show cannot be
-        # read (a SourceError, which is a ValueError); a chat template that does not compile.
-        expand_sources(ns.sources)
-        chat_template = _read_template(ns.chat_template) if ns.chat_template else None
+        # read (a SourceError, which is a ValueError).
+        check_sources(cfg)
     except (FileNotFoundError, ValueError) as e:
         print(f"raydpo data-check: {e}", file=sys.stderr)
         return 2
@@ -138,10 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     # With --json nothing but the JSON object reaches stdout: anything printed meanwhile goes to stderr.
     with contextlib.redirect_stdout(sys.stderr) if ns.json else contextlib.nullcontext():
         try:
-            result = check(ns.sources, model=ns.model, gguf_file=ns.gguf_file, max_length=ns.max_length,
-                           max_prompt_length=ns.max_prompt_length, truncation=ns.truncation, quiet=ns.json,
-                           fmt=ns.format, columns=columns, chat_template=chat_template,
-                           ranked_pairs=ns.ranked_pairs, min_score_margin=ns.min_score_margin)
+            result = check(cfg, quiet=ns.json)
         except Exception as e:
             # The user's input: a source of unknown row shape, or one that fails while it is read (a
             # truncated gzip, a JSON syntax error, no rows), raised here or inside a Ray task.

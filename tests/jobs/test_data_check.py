@@ -1,4 +1,4 @@
-"""``raydpo data-check`` end to end on a real local Ray: counts by reason and source, lengths, exit codes."""
+"""``raydpo data-check CONFIG`` end to end on a real local Ray: counts by reason and source, lengths, exit codes."""
 from __future__ import annotations
 
 import gzip
@@ -8,10 +8,22 @@ import zlib
 from pathlib import Path
 
 import pytest
+import yaml
 
 
 def _good(i: int) -> str:
     return json.dumps({"prompt": f"What is {i}+{i}?", "chosen": str(2 * i), "rejected": str(2 * i + 1)})
+
+
+def _config(tmp_path: Path, *sources: Path | str, **data) -> str:
+    """A config of the tiny model's tokenizer whose data.train is ``sources``, with ``data`` settings."""
+    path = tmp_path / "check.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name_or_path": "tiny"},
+                                    "data": {"train": [str(s) for s in sources], **data}}))
+    return str(path)
+
+
+SHORT = ["--set", "data.max_length=96", "--set", "data.max_prompt_length=64"]
 
 
 def _write(tmp_path: Path) -> tuple[Path, Path]:
@@ -36,7 +48,7 @@ def test_json_report_accounts_for_every_row(ray_local, tmp_path, capsys):
     from jobs.data_check import main
 
     plain, packed = _write(tmp_path)
-    code = main([str(plain), str(tmp_path / "*.gz"), "--max-length", "96", "--max-prompt-length", "64", "--json"])
+    code = main([_config(tmp_path, plain, tmp_path / "*.gz"), *SHORT, "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)  # the whole of stdout is one JSON object
 
@@ -67,7 +79,7 @@ def test_text_report(ray_local, tmp_path, capsys):
     from jobs.data_check import main
 
     plain, _ = _write(tmp_path)
-    assert main([str(plain), "--max-length", "96", "--max-prompt-length", "64"]) == 0
+    assert main([_config(tmp_path, plain, max_length=96, max_prompt_length=64)]) == 0
     text = capsys.readouterr().out
     assert "data: read 11, kept 7, truncated 1" in text
     assert f"source {plain}: read 11, kept 7" in text
@@ -77,20 +89,34 @@ def test_text_report(ray_local, tmp_path, capsys):
 def test_missing_source_exits_2(tmp_path, capsys):
     from jobs.data_check import main
 
-    code = main([str(tmp_path / "nothing-*.jsonl"), "--json"])
+    code = main([_config(tmp_path, tmp_path / "nothing-*.jsonl"), "--json"])
     captured = capsys.readouterr()
     assert code == 2
     assert captured.out == ""
     assert "matches no file" in captured.err and len(captured.err.strip().splitlines()) == 1
 
 
-# --- issue 12: bad rows never crash the job ------------------------------------------------------
-
-
-def _check_json(capsys, *args: str) -> dict:
+def test_bad_config_or_no_sources_exits_2(tmp_path, capsys):
+    """A key the config does not have is named; a config without data.train has nothing to check."""
     from jobs.data_check import main
 
-    code = main([*args, "--json"])
+    plain, _ = _write(tmp_path)
+    assert main([_config(tmp_path, plain), "--set", "data.max_lenght=96", "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "data.max_lenght" in captured.err
+    quickstart = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"  # data.synthetic
+    assert main([str(quickstart), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "names no data.train sources" in captured.err
+
+
+# --- bad rows never crash the job ----------------------------------------------------------------
+
+
+def _check_json(capsys, config: str, *args: str) -> dict:
+    from jobs.data_check import main
+
+    code = main([config, *args, "--json"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     out = json.loads(captured.out)
@@ -104,7 +130,7 @@ def test_lone_surrogate_is_a_counted_drop(ray_local, tmp_path, capsys):
     bad = json.dumps({"prompt": "hi \ud800", "chosen": "a", "rejected": "b"})  # written as the escape "\ud800"
     assert "\\ud800" in bad
     path.write_text("\n".join([_good(1), _good(2), bad, _good(3)]) + "\n")
-    out = _check_json(capsys, str(path))
+    out = _check_json(capsys, _config(tmp_path, path))
     assert (out["read"], out["kept"], out["dropped"]) == (4, 3, {"invalid_unicode": 1})
     assert out["examples"] == {"invalid_unicode": [f"{path}:3"]}
 
@@ -116,7 +142,7 @@ def test_nesting_past_the_parser_stack_is_a_counted_drop(ray_local, tmp_path, ca
     lines.write_text("\n".join([_good(1), "[" * 20_000, _good(2), '{"prompt": ' + "[" * 20_000]) + "\n")
     array = tmp_path / "deep.json"
     array.write_text("[" + _good(3) + ", " + "[" * 20_000 + "]" * 20_000 + "]")
-    out = _check_json(capsys, str(lines), str(array))
+    out = _check_json(capsys, _config(tmp_path, lines, array))
     assert (out["read"], out["kept"], out["dropped"]) == (5, 2, {"too_deeply_nested": 3})
     assert out["examples"]["too_deeply_nested"] == [f"{lines}:2", f"{lines}:4", f"{array}:1"]
 
@@ -130,15 +156,13 @@ def test_template_that_raises_is_a_counted_drop(ray_local, tmp_path, capsys, tem
     out of order); now ``template_error``, and the template keeps the rows it accepts."""
     from tests.data import checks
 
-    template_file = tmp_path / "template.jinja"
-    template_file.write_text(getattr(checks, template))
     def row(prompt: list[dict[str, str]]) -> str:
         return json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": "4"}],
                            "rejected": [{"role": "assistant", "content": "5"}]})
 
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join([row([{"role": "user", "content": "2+2?"}]), row(prompt), row([{"role": "user", "content": "2+2"}])]) + "\n")
-    out = _check_json(capsys, str(path), "--chat-template", str(template_file))
+    out = _check_json(capsys, _config(tmp_path, path, chat_template=getattr(checks, template)))
     assert (out["read"], out["kept"], out["dropped"]) == (3, 2, {"template_error": 1})
     assert out["examples"] == {"template_error": [f"{path}:2"]}
 
@@ -148,12 +172,10 @@ def test_template_that_does_not_compile_exits_2(tmp_path, capsys):
 
     path = tmp_path / "rows.jsonl"
     path.write_text(_good(1) + "\n")
-    template_file = tmp_path / "broken.jinja"
-    template_file.write_text("{% for m in messages %}\n{{ m['content'] }")
-    assert main([str(path), "--chat-template", str(template_file), "--json"]) == 2
+    assert main([_config(tmp_path, path, chat_template="{% for m in messages %}\n{{ m['content'] }"), "--json"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert f"--chat-template {template_file}: chat template line 2: " in captured.err
+    assert "data.chat_template: Value error, chat template line 2: " in captured.err
 
 
 def test_file_name_that_is_not_utf8_exits_2(tmp_path, capsys):
@@ -163,7 +185,7 @@ def test_file_name_that_is_not_utf8_exits_2(tmp_path, capsys):
 
     with open(os.fsencode(tmp_path) + b"/bad\xff.jsonl", "wb") as f:
         f.write(_good(1).encode() + b"\n")
-    assert main([str(tmp_path / "*.jsonl"), "--json"]) == 2
+    assert main([_config(tmp_path, tmp_path / "*.jsonl"), "--json"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "the file name is not valid UTF-8" in captured.err and "bad" in captured.err
 
@@ -183,10 +205,8 @@ def test_thousands_of_hostile_rows(ray_local, tmp_path, capsys):
     rows = hostile_rows(12, 2000, shapes=("conversational",))
     path = tmp_path / "hostile.jsonl"
     path.write_text("".join(text + "\n" for text, _ in rows), encoding="utf-8")
-    template_file = tmp_path / "gemma.jinja"
-    template_file.write_text(GEMMA_TEMPLATE)
-    out = _check_json(capsys, str(path), "--format", "conversational", "--chat-template", str(template_file),
-                      "--max-length", "96", "--max-prompt-length", "48")
+    out = _check_json(capsys, _config(tmp_path, path, format="conversational", chat_template=GEMMA_TEMPLATE),
+                      "--set", "data.max_length=96", "--set", "data.max_prompt_length=48")
 
     batch = pa.table({"source": ["s"] * len(rows), "row_id": list(range(1, len(rows) + 1)),
                       "split": ["train"] * len(rows), "text": [text for text, _ in rows]})
@@ -200,7 +220,7 @@ def test_thousands_of_hostile_rows(ray_local, tmp_path, capsys):
         assert out["dropped"][reason] > 0, reason
 
 
-# --- issue 26: a source that cannot be read or decoded -------------------------------------------
+# --- a source that cannot be read or decoded ----------------------------------------------------
 
 
 def test_source_damaged_past_its_first_bytes_exits_2_with_one_line(ray_local, tmp_path, capsys):
@@ -224,12 +244,13 @@ def test_source_damaged_past_its_first_bytes_exits_2_with_one_line(ray_local, tm
     assert 64 < lines < 800
     message = (f"raydpo data-check: data source {cut}: the gzip stream is truncated after line {lines}: "
                f"the rest of the file is lost (how many rows is unknown); re-create or re-download it")
-    code = main([str(good), str(cut), "--json"])
+    config = _config(tmp_path, good, cut)
+    code = main([config, "--json"])
     captured = capsys.readouterr()
     assert code == 2, captured.err
     assert captured.out == "" and captured.err.splitlines()[-1] == message, captured.err
 
-    done = subprocess.run([sys.executable, "-m", "jobs.cli", "data-check", str(good), str(cut)], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "data-check", config], capture_output=True,
                           text=True, cwd=Path(__file__).resolve().parents[2], timeout=300)
     assert done.returncode == 2, done.stderr
     assert done.stdout == "" and done.stderr.splitlines()[-1] == message, done.stderr
@@ -247,7 +268,7 @@ def test_source_that_is_not_a_file_of_rows_exits_2_before_ray(tmp_path, capsys):
     wide.write_bytes(("\n".join(_good(i) for i in range(3)) + "\n").encode("utf-16-le"))
     for path, cause in [(fifo, "is a FIFO (named pipe), not a regular file"),
                         (wide, "looks like UTF-16 LE text without a byte-order mark")]:
-        assert main([str(path), "--json"]) == 2
+        assert main([_config(tmp_path, path), "--json"]) == 2
         captured = capsys.readouterr()
         assert captured.out == "" and len(captured.err.splitlines()) == 1
         assert captured.err.startswith(f"raydpo data-check: data source {path}: {cause}"), captured.err
