@@ -1,5 +1,5 @@
 """Generators: k sampled completions per prompt from the current policy, with in-place weight
-sync and a policy version (issue: iterative online DPO).
+sync and a policy version.
 
 Two backends behind one interface (:class:`Generator`), chosen by ``backend``:
 

@@ -123,7 +123,7 @@ def data(cfg: Config, prepared: Prepared, tracker: Tracker) -> tuple[ray.data.Da
     if report.drop_fraction > d.max_drop_fraction:
         raise DataError(f"dropped {report.drop_fraction:.1%} of rows, over data.max_drop_fraction "
                         f"{d.max_drop_fraction:.1%}: fix the rows (the report below names the reasons and rows; "
-                        f"`raydpo data-check SOURCE...` gives it without training), or raise data.max_drop_fraction"
+                        f"`raydpo data-check CONFIG` gives it without training), or raise data.max_drop_fraction"
                         f"\n{report.summary()}")
     kept = kept_rows(tokenized)
     mixture = mixture_weights(prepared.sources)  # (entry -> weight, source -> entry); None without weights

@@ -1,5 +1,5 @@
 """Weights from one sender to N receivers over a torch.distributed process group of their own
-(issue 23: the trainer's new policy reaches the generators without a trip through disk).
+(the trainer's new policy reaches the generators without a trip through disk).
 
 Plain torch, no Ray: the sender is rank 0 of a Ray Train worker group that already has a default
 ``torch.distributed`` group, so this module never touches the default group. The sender hosts a

@@ -1,6 +1,6 @@
 """Scored samples -> preference pairs, with the ranked-rows rule of the data pipeline
 (``raydpo.data.formats.score_pairs``): ``best_worst`` gives at most one pair per prompt, the first
-highest against the first lowest; ``all_with_margin`` every pair whose score gap reaches the
+highest against the first lowest; ``all_margin`` every pair whose score gap reaches the
 margin. Ties never pair.
 
 Every prompt is accounted for: it gives pairs, or it is skipped with a reason (``all_tied``: no
@@ -13,12 +13,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal
 
-from raydpo.data.formats import score_pairs
+from raydpo.data.formats import PairRule, score_pairs
 from raydpo.online.judges import Scored
 
-PairMode = Literal["best_worst", "all_with_margin"]
 ALL_TIED = "all_tied"
 TOO_FEW_SCORED = "too_few_scored"
 STALE = "stale"
@@ -38,7 +36,7 @@ class PairStats:
 
 
 def make_pairs(prompt_ids: list[list[int]], completions: list[list[list[int]]], scored: list[Scored],
-               mode: PairMode = "best_worst", min_margin: float = 0.0, versions: list[int] | None = None,
+               mode: PairRule = "best_worst", min_margin: float = 0.0, versions: list[int] | None = None,
                accept: tuple[int, int] | None = None) -> tuple[dict[str, list], PairStats]:
     """One entry per prompt in each list -> pair columns ``prompt_ids``, ``chosen_ids``,
     ``rejected_ids``, ``chosen_score``, ``rejected_score``, ``prompt_row`` (the index into the
@@ -47,7 +45,6 @@ def make_pairs(prompt_ids: list[list[int]], completions: list[list[list[int]]], 
     cols: dict[str, list] = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_score",
                                              "rejected_score", "prompt_row")}
     stats = PairStats(prompts=len(prompt_ids))
-    rule = "all_margin" if mode == "all_with_margin" else mode
     for row, (prompt, comps, s) in enumerate(zip(prompt_ids, completions, scored, strict=True)):
         if accept is not None and versions is not None and not accept[0] <= versions[row] <= accept[1]:
             stats.skipped[STALE] += 1
@@ -58,7 +55,7 @@ def make_pairs(prompt_ids: list[list[int]], completions: list[list[list[int]]], 
             stats.skipped[TOO_FEW_SCORED] += 1
             continue
         values = [s.scores[i] for i in usable]
-        found = [(usable[c], usable[r]) for c, r in score_pairs(values, rule, min_margin)
+        found = [(usable[c], usable[r]) for c, r in score_pairs(values, mode, min_margin)
                  if comps[usable[c]] != comps[usable[r]]]  # the same tokens scored twice differently: no signal
         if not found:
             stats.skipped[ALL_TIED] += 1

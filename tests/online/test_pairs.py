@@ -5,7 +5,7 @@ from raydpo.online.judges import Scored
 from raydpo.online.pairs import ALL_TIED, STALE, TOO_FEW_SCORED, make_pairs
 
 
-def test_best_worst_all_with_margin_and_the_accounting():
+def test_best_worst_all_margin_and_the_accounting():
     prompts = [[1], [2], [3], [4]]
     comps = [[[10], [11], [12]], [[20], [21], [22]], [[30], [31], [32]], [[40], [41], [42]]]
     scored = [Scored([0.5, 1.0, 0.0], {}),  # a best and a worst
@@ -20,10 +20,10 @@ def test_best_worst_all_with_margin_and_the_accounting():
     assert stats.skipped == {ALL_TIED: 1, TOO_FEW_SCORED: 1}
     assert stats.judge_failures == {"verifier_error": 2, "unparseable": 1}
 
-    cols, stats = make_pairs(prompts[:1], comps[:1], scored[:1], "all_with_margin", min_margin=0.4)
+    cols, stats = make_pairs(prompts[:1], comps[:1], scored[:1], "all_margin", min_margin=0.4)
     # gaps: 1.0-0.5=0.5, 1.0-0.0=1.0, 0.5-0.0=0.5 all reach 0.4
     assert sorted(zip(cols["chosen_score"], cols["rejected_score"])) == [(0.5, 0.0), (1.0, 0.0), (1.0, 0.5)]
-    cols, stats = make_pairs(prompts[:1], comps[:1], scored[:1], "all_with_margin", min_margin=0.6)
+    cols, stats = make_pairs(prompts[:1], comps[:1], scored[:1], "all_margin", min_margin=0.6)
     assert list(zip(cols["chosen_score"], cols["rejected_score"])) == [(1.0, 0.0)]
 
 
