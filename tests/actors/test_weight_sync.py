@@ -100,7 +100,7 @@ def test_a_stalled_receiver_or_sender_times_out_on_both_sides():
 
     def slow():
         yield tensors[0]
-        time.sleep(4.0)  # longer than the timeout: the trainer stuck between buckets
+        time.sleep(3.0)  # longer than the 2 s timeout: the trainer stuck between buckets
         yield tensors[1]
 
     errors: list[Exception] = []
