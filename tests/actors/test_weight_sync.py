@@ -60,7 +60,6 @@ def test_tensors_arrive_bit_exact_in_several_buckets(ray_local, shared_memory):
     assert sender.transport == ("shm" if shared_memory else "gloo")
     sender.close()
     release_shared_memory()
-    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"raydpo-weights-{os.getpid()}-")]  # cleaned up
     assert stats.tensors == len(sent) and stats.buckets >= 4
     assert stats.bytes == sum(t.numel() * t.element_size() for _, t in sent)
     for got in ray.get(refs):
