@@ -61,21 +61,14 @@ def test_a_round_on_the_live_trainer_is_the_offline_training_and_its_scores_and_
             np.testing.assert_allclose(scored[f"ref_{side}_logps"], with_ref[f"ref_{side}_logps"].to_numpy(),
                                        rtol=0, atol=1e-4)
 
-        # One round on the live trainer = a new train_policy from the same weights on the same pairs.
+        # One round on the live trainer; the weights it then sends are the round's folder's, bit for
+        # bit (the receiver is this process).
         train_pairs = pairs.append_column("ref_chosen_logps", with_ref["ref_chosen_logps"]).append_column(
             "ref_rejected_logps", with_ref["ref_rejected_logps"])
         result = trainer.end_train(trainer.begin_train(train_pairs, 1, tmp_path / "r1", 0, None))
         assert not result["stopped"] and result["last_step"] == 2
-        offline = train_policy(ray.data.from_arrow(train_pairs), None, model_path=model, out_dir=tmp_path / "offline",
-                               train=train, loss=LossConfig(), dtype="float32", tracker=None)
+        assert trainer.wait_saved() == str(tmp_path / "r1" / "final")
         live_weights = load_file(str(tmp_path / "r1" / "final" / "model.safetensors"))
-        offline_weights = load_file(str(offline.final_dir / "model.safetensors"))
-        initial = load_file(str(tmp_path / "tiny" / "model.safetensors"))
-        assert live_weights.keys() == offline_weights.keys()
-        assert all(torch.equal(live_weights[k], offline_weights[k]) for k in live_weights)
-        assert any(not torch.equal(live_weights[k], initial[k]) for k in initial)  # it did train
-
-        # The weights it sends are the round's folder's, bit for bit (the receiver is this process).
         index, endpoint = trainer.begin_send(1, 60.0)
         with WeightReceiver(endpoint, 1) as receiver:
             received = dict(receiver.receive())
@@ -85,3 +78,13 @@ def test_a_round_on_the_live_trainer_is_the_offline_training_and_its_scores_and_
         assert sent["bytes"] == sum(t.numel() * t.element_size() for t in received.values())
     finally:
         trainer.close()
+
+    # = a new train_policy from the same weights on the same pairs (its workers need the CPUs the
+    # live trainer held).
+    offline = train_policy(ray.data.from_arrow(train_pairs), None, model_path=model, out_dir=tmp_path / "offline",
+                           train=train, loss=LossConfig(), dtype="float32", tracker=None)
+    offline_weights = load_file(str(offline.final_dir / "model.safetensors"))
+    initial = load_file(str(tmp_path / "tiny" / "model.safetensors"))
+    assert live_weights.keys() == offline_weights.keys()
+    assert all(torch.equal(live_weights[k], offline_weights[k]) for k in live_weights)
+    assert any(not torch.equal(live_weights[k], initial[k]) for k in initial)  # it did train
