@@ -210,7 +210,8 @@ def sync(o: Online, rd: RoundDir, trained: dict[str, Any]) -> float:
     if o.cfg.online.generator.sync == "disk":
         keep_policy(o, rd, trained)  # the folder the generators read
         return o.pool.sync(str(rd.policy), rd.round)
-    index, endpoint = o.trainer.begin_send(o.pool.receivers(), o.pool.sync_timeout_s)
+    generator = o.cfg.online.generator
+    index, endpoint = o.trainer.begin_send(o.pool.receivers(), generator.sync_timeout_s, generator.sync_bucket_mib * 2**20)
     receiving = o.pool.begin_receive(endpoint, rd.round)
     o.trainer.end_send(index)
     return o.pool.finish_receive(receiving, rd.round, str(rd.policy))

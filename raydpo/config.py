@@ -729,6 +729,8 @@ RESUME_HARMLESS = (
     "train.micro_batch_size", "train.gradient_checkpointing", "train.logprob_chunk_tokens",
     # Online: more rounds continue the run; how long a sync may take.
     "online.rounds", "online.generator.sync_timeout_s", "online.generator.env", "online.judge.batch_size",
+    # How the weights reach the generators changes nothing they hold: the same weights, either way.
+    "online.generator.sync", "online.generator.sync_bucket_mib",
     # Where and on how many actors each actor group runs.
     *(f"{section}.{key}" for section in ("reference", "online.generator", "online.judge")
       for key in _ActorGroup.model_fields),

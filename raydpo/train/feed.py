@@ -50,6 +50,7 @@ class SendWeights:
 
     receivers: int
     timeout_s: float
+    bucket_bytes: int  # weights per broadcast
 
 
 @dataclass(frozen=True)

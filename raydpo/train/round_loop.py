@@ -197,7 +197,7 @@ def send_weights(w: Worker, job: SendWeights, trained: Trained, post_endpoint) -
         sender = WeightSender.open(job.receivers, w.engine.device, job.timeout_s)
         try:
             post_endpoint(sender.endpoint)
-            stats = sender.send(weights.items())
+            stats = sender.send(weights.items(), bucket_bytes=job.bucket_bytes)
             result = {"bytes": float(stats.bytes), "seconds": float(stats.seconds)}
         finally:
             sender.close()

@@ -26,6 +26,7 @@ from raydpo.train.feed import AwaitSaved, Finish, RoundFeed, ScorePairs, SendWei
 from raydpo.train.loop import LoopArgs
 from raydpo.train.policy import checkpoint_location, fit, schedule
 from raydpo.train.round_loop import round_loop_per_worker
+from raydpo.weight_sync import DEFAULT_BUCKET_BYTES
 
 
 @dataclass
@@ -103,10 +104,11 @@ class RoundTrainer:
         index = self._put(ScorePairs([ray.put(pairs)], pairs.num_rows))
         return self._wait(self.feed.result.remote(index))
 
-    def begin_send(self, receivers: int, timeout_s: float) -> tuple[int, Any]:
-        """Start a weight broadcast to ``receivers`` ranks: the job's index and the group's
-        endpoint, to hand the receivers (the broadcast waits for them to join)."""
-        index = self._put(SendWeights(receivers, timeout_s))
+    def begin_send(self, receivers: int, timeout_s: float, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> tuple[int, Any]:
+        """Start a weight broadcast to ``receivers`` ranks in buckets of ``bucket_bytes``: the
+        job's index and the group's endpoint, to hand the receivers (the broadcast waits for them
+        to join)."""
+        index = self._put(SendWeights(receivers, timeout_s, bucket_bytes))
         return index, self._wait(self.feed.endpoint.remote(index))
 
     def end_send(self, index: int) -> dict[str, float]:
