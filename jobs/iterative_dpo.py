@@ -89,31 +89,8 @@ def run_rounds(o: Online, stop: SigtermStop) -> list[dict[str, float]]:
         rd = RoundDir(out, r)
         child, _ = Tracker.start(cfg.tracking, rd.path, f"round {r}",
                                  tags={"mlflow.parentRunId": o.parent.run_id, "raydpo.job": "iterate", "raydpo.round": str(r)})
-        clock = round_stages.StageClock()
         try:
-            with clock("generate"):
-                generations = round_stages.generate(o, rd)
-            with clock("judge"):
-                scored = round_stages.judge(o, rd, generations)
-                accounting = round_stages.pair(o, rd, generations, scored)
-            with stop.training(rd.train_dir), clock("train"):
-                training = round_stages.begin_train(o, rd, child, last_step, clock)
-                if cfg.online.max_staleness and r < cfg.online.rounds:
-                    with clock("ahead"):  # the next round's samples and scores, drawn while this round trains
-                        ahead = RoundDir(out, r + 1)
-                        round_stages.judge(o, ahead, round_stages.generate(o, ahead))
-                trained = round_stages.end_train(o, rd, training)
-            stop.raise_if_stopped()
-            with clock("sync"):
-                sync_seconds = round_stages.sync(o, rd, trained)
-            with clock("evaluate"):
-                evaluation = round_stages.evaluate(o, rd)
-            with clock("save"):  # the trainer wrote the round's HF folder meanwhile
-                round_stages.keep_policy(o, rd, trained)
-            metrics = round_stages.round_metrics(rd, scored, accounting, trained, evaluation, sync_seconds)
-            metrics |= clock.metrics()
-            child.log_metrics(metrics, step=trained["last_step"])
-            rounds.write_json(rd.done, metrics)  # the round is complete
+            metrics = run_round(o, rd, child, last_step, stop)
         except BaseException as e:
             child.finish("KILLED" if stop.preempted(e) else "FAILED", timeout=cfg.tracking.flush_timeout_s)
             raise
@@ -125,8 +102,37 @@ def run_rounds(o: Online, stop: SigtermStop) -> list[dict[str, float]]:
             f"{metrics.get('round/win_rate_vs_initial', float('nan')):.2f}, KL "
             f"{metrics.get('round/kl_to_initial', float('nan')):.3f}, {metrics['round/pairs']:.0f} pairs")
         history.append(metrics)
-        last_step = trained["last_step"]
+        last_step = int(metrics["round/last_step"])
     return history
+
+
+def run_round(o: Online, rd: RoundDir, child: Tracker, last_step: int, stop: SigtermStop) -> dict[str, float]:
+    """One round, stage by stage, each timed (``round/seconds_*``); its metrics once complete.
+    With ``online.max_staleness`` >= 1 the next round's samples are drawn while this one trains."""
+    cfg, clock = o.cfg, round_stages.StageClock()
+    with clock("generate"):
+        generations = round_stages.generate(o, rd)
+    with clock("judge"):
+        scored = round_stages.judge(o, rd, generations)
+        accounting = round_stages.pair(o, rd, generations, scored)
+    with stop.training(rd.train_dir), clock("train"):
+        training = round_stages.begin_train(o, rd, child, last_step, clock)
+        if cfg.online.max_staleness and rd.round < cfg.online.rounds:
+            with clock("ahead"):
+                ahead = RoundDir(o.out, rd.round + 1)
+                round_stages.judge(o, ahead, round_stages.generate(o, ahead))
+        trained = round_stages.end_train(o, rd, training)
+    stop.raise_if_stopped()
+    with clock("sync"):
+        sync_seconds = round_stages.sync(o, rd, trained)
+    with clock("evaluate"):
+        evaluation = round_stages.evaluate(o, rd)
+    with clock("save"):  # the trainer wrote the round's HF folder meanwhile
+        round_stages.keep_policy(o, rd, trained)
+    metrics = round_stages.round_metrics(rd, scored, accounting, trained, evaluation, sync_seconds) | clock.metrics()
+    child.log_metrics(metrics, step=trained["last_step"])
+    rounds.write_json(rd.done, metrics)  # the round is complete
+    return metrics
 
 
 def shutdown(o: Online) -> None:
