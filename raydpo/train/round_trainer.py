@@ -53,6 +53,7 @@ class RoundTrainer:
                         local_batch_size=train.batch_size // train.num_workers, total_steps=1, steps_per_epoch=1,
                         train_blocks=[], train_rows=0, dtype=dtype, has_eval=False)
         self._error: BaseException | None = None
+        self._unanswered: set[int] = set()  # jobs put whose result nobody has read: the workers may be busy
 
         def run() -> None:
             try:
@@ -64,7 +65,14 @@ class RoundTrainer:
         self._thread.start()
 
     def _put(self, job: Any) -> int:
-        return ray.get(self.feed.put.remote(job))
+        index = ray.get(self.feed.put.remote(job))
+        self._unanswered.add(index)
+        return index
+
+    def _result(self, index: int) -> Any:
+        value = self._wait(self.feed.result.remote(index))
+        self._unanswered.discard(index)
+        return value
 
     def _wait(self, ref: ray.ObjectRef) -> Any:
         """``ref``'s value, or the fit's error if the fit ends first."""
@@ -94,15 +102,14 @@ class RoundTrainer:
     def end_train(self, training: "Training") -> dict[str, Any]:
         """``{"stopped", "last_step", "metrics"}`` of a training :meth:`begin_train` started."""
         try:
-            return self._wait(self.feed.result.remote(training.index))
+            return self._result(training.index)
         finally:
             if training.progress:
                 training.progress.stop()
 
     def score(self, pairs: pa.Table) -> dict[str, list[float]]:
         """``ref_chosen_logps`` / ``ref_rejected_logps`` of ``pairs`` under the policy held now."""
-        index = self._put(ScorePairs([ray.put(pairs)], pairs.num_rows))
-        return self._wait(self.feed.result.remote(index))
+        return self._result(self._put(ScorePairs([ray.put(pairs)], pairs.num_rows)))
 
     def begin_send(self, receivers: int, timeout_s: float, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> tuple[int, Any]:
         """Start a weight broadcast to ``receivers`` ranks in buckets of ``bucket_bytes``: the
@@ -112,20 +119,21 @@ class RoundTrainer:
         return index, self._wait(self.feed.endpoint.remote(index))
 
     def end_send(self, index: int) -> dict[str, float]:
-        return self._wait(self.feed.result.remote(index))
+        return self._result(index)
 
     def wait_saved(self) -> str:
         """The folder of the last round trained, once written (rank 0 writes it in the background)."""
-        return self._wait(self.feed.result.remote(self._put(AwaitSaved())))["path"]
+        return self._result(self._put(AwaitSaved()))["path"]
 
     def policy_saved(self, model_path: str) -> None:
         """A worker that Ray Train restarts from now on loads ``model_path``."""
         ray.get(self.feed.set_model.remote(model_path))
 
     def close(self, timeout_s: float = 60.0) -> None:
-        """End the fit: idle workers return at once; ones still in a job (the driver failed
-        meanwhile) are ended with the run."""
+        """End the fit. Idle workers return at once. Workers still in a job (the driver failed
+        meanwhile) are not waited for: the feed ends, and with it their next call to it, so the
+        driver's own error reaches the user without a wait."""
         if self._thread.is_alive():
             self._put(Finish())
-            self._thread.join(timeout_s)
+            self._thread.join(timeout_s if len(self._unanswered) == 1 else 1.0)  # Finish alone: idle
         ray.kill(self.feed)
