@@ -17,16 +17,17 @@ rm -rf "$OUT" && mkdir -p "$OUT"
 git -C "$HERE" worktree add -f --detach "$OUT/before-tree" "$BEFORE" >/dev/null 2>&1
 trap 'git -C "$HERE" worktree remove --force "$OUT/before-tree" >/dev/null 2>&1 || true' EXIT
 
-run() {  # $1 label, $2 source tree, $3 run index
-    local dir="$OUT/$1-$3"
+run() {  # $1 label, $2 source tree, $3 run index, then the --set arguments
+    local label="$1" tree="$2" index="$3" dir="$OUT/$1-$3"
+    shift 3
     mkdir -p "$dir"
     # From the tree's own folder: its jobs/, actors/ and raydpo/ come first on sys.path.
-    (cd "$2" && /usr/bin/time -f "%e" -o "$dir/wall" "$PY" -m jobs.cli iterate configs/quickstart_online.yaml \
+    (cd "$tree" && /usr/bin/time -f "%e" -o "$dir/wall" "$PY" -m jobs.cli iterate configs/quickstart_online.yaml \
         --set "output_dir=$dir/out" --set "tracking.uri=sqlite:///$dir/mlflow.db" \
         --set "reference.cache_dir=$dir/cache" "$@" > "$dir/log" 2>&1)
     local job
     job=$(grep -o 'rounds finished in [0-9.]*s' "$dir/log" | grep -o '[0-9.]*' || echo "?")
-    echo "$1 run $3: wall $(cat "$dir/wall") s, job ${job} s ($dir)"
+    echo "$label run $index: wall $(cat "$dir/wall") s, job ${job} s ($dir)"
 }
 
 for i in $(seq 1 "$N"); do
