@@ -536,15 +536,16 @@ class GeneratorPool:
         return ReceiveHandle(refs, time.monotonic())
 
     def finish_receive(self, handle: "ReceiveHandle", version: int, fallback_folder: str | None = None) -> float:
-        """Wait for every actor's acknowledgement, at most ``sync_timeout_s`` after the begin;
+        """Wait for every actor's acknowledgement, at most ``sync_timeout_s`` after this call;
         the pool then holds ``version`` (and ``fallback_folder`` as its folder) and the slowest
         actor's seconds come back. Failures: see the class docstring."""
-        import time
-
         import ray
 
-        left = max(handle.started + self.sync_timeout_s - time.monotonic(), 0.0)
-        ready, _ = ray.wait(handle.refs, num_returns=len(handle.refs), timeout=left)
+        # From this call, not from the begin: the caller comes here once the sender has finished
+        # (or failed, which takes the sender up to the timeout itself); a receiver that got the
+        # weights, or the sender's abort, answers at once, and one that does not within this long
+        # is stalled.
+        ready, _ = ray.wait(handle.refs, num_returns=len(handle.refs), timeout=self.sync_timeout_s)
         ready = set(ready)
         seconds: list[float] = []
         died: dict[int, str] = {}
