@@ -98,21 +98,25 @@ class RoundFeed:
         await self._wait_for(lambda: len(self.jobs) > index)
         return self.jobs[index]
 
-    async def done(self, index: int, result: Any) -> None:
-        self.results[index] = result
+    async def _post(self, posted: dict[int, Any], index: int, value: Any) -> None:
+        posted[index] = value
         await self._notify()
+
+    async def _posted(self, posted: dict[int, Any], index: int) -> Any:
+        await self._wait_for(lambda: index in posted)
+        return posted[index]
+
+    async def done(self, index: int, result: Any) -> None:
+        await self._post(self.results, index, result)
 
     async def result(self, index: int) -> Any:
-        await self._wait_for(lambda: index in self.results)
-        return self.results[index]
+        return await self._posted(self.results, index)
 
     async def post_endpoint(self, index: int, endpoint: Any) -> None:
-        self.endpoints[index] = endpoint
-        await self._notify()
+        await self._post(self.endpoints, index, endpoint)
 
     async def endpoint(self, index: int) -> Any:
-        await self._wait_for(lambda: index in self.endpoints)
-        return self.endpoints[index]
+        return await self._posted(self.endpoints, index)
 
     async def set_model(self, model_path: str) -> None:
         """The newest complete round's policy: what a worker restarted from now loads."""
