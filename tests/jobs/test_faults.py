@@ -196,7 +196,7 @@ def disk_full(clean) -> Chain:
     from jobs.train_dpo import run
 
     chain = Chain(clean.shared.root / "chain")
-    staging = chain.out / ".staging" / "step_00000008"
+    staging = chain.out / ".staging" / "step_00000008" / "rank0"  # each rank stages its own files
     staging.mkdir(parents=True)
     (staging / "loop_state.json").symlink_to("/dev/full")
     t0 = time.monotonic()
@@ -383,7 +383,7 @@ def test_a_full_disk_fails_naming_the_folder_and_keeps_the_previous_checkpoint(d
     notes = disk_full.notes
     assert notes["error_type"] == "CheckpointWriteError"
     error = notes["error"]
-    assert f"the checkpoint of step 8 could not be written to {disk_full.out / '.staging' / 'step_00000008'}" in error
+    assert f"the checkpoint of step 8 could not be written to {disk_full.out / '.staging' / 'step_00000008' / 'rank0'}" in error
     assert "[Errno 28] No space left on device" in error
     assert "the previous checkpoint (step 4) is intact" in error and "re-run the same command" in error
     assert notes["checkpoints_after_disk_full"][-1] == notes["folders_after_disk_full"][-1] == 4  # nothing of step 8
