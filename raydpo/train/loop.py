@@ -143,15 +143,17 @@ def _save_checkpoint(engine, args: LoopArgs, step: int, metrics: dict[str, float
     """Collective: engine state + loop position + RNG, reported to Ray Train by every rank.
     ``previous``: the step of the latest checkpoint (0: none), named if this one fails.
 
-    Every rank makes the staging folder itself (on a multi-node cluster ``output_dir`` may be
-    node-local) and reports it; Ray Train merges the ranks' files into one checkpoint in storage,
-    in a new folder: a failure on the way leaves the previous checkpoint as it was."""
-    staging = Path(args.output_dir) / ".staging" / f"step_{step:08d}"
+    Every rank writes its own files into a staging folder of its own (on a multi-node cluster
+    ``output_dir`` may be node-local) and reports it; Ray Train merges the ranks' files into one
+    checkpoint in storage, in a new folder, each rank uploading only its own files (with one
+    shared folder, every rank would upload all of them): a failure on the way leaves the previous
+    checkpoint as it was."""
+    staging = Path(args.output_dir) / ".staging" / f"step_{step:08d}" / f"rank{_rank()}"
     try:
         staging.mkdir(parents=True, exist_ok=True)
         if dist.is_initialized():
             dist.barrier()
-        engine.save(str(staging))
+        engine.save(str(staging))  # DDP: rank 0 writes it all; ZeRO: each rank its partitions
         torch.save(_rng_state(), staging / f"rng_rank{_rank()}.pt")
         if _rank() == 0:
             # "manifest": this checkpoint has one, so one found without it is damaged, not an older raydpo's.
@@ -166,21 +168,21 @@ def _save_checkpoint(engine, args: LoopArgs, step: int, metrics: dict[str, float
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)))  # ray: uploads
     except OSError as e:
         raise _write_failure(step, f"Ray Train's storage (from {staging})", e, previous) from e
+    shutil.rmtree(staging, ignore_errors=True)
     if dist.is_initialized():
-        dist.barrier()  # every rank's upload is done before any rank removes a shared folder
+        dist.barrier()  # every rank's folder is gone before rank 0 removes the step's
     if _rank() == 0:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging.parent, ignore_errors=True)
 
 
 def _write_manifest(staging: Path, step: int) -> None:
-    """Collective, once every rank's files are in ``staging``: each rank hashes its share of them (the
-    cost, about 1 s/GB, spread over the ranks), and rank 0 writes the manifest, the checkpoint's
-    last file (:mod:`raydpo.train.checkpoints`)."""
+    """Collective, once every rank's files are in its ``staging`` folder: each rank hashes its own
+    files (the cost, about 1 s/GB, spread over the ranks as the files are), and rank 0 writes the
+    manifest of them all, the checkpoint's last file (:mod:`raydpo.train.checkpoints`)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world > 1:
         dist.barrier()  # every rank's files are written
-    names = checkpoints.local_files(staging)
-    share = checkpoints.describe(staging, names[_rank()::world])
+    share = checkpoints.describe(staging, checkpoints.local_files(staging))
     shares: list[dict[str, Any]] = [share]
     if world > 1:
         shares = [{} for _ in range(world)]
