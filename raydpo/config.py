@@ -28,6 +28,7 @@ from raydpo.data.formats import PairRule
 from raydpo.data.tokenize import TokenizeSettings
 from raydpo.errors import InputError
 from raydpo.losses import LossParams
+from raydpo.precision import Precision
 
 # Fields of LossParams that the trainer maintains as it runs (bco_pair's running reward mean): no setting.
 TRAINER_KEPT_LOSS_PARAMS = frozenset({"bco_delta"})
@@ -93,7 +94,10 @@ class TinyModel(_Strict):
 class ModelConfig(_Strict):
     name_or_path: str  # hub id, local folder, or "tiny" (random init, built in code)
     gguf_file: str | None = None  # a .gguf file inside name_or_path
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # The weights' dtype when loaded. None = auto: bfloat16 for train.engine deepspeed with train.bf16
+    # (DeepSpeed's bf16 mode keeps float32 master weights itself, and a bf16 load halves the memory
+    # a ZeRO-3 load passes through), float32 otherwise (DDP's bf16 is autocast over float32 weights).
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
     tiny: TinyModel = TinyModel()
     # Weights are read from safetensors only. A folder of pickles (.bin, .pt) can run code when
     # loaded: with allow_pickle it is converted once to safetensors in {output_dir}/initial.
@@ -201,8 +205,18 @@ class ReferenceConfig(_ActorGroup):
     batch_tokens: int = Field(8192, gt=0)  # tokens per forward, padding included
     window: int = Field(1024, gt=0)  # sequences sorted by length together; one cache block each
     max_padding: float = Field(1.05, ge=1.0)  # cap on tokens computed / real tokens, per batch
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # The reference computes as the policy does (raydpo.precision), so that at step 0 the rewards
+    # are 0 up to rounding. dtype None = auto: the trainer's weights dtype. autocast "auto": the
+    # trainer's autocast (bfloat16 under DDP with train.bf16) where dtype is the trainer's, else
+    # none; null: none. Both are part of the cache key.
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    autocast: Literal["auto", "bfloat16"] | None = "auto"
     cache_dir: str = "~/.cache/raydpo/ref"  # a local path or any pyarrow URI (s3://, gs://, file://)
+
+    def precision(self) -> Precision:
+        """How the reference actors compute. A section built outside a :class:`Config` (its autos
+        unresolved: no trainer to follow) computes plain float32."""
+        return Precision(self.dtype or "float32", None if self.autocast == "auto" else self.autocast)
 
 
 class LossConfig(_Strict):
@@ -301,7 +315,9 @@ class TrainConfig(_Placed):
     max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
     # Mixed precision with float32 master weights: DDP autocasts forwards to bf16, DeepSpeed keeps
     # bf16 module weights plus float32 master partitions. Never bf16/fp16 weights under AdamW.
-    bf16: bool = False
+    # None = auto: on where the workers have GPUs (use_gpu), off on CPUs (bf16 matmuls are slower
+    # than float32 on most CPUs). GPU workers also run float32 matmuls in TF32.
+    bf16: bool | None = None
     gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory
     lora: LoraConfig | None = None
     # Padding-free micro-batches: the chosen and rejected sequences packed into rows of at most
@@ -328,6 +344,12 @@ class TrainConfig(_Placed):
     # Fault injection, for testing recovery: the workers raise after this step, once per
     # output_dir (a marker file remembers it), so the restarted group goes past it.
     fail_at_step: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _bf16_auto(self) -> "TrainConfig":
+        if self.bf16 is None:
+            self.bf16 = self.use_gpu
+        return self
 
     @model_validator(mode="after")
     def _divisible(self) -> "TrainConfig":
@@ -377,7 +399,8 @@ class GeneratorConfig(_ActorGroup):
 
     backend: Literal["vllm", "transformers", "auto"] = "auto"  # auto: vLLM where it imports
     tensor_parallel_size: int = Field(1, gt=0)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # None = auto: the trainer's compute dtype (bfloat16 with train.bf16, else model.dtype).
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
     sync_timeout_s: float = Field(300.0, gt=0)  # a weight sync that takes longer fails the round
     # How a new policy reaches the generators: "collective" broadcasts the trainer's tensors over a
     # process group of their own (gloo on CPUs, NCCL on GPUs; raydpo/weight_sync.py), with the
@@ -493,9 +516,52 @@ class Config(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _master_weights_float32(self) -> "Config":
-        """AdamW on bf16/fp16 weights silently drops every update below the weight's rounding
-        step (about w/256 in bf16): training must keep float32 master weights."""
+    def _precision(self) -> "Config":
+        """Resolve the precision autos (None; ``train.bf16``'s is its section's) once, so every stage reads concrete values (and a
+        resumed run compares them), then check them. AdamW on bf16/fp16 weights silently drops
+        every update below the weight's rounding step (about w/256 in bf16): training must keep
+        float32 master weights."""
+        train, ref = self.train, self.reference
+        if self.model.dtype is None:
+            self.model.dtype = "bfloat16" if train.engine == "deepspeed" and train.bf16 else "float32"
+        self._master_weights_float32()
+        trainer = Precision.from_config(self.model, train)
+        if ref.dtype is None:
+            ref.dtype = trainer.weights
+        if ref.autocast == "auto":
+            ref.autocast = trainer.autocast_dtype if ref.dtype == trainer.weights else None
+        if ref.autocast is not None and ref.dtype != "float32":
+            raise ValueError(f"reference.autocast: {ref.autocast} autocast is for float32 weights "
+                             f"(reference.dtype is {ref.dtype}): set it to null")
+        if self.online is not None and self.online.generator.dtype is None:
+            self.online.generator.dtype = trainer.compute_dtype
+        return self
+
+    @model_validator(mode="after")
+    def _generator_gpus(self) -> "Config":
+        """A vLLM engine's GPUs are its actor's: vLLM 0.32 inside a Ray actor that is in no
+        placement group runs tensor parallelism with its multiprocessing executor on the GPUs the
+        actor sees, and refuses a world size above them (``ParallelConfig.__post_init__``)."""
+        if self.online is None:
+            return self
+        gen = self.online.generator
+        tp, gpus = gen.tensor_parallel_size, gen.num_gpus
+        if gpus > 1 and gpus != tp or tp > 1 and gpus not in (0, tp):
+            raise ValueError(f"online.generator.tensor_parallel_size: {tp} with num_gpus {gpus:g}: an engine runs "
+                             "on its actor's GPUs, one per tensor-parallel rank; give num_gpus = tensor_parallel_size "
+                             "(or num_gpus 0 on CPUs)")
+        if 0 < gpus < 1 and gen.backend != "transformers":
+            share = gen.engine.get("gpu_memory_utilization")
+            if share is None:
+                raise ValueError(f"online.generator.engine.gpu_memory_utilization: generators share a GPU "
+                                 f"(num_gpus {gpus:g}): give each engine its share of the GPU's memory, at most "
+                                 f"{gpus:g} (vLLM's default, 0.92, is for an engine alone on its GPU)")
+            if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 < share <= gpus:
+                raise ValueError(f"online.generator.engine.gpu_memory_utilization: {share!r} must be a number in "
+                                 f"(0, {gpus:g}]: the engine's share of a GPU it shares (num_gpus {gpus:g})")
+        return self
+
+    def _master_weights_float32(self) -> None:
         dtype, train = self.model.dtype, self.train
         if dtype == "float16":
             raise ValueError("model.dtype: float16 weights cannot be trained (updates round away, and "
@@ -506,7 +572,10 @@ class Config(_Strict):
         if dtype == "bfloat16" and not train.bf16:
             raise ValueError("model.dtype: bfloat16 with train.engine: deepspeed needs train.bf16: true "
                              "(DeepSpeed then keeps float32 master weights)")
-        return self
+
+    def precision(self) -> Precision:
+        """The trainer's precision (``raydpo.precision``), which the reference and generators share."""
+        return Precision.from_config(self.model, self.train)
 
 
 class ConfigError(InputError, ValueError):

@@ -265,8 +265,89 @@ def test_bf16_weights_with_deepspeed_need_train_bf16() -> None:
 
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
 def test_train_bf16_with_float32_weights_loads(engine: str) -> None:
-    cfg = load_config(QUICKSTART, [f"train.engine={engine}", "train.bf16=true"])
+    cfg = load_config(QUICKSTART, [f"train.engine={engine}", "train.bf16=true", "model.dtype=float32"])
     assert cfg.model.dtype == "float32" and cfg.train.bf16
+
+
+ONLINE = ROOT / "configs" / "quickstart_online.yaml"
+
+
+@pytest.mark.parametrize("overrides, bf16, model, reference, autocast, generator", [
+    ([], False, "float32", "float32", None, "float32"),  # CPUs: plain float32 everywhere
+    (["train.use_gpu=true"], True, "float32", "float32", "bfloat16", "bfloat16"),  # DDP: autocast
+    (["train.use_gpu=true", "train.engine=deepspeed"], True, "bfloat16", "bfloat16", None, "bfloat16"),
+    (["train.bf16=true"], True, "float32", "float32", "bfloat16", "bfloat16"),  # asked for on CPUs
+    (["train.use_gpu=true", "train.bf16=false"], False, "float32", "float32", None, "float32"),
+    (["train.use_gpu=true", "train.engine=deepspeed", "model.dtype=float32"], True, "float32", "bfloat16", None,
+     "bfloat16"),  # DeepSpeed computes in bf16 whatever dtype it loads
+    (["train.use_gpu=true", "reference.dtype=bfloat16"], True, "float32", "bfloat16", None, "bfloat16"),
+    (["train.use_gpu=true", "reference.autocast=null"], True, "float32", "float32", None, "bfloat16"),
+    (["train.use_gpu=true", "online.generator.dtype=float32"], True, "float32", "float32", "bfloat16", "float32"),
+])
+def test_precision_autos_resolve_to_the_trainers(overrides, bf16, model, reference, autocast, generator) -> None:
+    """train.bf16 follows train.use_gpu; model.dtype is bfloat16 for DeepSpeed's bf16 mode; the
+    reference and the generators compute at the trainer's precision; an explicit value wins."""
+    cfg = load_config(ONLINE, overrides)
+    assert (cfg.train.bf16, cfg.model.dtype, cfg.reference.dtype, cfg.reference.autocast,
+            cfg.online.generator.dtype) == (bf16, model, reference, autocast, generator)
+    if "reference." not in " ".join(overrides):  # the reference at the trainer's precision
+        assert cfg.reference.precision() == cfg.precision()
+
+
+def test_resolved_precision_revalidates_to_itself_and_resumes() -> None:
+    """The resolved values are what a run saves (flatten) and what its resume compares: the same
+    config resolves the same, and validating a saved config gives it back unchanged."""
+    from raydpo.config import trajectory_changes, unflatten, validate
+
+    for overrides in ([], ["train.use_gpu=true"], ["train.use_gpu=true", "train.engine=deepspeed"]):
+        saved = flatten(load_config(ONLINE, overrides))
+        assert trajectory_changes(saved, flatten(load_config(ONLINE, overrides))) == []
+        assert flatten(validate(unflatten(saved))) == saved
+    # A run saved before these keys had autos (float32, no bf16, no reference.autocast key) resumes on CPUs.
+    before = flatten(load_config(ONLINE))
+    del before["reference.autocast"]
+    assert trajectory_changes(before, flatten(load_config(ONLINE))) == []
+    # Turning bf16 on changes what is trained: named, not resumed silently.
+    assert "train.bf16: False -> True" in trajectory_changes(before, flatten(load_config(ONLINE, ["train.bf16=true"])))
+
+
+def test_reference_autocast_is_for_float32_weights() -> None:
+    line = _line_for(error_of(ONLINE, ["reference.dtype=bfloat16", "reference.autocast=bfloat16"]),
+                     "reference.autocast")
+    assert "float32" in line
+
+
+@pytest.mark.parametrize("overrides", [
+    ["online.generator.tensor_parallel_size=2", "online.generator.num_gpus=1"],
+    ["online.generator.tensor_parallel_size=2", "online.generator.num_gpus=0.5"],
+    ["online.generator.num_gpus=2"],  # two GPUs for one rank: tensor_parallel_size says how many it uses
+    ["online.generator.tensor_parallel_size=2", "online.generator.num_gpus=4"],
+])
+def test_tensor_parallel_size_must_match_num_gpus(overrides: list[str]) -> None:
+    line = _line_for(error_of(ONLINE, overrides), "online.generator.tensor_parallel_size")
+    assert "num_gpus" in line
+
+
+@pytest.mark.parametrize("overrides", [
+    ["online.generator.tensor_parallel_size=2", "online.generator.num_gpus=2"],
+    ["online.generator.tensor_parallel_size=2", "online.generator.num_gpus=0"],  # vLLM-CPU
+    ["online.generator.num_gpus=1"],
+    ["online.generator.num_gpus=0.5", "online.generator.engine={gpu_memory_utilization: 0.45}"],
+    ["online.generator.num_gpus=0.5", "online.generator.backend=transformers"],  # no vLLM: no memory share
+])
+def test_generator_gpus_that_fit(overrides: list[str]) -> None:
+    load_config(ONLINE, overrides)
+
+
+@pytest.mark.parametrize("memory, expect", [
+    (None, "give each engine its share"),  # vLLM's default would take 0.92 of the GPU in each engine
+    (0.6, "(0, 0.5]"),  # more than the actor's share
+    ("half", "(0, 0.5]"),
+])
+def test_shared_gpu_needs_a_memory_share_that_fits(memory, expect: str) -> None:
+    engine = "{}" if memory is None else f"{{gpu_memory_utilization: {memory}}}"
+    msg = error_of(ONLINE, ["online.generator.num_gpus=0.5", f"online.generator.engine={engine}"])
+    assert expect in _line_for(msg, "online.generator.engine.gpu_memory_utilization")
 
 
 def test_offload_optimizer_needs_deepspeed() -> None:
