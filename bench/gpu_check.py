@@ -19,16 +19,19 @@ The model is raydpo's Llama builder (``raydpo.models.build_tiny_model``) at 0.5B
 random weights: hidden 1024, 28 layers, 16 heads, intermediate 4096, vocabulary 32,000, tied
 embeddings (MFU needs no trained weights). The data: synthetic pairs in the tokenized-row contract
 (``prompt_ids``, ``chosen_ids``, ``rejected_ids`` int32, ``ref_chosen_logps`` /
-``ref_rejected_logps`` float32), a 512-token prompt and completions of 768 to 1,536 tokens, so
-every sequence is at most 2,048 tokens. One optimizer step = 2 micro-batches of 4 pairs.
+``ref_rejected_logps`` float32), a 512-token prompt and completions of 1,152 to 1,536 tokens, so
+every sequence is 1,664 to 2,048 tokens. One optimizer step = 2 micro-batches of 4 pairs (16
+sequences, 29,210 real tokens); 3 warm-up steps, then 10 timed ones.
 
 The variants (each builds its own model with the same seed, so each sees the same weights):
 
 - ``matmul_peak``: bf16 (and float32, at the TF32 setting in force) ``n x n`` matmuls; the best
-  rate is the denominator of MFU.
+  bf16 rate is the denominator of MFU. The script first sets what a training worker sets on a GPU:
+  its device and TF32 for float32 matmuls (``raydpo.precision.allow_tf32``).
 - ``step_{bf16,fp32}_{packed,padded}``: ``raydpo.train.step.train_step`` (the training loop's
   update step) through ``build_engine("ddp", PolicyScorer(model), ...)`` at world size 1: bf16 is
-  the engine's autocast with float32 master weights, fp32 is without it; packed is
+  the engine's autocast with float32 master weights, fp32 is without it (float32 weights and
+  TF32 matmuls, the project's float32 on a GPU); packed is
   ``train.packing`` (sequences packed into one row, the varlen attention path), padded is one
   padded batch per micro-batch. Warm-up steps are not timed; each timed step is
   ``torch.cuda.synchronize``-bounded.
@@ -43,7 +46,8 @@ s_i^2`` (forward + backward): N the parameters (tied embeddings counted once, as
 matmul), T the real tokens of the step (prompt + chosen and prompt + rejected of every pair; padding
 never counts), L layers, H hidden size, s_i each sequence's length (the attention term; with every
 s_i = S it is ``12 * L * H * S * T``, the PaLM formula). The head runs on completion positions only,
-so the 6 N T term counts the head on prompt positions it skips (about 1% here). ``mfu`` is against
+so the 6 N T term counts the head on prompt positions it skips (1.5% of the FLOPs here; the
+attention term is 17%). ``mfu`` is against
 the bf16 matmul peak measured in the same run; ``mfu_nominal`` against the datasheet's dense bf16
 peak where the device is known.
 
@@ -83,7 +87,7 @@ class Shape:
     heads: int
     vocab: int  # intermediate size is 4 x hidden (raydpo.models.build_tiny_model)
     seq_len: int  # longest sequence, prompt + completion, tokens
-    prompt_len: int  # tokens; completions are (seq_len - prompt_len) / 2 .. seq_len - prompt_len
+    prompt_len: int  # tokens; completions are 3/4 (seq_len - prompt_len) .. seq_len - prompt_len
     pairs_per_micro_batch: int
     micro_batches: int  # per optimizer step (gradient accumulation)
     warmup_steps: int  # untimed
@@ -93,7 +97,7 @@ class Shape:
 
 
 FULL = Shape(hidden=1024, layers=28, heads=16, vocab=32_000, seq_len=2048, prompt_len=512, pairs_per_micro_batch=4,
-             micro_batches=2, warmup_steps=3, timed_steps=5, budget_s=420, matmul_sizes=(4096, 8192))
+             micro_batches=2, warmup_steps=3, timed_steps=10, budget_s=420, matmul_sizes=(4096, 8192))
 TINY = Shape(hidden=64, layers=2, heads=4, vocab=512, seq_len=64, prompt_len=16, pairs_per_micro_batch=2,
              micro_batches=2, warmup_steps=1, timed_steps=2, budget_s=120, matmul_sizes=(256,))
 
@@ -109,6 +113,7 @@ def main() -> None:
     if ns.budget_s is not None:
         shape = Shape(**{**asdict(shape), "budget_s": ns.budget_s})
     ctx = Context(device_of(ns.device), shape, time.monotonic() + shape.budget_s)
+    gpu_settings(ctx.device)
     out = output_path(ns.out)
     report: dict[str, Any] = {
         "script": "bench/gpu_check.py", "argv": sys.argv[1:], "started_utc": datetime.now(timezone.utc).isoformat(),
@@ -162,6 +167,16 @@ def device_of(name: str) -> torch.device:
     return device
 
 
+def gpu_settings(device: torch.device) -> None:
+    """What a training worker sets on its GPU before it builds anything: its device, and TF32 for
+    float32 matmuls (``raydpo.precision.allow_tf32``; a no-op on CPU)."""
+    from raydpo.precision import allow_tf32
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    allow_tf32(device)
+
+
 def output_path(explicit: str | None) -> Path:
     if explicit:
         return Path(explicit)
@@ -207,7 +222,7 @@ def synthetic_micro_batches(shape: Shape) -> list[dict[str, Any]]:
     for _ in range(shape.micro_batches):
         n = shape.pairs_per_micro_batch
         ids = lambda length: rng.integers(3, shape.vocab, size=length, dtype=np.int32)  # noqa: E731
-        lengths = rng.integers(longest // 2, longest + 1, size=(n, 2))
+        lengths = rng.integers(3 * longest // 4, longest + 1, size=(n, 2))
         chosen = [ids(int(c)) for c, _ in lengths]
         rejected = [ids(int(r)) for _, r in lengths]
         uniform = math.log(shape.vocab)
