@@ -1,9 +1,18 @@
 """One command for the first GPU we get (issue 24): raydpo's real update step on a ~0.5B Llama, timed.
 
-On the device machine (repo root, ``$OUT`` set; CUDA torch, transformers, PEFT; no Ray, DeepSpeed or
-vLLM needed; no model files, no internet)::
+On the device machine (repo root, ``$OUT`` set; no Ray, DeepSpeed or vLLM needed; no model files, no
+internet). Its image has CUDA torch, transformers and PEFT but not pydantic, which ``raydpo.config``
+needs (the engine and the step import it), so its wheels travel in the git-ignored ``build/``::
 
-    python bench/gpu_check.py --device cuda
+    # here, once: the wheels for the image's Python 3.12
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux2014_x86_64 -d build/gpu_wheels pydantic==2.14.4 pydantic_core==2.50.5 \
+        annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0
+    # there, the command (the run tool, carry ["build/gpu_wheels"]):
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site build/gpu_wheels/*.whl \
+        && PYTHONPATH=/tmp/site python3 bench/gpu_check.py --device cuda
+
+Where pydantic is installed: ``python bench/gpu_check.py --device cuda``.
 
 The dry run on a CPU (a tiny model, short sequences, gloo instead of nccl; seconds)::
 
@@ -102,7 +111,8 @@ TINY = Shape(hidden=64, layers=2, heads=4, vocab=512, seq_len=64, prompt_len=16,
              micro_batches=2, warmup_steps=1, timed_steps=2, budget_s=120, matmul_sizes=(256,))
 
 # Dense bf16 tensor-core peak from NVIDIA's datasheets, FLOP/s, by a piece of torch's device name.
-NOMINAL_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+NOMINAL_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
+                "A100": 312e12}
 PAD_ID = 0
 LR = 1e-6
 
@@ -113,15 +123,15 @@ def main() -> None:
     if ns.budget_s is not None:
         shape = Shape(**{**asdict(shape), "budget_s": ns.budget_s})
     ctx = Context(device_of(ns.device), shape, time.monotonic() + shape.budget_s)
-    gpu_settings(ctx.device)
     out = output_path(ns.out)
-    report: dict[str, Any] = {
+    report: dict[str, Any] = {  # each part of the set-up that can fail records its error instead
         "script": "bench/gpu_check.py", "argv": sys.argv[1:], "started_utc": datetime.now(timezone.utc).isoformat(),
-        "shape": asdict(shape), "env": environment(ctx.device), "model": model_facts(ctx), "data": ctx.data_facts(),
+        "shape": asdict(shape), "data": ctx.data_facts(),
         "flops_formula": "6 * params * tokens + 12 * layers * hidden * sum(seq_len_i ** 2), per optimizer step",
-        "variants": {},
+        "gpu_settings": recorded(gpu_settings, ctx.device), "env": recorded(environment, ctx.device),
+        "model": recorded(model_facts, ctx), "variants": {},
     }
-    log(f"model: {report['model']['params'] / 1e6:.1f}M parameters; {report['data']['tokens_per_step']} real "
+    log(f"model: {report['model'].get('params', 0) / 1e6:.1f}M parameters; {report['data']['tokens_per_step']} real "
         f"tokens per step; device {report['env'].get('device_name')}; writing {out}")
     for name, run in plan(ctx.device):
         report["variants"][name] = attempt(name, run, ctx)
@@ -167,7 +177,7 @@ def device_of(name: str) -> torch.device:
     return device
 
 
-def gpu_settings(device: torch.device) -> None:
+def gpu_settings(device: torch.device) -> dict[str, str]:
     """What a training worker sets on its GPU before it builds anything: its device, and TF32 for
     float32 matmuls (``raydpo.precision.allow_tf32``; a no-op on CPU)."""
     from raydpo.precision import allow_tf32
@@ -175,6 +185,7 @@ def gpu_settings(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     allow_tf32(device)
+    return {"float32_matmul": fp32_matmul_setting()}
 
 
 def output_path(explicit: str | None) -> Path:
@@ -374,6 +385,15 @@ def collectives(ctx: Context, *, backend: str) -> dict[str, Any]:
 # Running a variant: the deadline, its errors, its memory
 
 
+def recorded(part: Callable[..., dict], *args: Any) -> dict[str, Any]:
+    """A part of the set-up: its result, or its error (the variants then record their own)."""
+    try:
+        return part(*args)
+    except Exception as e:  # noqa: BLE001
+        log(f"{part.__name__}: {type(e).__name__}: {e}")
+        return {"error": f"{type(e).__name__}: {e}"[:2000]}
+
+
 def attempt(name: str, run: Callable[[Context], dict] | str, ctx: Context) -> dict[str, Any]:
     """Run one variant and return its record; an exception is recorded, never raised."""
     if isinstance(run, str):
@@ -456,7 +476,8 @@ def environment(device: torch.device) -> dict[str, Any]:
                 "device_memory_bytes": props.total_memory, "device_count": torch.cuda.device_count()}
     else:
         env["device_name"] = "cpu"
-    for dist_name in ("peft", "kernels", "ray", "deepspeed", "vllm"):  # installed versions, none imported
+    # Installed versions, none imported (raydpo.config needs pydantic; the GPU image lacks it).
+    for dist_name in ("pydantic", "peft", "kernels", "ray", "deepspeed", "vllm"):
         try:
             env[dist_name] = md.version(dist_name)
         except md.PackageNotFoundError:
