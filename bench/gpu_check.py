@@ -319,12 +319,14 @@ def update_step(ctx: Context, *, bf16: bool, packed: bool, ddp: bool = False) ->
         engine.module = torch.nn.parallel.DistributedDataParallel(engine.model, device_ids=ids)
         engine._prepare_next_micro_batch()  # the engine's own no_sync bookkeeping for the wrapped module
     spec = LossSpec({"sigmoid": 1.0}, LossParams(beta=0.1))
-    attn = model.config._attn_implementation  # after PolicyScorer: what the decoder's layers call
 
     def one_step() -> dict[str, float]:
         return train_step(engine, ctx.micro_batches, spec, PAD_ID, packed=packed)
 
     steps = timed_steps(ctx, one_step)
+    # What the decoder's layers called: the scorer picks the attention for the device and the compute
+    # dtype at each forward (flash varlen where installed), so it is read after the steps.
+    attn = model.config._attn_implementation
     params = sum(p.numel() for p in engine.model.parameters())
     seconds = sum(t for t, _ in steps["timed"]) / len(steps["timed"])
     flops = ctx.model_flops(params)
