@@ -108,7 +108,7 @@ class Shape:
 FULL = Shape(hidden=1024, layers=28, heads=16, vocab=32_000, seq_len=2048, prompt_len=512, pairs_per_micro_batch=4,
              micro_batches=2, warmup_steps=3, timed_steps=10, budget_s=420, matmul_sizes=(4096, 8192))
 TINY = Shape(hidden=64, layers=2, heads=4, vocab=512, seq_len=64, prompt_len=16, pairs_per_micro_batch=2,
-             micro_batches=2, warmup_steps=1, timed_steps=2, budget_s=120, matmul_sizes=(256,))
+             micro_batches=2, warmup_steps=1, timed_steps=2, budget_s=120, matmul_sizes=(256, 512))
 
 # Dense bf16 tensor-core peak from NVIDIA's datasheets, FLOP/s, by a piece of torch's device name.
 NOMINAL_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
@@ -135,6 +135,7 @@ def main() -> None:
         f"tokens per step; device {report['env'].get('device_name')}; writing {out}")
     for name, run in plan(ctx.device):
         report["variants"][name] = attempt(name, run, ctx)
+        report["ratios"] = ratios(report["variants"])
         report["wall_s"] = round(time.monotonic() - ctx.started, 1)
         write_json(report, out)
     log(summary(report))
@@ -533,6 +534,23 @@ def summary(report: dict[str, Any]) -> str:
         else:
             lines.append(f"  {name}: " + ", ".join(f"{k} {v[k]:.3g}" for k in v if k.endswith("_flops")))
     return "\n".join(lines)
+
+
+def ratios(variants: dict[str, dict]) -> dict[str, float]:
+    """Tokens/s of one variant over another's, for the comparisons the issue asks for (those whose
+    two variants both ran). Goal (issue 24): step_bf16_packed's ``mfu`` >= 0.40."""
+    def rate(name: str, part: str | None = None) -> float | None:
+        v = variants.get(name, {})
+        if v.get("status") != "ok":
+            return None
+        return (v[part] if part else v).get("tokens_per_s")
+
+    pairs = {"packed_over_padded_bf16": (rate("step_bf16_packed"), rate("step_bf16_padded")),
+             "packed_over_padded_fp32": (rate("step_fp32_packed"), rate("step_fp32_padded")),
+             "bf16_over_fp32_packed": (rate("step_bf16_packed"), rate("step_fp32_packed")),
+             "ddp_over_plain_bf16_packed": (rate("collectives_nccl", "ddp_step") or rate("collectives_gloo", "ddp_step"),
+                                            rate("step_bf16_packed"))}
+    return {k: a / b for k, (a, b) in pairs.items() if a and b}
 
 
 def log(message: str) -> None:
