@@ -1,24 +1,105 @@
-"""Attention over packed sequences without a block-diagonal mask: one causal SDPA per sequence.
+"""Attention over packed rows: no cross-sequence scores, no device sync inside a layer.
 
-transformers reads packed sequences from restarting position ids and builds a block-diagonal
-``(B, 1, L, L)`` mask for SDPA; the CPU kernel then computes all ``L x L`` scores of a row, so a row
-of 16 sequences of 330 tokens does 16x the attention work the sequences need. Flash-attention's
-varlen kernel (GPU) avoids this by taking the sequence boundaries, ``cu_seq_lens``, directly.
+A packed row holds several sequences back to back, positions restarting per sequence. Left alone,
+transformers reads the boundaries from the restarting position ids and builds a block-diagonal
+``(B, 1, L, L)`` mask; SDPA then computes all ``L x L`` scores of a row, so a row of 16 sequences of
+330 tokens does 16x the attention work the sequences need. What runs instead (docs/update_step.md):
 
-``raydpo_varlen`` is that for SDPA, on any device: registered with transformers'
-``AttentionInterface``, it takes the same ``cu_seq_lens_q`` keyword flash-attention does (the
-scorer passes it with every packed layout) and runs one causal SDPA per sequence. Without
-``cu_seq_lens_q`` (padded layouts, generation) it is exactly transformers' ``sdpa``.
+- CUDA, ``flash_attn`` importable, bf16/fp16 compute: transformers' ``flash_attention_2`` with the
+  boundaries as ``cu_seq_lens_q/k`` (int32, copied to the device once per forward) and
+  ``max_length_q/k`` as host ints, so its varlen kernel runs and reads nothing back.
+- Anywhere else (CPU; CUDA without flash-attn or in float32): ``raydpo_varlen``, registered with
+  transformers' ``AttentionInterface``. The boundaries arrive as host integers
+  (:class:`PackedBounds`, computed by the packer), the gather/scatter indices are built once per
+  forward (:class:`Packing`), and each layer runs one causal SDPA over the sequences padded into
+  ``(N, H, Lmax, D)``: no mask (right padding under a causal mask needs none), no read-back. On CPU
+  this beat one SDPA per sequence by ~1.7-2.3x forward+backward; FlexAttention has no CPU backward
+  (bench/packed_attention.py, docs/update_step.md).
+- Eager models (Gemma 2's attention softcap needs it) stay eager: transformers' block-diagonal mask.
+
+Padded layouts (an attention mask, no bounds) go through transformers' own ``sdpa`` path unchanged.
 """
 from __future__ import annotations
+
+import contextvars
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.utils import is_flash_attn_2_available
 
 NAME = "raydpo_varlen"
+FLASH = "flash_attention_2"
+KWARG = "raydpo_packing"  # the decoder keyword carrying a Packing to every layer
+
+
+@dataclass(frozen=True)
+class PackedBounds:
+    """The sequence boundaries of a packed micro-batch as host integers: run ``i`` covers tokens
+    ``[bounds[i], bounds[i + 1])`` of the flattened ``rows x width`` tokens (flash-attention's
+    ``cu_seq_lens``); ``bounds[-1]`` is the token count, and a row's trailing padding is a run of its
+    own. Built by the packer, on the host, so no layer ever reads a boundary back from the device."""
+
+    bounds: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        b = self.bounds
+        if len(b) < 2 or b[0] != 0 or any(e <= s for s, e in zip(b[:-1], b[1:])):
+            raise ValueError(f"bounds must start at 0 and strictly increase, got {b}")
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return tuple(e - s for s, e in zip(self.bounds[:-1], self.bounds[1:]))
+
+    @property
+    def longest(self) -> int:
+        return max(self.lengths)
+
+    def padding_index(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """``gather (N x Lmax,)`` picks each run's tokens into ``N`` rows of ``Lmax`` slots (a slot past a
+        run's end repeats its last token: under a causal mask no real query sees it), and ``scatter
+        (T,)`` picks the real slots back in token order. Long, built on the host, copied once."""
+        n, longest = len(self.lengths), self.longest
+        starts = torch.tensor(self.bounds[:-1]).unsqueeze(1)  # (N, 1)
+        lengths = torch.tensor(self.lengths).unsqueeze(1)
+        j = torch.arange(longest).unsqueeze(0)  # (1, Lmax)
+        gather = torch.minimum(starts + j, starts + lengths - 1).reshape(-1)
+        scatter = (torch.arange(n).unsqueeze(1) * longest + j)[j < lengths]
+        return gather.to(device, non_blocking=True), scatter.to(device, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class Packing:
+    """What every ``raydpo_varlen`` layer gets for a packed forward: the host bounds and
+    :meth:`PackedBounds.padding_index` on the compute device, built once per forward."""
+
+    bounds: PackedBounds
+    gather: torch.Tensor
+    scatter: torch.Tensor
+
+
+def padded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packing: Packing,
+                     scale: float | None = None, dropout: float = 0.0) -> torch.Tensor:
+    """Causal attention within each run of the flattened tokens: the runs gathered into one
+    right-padded ``(N, H, Lmax, D)`` batch, one causal SDPA, the real slots scattered back.
+
+    Shapes: ``query (1, H, T, D)``, ``key``/``value`` ``(1, Hkv, T, D)`` (Hkv divides H: grouped
+    query attention); returns ``(1, H, T, D)``. Padding slots get no gradient: their outputs are
+    dropped, and no real query attends to them."""
+    n, longest = len(packing.bounds.lengths), packing.bounds.longest
+
+    def batch(x: torch.Tensor) -> torch.Tensor:  # (1, H, T, D) -> (N, H, Lmax, D)
+        return x[0].index_select(1, packing.gather).view(x.shape[1], n, longest, x.shape[3]).transpose(0, 1)
+
+    out = F.scaled_dot_product_attention(batch(query), batch(key), batch(value), dropout_p=dropout, is_causal=True,
+                                         scale=scale, enable_gqa=key.shape[1] != query.shape[1])
+    h, d = out.shape[1], out.shape[3]
+    return out.transpose(0, 1).reshape(h, n * longest, d).index_select(1, packing.scatter).unsqueeze(0)
 
 
 def varlen_sdpa_forward(
@@ -31,34 +112,84 @@ def varlen_sdpa_forward(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Shapes: ``query (B, H, L, D)``, ``key``/``value`` ``(B, Hkv, L, D)``; ``cu_seq_lens_q`` holds
-    the run boundaries over the flattened ``B x L`` tokens (``[0, l1, l1 + l2, ..., B x L]``).
-    Returns ``(B, L, H, D)``, as transformers' attention functions do."""
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    """transformers' attention signature. Shapes: ``query (B, H, L, D)``, ``key``/``value``
+    ``(B, Hkv, L, D)``; returns ``(B, L, H, D)``. With a :class:`Packing` under ``raydpo_packing``:
+    :func:`padded_attention` over the ``B x L`` flattened tokens; without: transformers' ``sdpa``."""
+    packing: Packing | None = kwargs.pop(KWARG, None)
+    if packing is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    window = kwargs.get("sliding_window")
+    if window is not None and packing.bounds.longest > window:
+        # The padded batch is plain causal; a window shorter than a sequence would change the math.
+        raise ValueError(f"packed rows ignore the attention's sliding window ({window} tokens), but a sequence has "
+                         f"{packing.bounds.longest}: turn train.packing off for this model")
     b, h, length, d = query.shape
-    hk = key.shape[1]
-    q = query.transpose(0, 1).reshape(1, h, b * length, d)
-    k = key.transpose(0, 1).reshape(1, hk, b * length, d)
-    v = value.transpose(0, 1).reshape(1, hk, b * length, d)
-    bounds = cu.tolist()
-    pieces = [
-        F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], dropout_p=dropout, is_causal=True,
-                                       scale=scaling, enable_gqa=hk != h)
-        for s, e in zip(bounds[:-1], bounds[1:])
-    ]
-    out = torch.cat(pieces, dim=2)  # (1, H, B*L, D)
-    return out.reshape(h, b, length, d).permute(1, 2, 0, 3).contiguous(), None
+
+    def flat(x: torch.Tensor) -> torch.Tensor:  # (B, H, L, D) -> (1, H, B x L, D); a view when B = 1
+        return x.transpose(0, 1).reshape(1, x.shape[1], b * length, d)
+
+    out = padded_attention(flat(query), flat(key), flat(value), packing, scale=scaling, dropout=dropout)
+    return out.reshape(h, b, length, d).permute(1, 2, 0, 3), None
+
+
+# Set while a packed forward whose layers get a Packing builds its mask: the mask is then not needed.
+_PACKED = contextvars.ContextVar("raydpo_packed_forward", default=False)
+
+
+def _varlen_mask(*args, **kwargs) -> torch.Tensor | None:
+    """SDPA's mask, except for a packed forward that carries its boundaries to every layer: there
+    transformers would build (and every layer ignore) a ``(B, 1, L, L)`` block-diagonal mask."""
+    if _PACKED.get() and kwargs.get("attention_mask") is None:
+        return None
+    return sdpa_mask(*args, **kwargs)
 
 
 AttentionInterface.register(NAME, varlen_sdpa_forward)
-ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # padded layouts keep SDPA's own mask
+ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, _varlen_mask)
 
 
-def use_varlen(model: torch.nn.Module) -> None:
-    """Switch an SDPA model to ``raydpo_varlen``. Eager models stay eager (some need it: Gemma 2's
-    attention softcap), and flash-attention models keep their own varlen kernel."""
-    config = model.config
-    if config._attn_implementation == "sdpa":
-        config._attn_implementation = NAME
+def choose(model: torch.nn.Module, device: torch.device | str, compute_dtype: torch.dtype) -> str:
+    """The attention implementation for ``model`` running on ``device`` with matmuls in
+    ``compute_dtype`` (autocast's dtype, else the weights'): ``flash_attention_2`` on CUDA in
+    bf16/fp16 where ``flash_attn`` is importable and the architecture supports it, else
+    ``raydpo_varlen``. Models not on SDPA (eager: Gemma 2's softcap; flex) keep theirs."""
+    current = model.config._attn_implementation
+    if current not in ("sdpa", NAME, FLASH):
+        return current
+    flash = (torch.device(device).type == "cuda" and compute_dtype in (torch.bfloat16, torch.float16)
+             and getattr(model, "_supports_flash_attn", False) and is_flash_attn_2_available())
+    return FLASH if flash else NAME
+
+
+def use(model: torch.nn.Module, device: torch.device | str, compute_dtype: torch.dtype) -> str:
+    """Set ``model``'s attention to :func:`choose`'s pick (a config attribute every layer reads at
+    call time); returns it."""
+    implementation = choose(model, device, compute_dtype)
+    if model.config._attn_implementation != implementation:
+        model.config._attn_implementation = implementation
+    return implementation
+
+
+@contextmanager
+def packed(implementation: str, bounds: PackedBounds | None, device: torch.device) -> Iterator[dict]:
+    """The decoder keywords for one forward over packed ``bounds`` (None: a padded layout, no
+    keywords), under the mask rule of :func:`_varlen_mask`.
+
+    - ``flash_attention_2``: ``cu_seq_lens_q/k`` int32 on ``device`` (one host-to-device copy, no
+      sync) and ``max_length_q/k`` host ints; transformers then calls the varlen kernel directly.
+    - ``raydpo_varlen``: a :class:`Packing` under ``raydpo_packing``, and no block-diagonal mask.
+    - anything else (eager): nothing; transformers' block-diagonal mask keeps sequences apart."""
+    if bounds is None or implementation not in (FLASH, NAME):
+        yield {}
+        return
+    if implementation == FLASH:
+        cu = torch.tensor(bounds.bounds, dtype=torch.int32).to(device, non_blocking=True)
+        yield {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": bounds.longest,
+               "max_length_k": bounds.longest}
+        return
+    token = _PACKED.set(True)
+    try:
+        yield {KWARG: Packing(bounds, *bounds.padding_index(device))}
+    finally:
+        _PACKED.reset(token)

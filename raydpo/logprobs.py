@@ -27,7 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from raydpo.attention import use_varlen
+from raydpo import attention
+from raydpo.attention import PackedBounds
+
+Layout = dict[str, "Tensor | PackedBounds"]  # a batch for PolicyScorer: tensors, plus host bounds when packed
 
 DEFAULT_CHUNK_TOKENS = 1024  # positions per head chunk: chunk x V fp32 logits live at a time
 
@@ -164,7 +167,7 @@ def _scored(rows: list[tuple[int, int, int]]) -> tuple[list[int], list[int]]:
     return index, segment
 
 
-def _finish(input_ids, position_ids, attention_mask, index, segment, n, cu_seq_lens=None) -> dict[str, Tensor]:
+def _finish(input_ids, position_ids, attention_mask, index, segment, n, bounds=None) -> Layout:
     flat = input_ids.reshape(-1)
     idx = torch.as_tensor(index, dtype=torch.long)
     out = {
@@ -177,8 +180,8 @@ def _finish(input_ids, position_ids, attention_mask, index, segment, n, cu_seq_l
     }
     if attention_mask is not None:
         out["attention_mask"] = attention_mask
-    if cu_seq_lens is not None:
-        out["cu_seq_lens"] = torch.as_tensor(cu_seq_lens, dtype=torch.int32)
+    if bounds is not None:
+        out["bounds"] = PackedBounds(tuple(bounds))  # host ints: the scorer never reads them from the device
     return out
 
 
@@ -188,7 +191,7 @@ def collate(
     pad_id: int,
     *,
     left_pad: bool = False,
-) -> dict[str, Tensor]:
+) -> Layout:
     """Pad ``prompt + completion`` sequences into ``(N, T)`` rows.
 
     Returns ``input_ids``, ``attention_mask``, ``position_ids`` (N, T) long (position ids count
@@ -231,18 +234,17 @@ def pack_rows(lengths: list[int], max_tokens: int | None) -> list[list[int]]:
     return rows
 
 
-def pack(prompts: list, completions: list, pad_id: int = 0, max_tokens: int | None = None) -> dict[str, Tensor]:
+def pack(prompts: list, completions: list, pad_id: int = 0, max_tokens: int | None = None) -> Layout:
     """``prompt + completion`` sequences packed into rows of at most ``max_tokens`` tokens (one row
     when None), without padding between sequences.
 
-    Position ids restart at 0 for each sequence; there is no attention mask, so transformers (5.x)
-    reads the sequence boundaries from the restarting position ids and never attends across them.
-    ``cu_seq_lens`` gives the same boundaries to flash-attention's varlen kernel (GPU) and to
-    :mod:`raydpo.attention`'s per-sequence SDPA, so neither computes cross-sequence scores; an eager
-    model gets a block-diagonal causal mask. Rows
-    shorter than the longest end in padding that is its own run of positions (a sequence nobody
-    scores). ``max_tokens`` bounds a row, so the CPU's O(row^2) attention mask stays small. Same
-    scoring layout as :func:`collate`.
+    Position ids restart at 0 for each sequence; there is no attention mask. ``bounds`` (a
+    :class:`~raydpo.attention.PackedBounds`, host ints, flash-attention's ``cu_seq_lens``) gives the
+    sequence boundaries to :mod:`raydpo.attention`: flash-attention's varlen kernel or one padded
+    causal SDPA, neither computing cross-sequence scores; an eager model gets transformers'
+    block-diagonal causal mask, read from the restarting position ids. Rows shorter than the longest
+    end in padding that is its own run of positions (a sequence nobody scores). ``max_tokens``
+    bounds a row (for an eager model, its O(row^2) mask). Same scoring layout as :func:`collate`.
     """
     seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
     rows = pack_rows([len(s) for s in seqs], max_tokens)
@@ -270,7 +272,7 @@ def pack(prompts: list, completions: list, pad_id: int = 0, max_tokens: int | No
 def pair_batch(
     prompt_ids: list, chosen_ids: list, rejected_ids: list, pad_id: int, *, packed: bool = False,
     max_tokens: int | None = None,
-) -> dict[str, Tensor]:
+) -> Layout:
     """Chosen sequences then rejected sequences, so one forward serves both: sequence ``i`` is
     pair i's chosen, ``B + i`` its rejected. Padded (:func:`collate`), or ``packed`` into rows of at
     most ``max_tokens`` (:func:`pack`)."""
@@ -304,6 +306,13 @@ def _head_transform(config) -> HeadTransform:
     return HeadTransform(scale=scale, softcap=getattr(config, "final_logit_softcapping", None) or None)
 
 
+def _compute_dtype(device: torch.device, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a forward's matmuls run in: autocast's when it is on for ``device``, else the weights'."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return weight_dtype
+
+
 class PolicyScorer(torch.nn.Module):
     """A causal LM (Hugging Face, optionally PEFT-wrapped) that returns :class:`Scores` instead of
     logits: the decoder runs on the layout, the head only on the scored positions, chunked.
@@ -324,10 +333,10 @@ class PolicyScorer(torch.nn.Module):
             raise ValueError(f"the output head must be a plain torch.nn.Linear to be chunked, got {type(head).__name__} "
                              "(leave lm_head out of LoRA target_modules)")
         # Plain attributes, not submodules: both already live under ``lm`` (state dict, DDP, ZeRO).
+        object.__setattr__(self, "_base", base)
         object.__setattr__(self, "_decoder", base.get_decoder())
         object.__setattr__(self, "_head", head)
         self.transform = _head_transform(base.config)
-        use_varlen(base)  # packed rows: one SDPA per sequence, not a block-diagonal L x L mask
 
     def register_zero3(self) -> None:
         """Under DeepSpeed ZeRO-3: the head weight is used outside ``lm_head.forward``, so ask
@@ -347,16 +356,16 @@ class PolicyScorer(torch.nn.Module):
         segment: Tensor,
         num_sequences: Tensor | int,
         attention_mask: Tensor | None = None,
-        cu_seq_lens: Tensor | None = None,
+        bounds: PackedBounds | None = None,
     ) -> Scores:
-        varlen = {}
-        if cu_seq_lens is not None:  # packed: the sequence boundaries, as flash-attention takes them
-            longest = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
-            varlen = {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
-                      "max_length_q": longest, "max_length_k": longest}
-        hidden = self._decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **varlen
-        ).last_hidden_state
+        device = input_ids.device
+        # The attention for this device and compute dtype (flash varlen on CUDA where installed, else
+        # raydpo_varlen; eager stays eager), then the packed rows' boundaries in the form it takes.
+        implementation = attention.use(self._base, device, _compute_dtype(device, self._head.weight.dtype))
+        with attention.packed(implementation, bounds, device) as varlen:
+            hidden = self._decoder(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **varlen
+            ).last_hidden_state
         scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_index)
         logp, mean, entropy = head_logps(scored, self._head.weight, targets, bias=self._head.bias,
                                          chunk_tokens=self.chunk_tokens, transform=self.transform)
@@ -375,7 +384,7 @@ def scorer_of(model: torch.nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) 
     return model if isinstance(inner, PolicyScorer) else PolicyScorer(model, chunk_tokens)
 
 
-def to_device(layout: dict[str, Tensor], device: torch.device | str) -> dict[str, Tensor]:
+def to_device(layout: dict[str, Tensor], device: torch.device | str) -> Layout:
     return {k: (v if k == "num_sequences" else v.to(device)) for k, v in layout.items()}
 
 
@@ -428,7 +437,7 @@ def budgeted_logps(
     return out, padded
 
 
-def model_sequence_logps(model: torch.nn.Module, layout: dict[str, Tensor]) -> Tensor:
+def model_sequence_logps(model: torch.nn.Module, layout: Layout) -> Tensor:
     """Summed completion log-probs ``(N,)`` of a :func:`collate` / :func:`pack` layout."""
     return scorer_of(model)(**layout).logps
 

@@ -279,22 +279,24 @@ def test_scorer_rejects_a_lora_head(tiny_model) -> None:
         PolicyScorer(lm)
 
 
-def test_packed_rows_use_per_sequence_attention_equal_to_the_block_mask(tiny_model) -> None:
-    """An SDPA model is switched to ``raydpo_varlen``: packed rows go through one causal SDPA per
-    sequence (``cu_seq_lens``), and give what transformers' own block-diagonal mask gives."""
+def test_packed_rows_carry_host_bounds_and_match_the_block_mask(tiny_model) -> None:
+    """A packed layout carries its boundaries as host ints (flash-attention's ``cu_seq_lens``); an
+    SDPA model is switched to ``raydpo_varlen`` and gives what transformers' own ``sdpa`` with its
+    block-diagonal mask (read from the restarting position ids) gives, on the full logits."""
     import copy
 
-    from raydpo.attention import NAME
+    from raydpo.attention import NAME, PackedBounds
 
     layout = pack(PROMPTS, COMPLETIONS, PAD, max_tokens=12)
     # Lengths 9, 10, 7 under 12: three rows of width 10: [10], [9 + 1 pad], [7 + 3 pad].
-    assert layout["cu_seq_lens"].tolist() == [0, 10, 19, 20, 27, 30]
+    assert layout["bounds"] == PackedBounds((0, 10, 19, 20, 27, 30))
     masked = copy.deepcopy(tiny_model)
+    masked.config._attn_implementation = "sdpa"
     with torch.no_grad():
-        scorer = PolicyScorer(tiny_model)
+        varlen = PolicyScorer(tiny_model)(**layout).logps
         assert tiny_model.config._attn_implementation == NAME
-        varlen = scorer(**layout).logps
-        masked.config._attn_implementation = "sdpa"
-        no_cu = {k: v for k, v in layout.items() if k != "cu_seq_lens"}  # falls back to the mask
-        block = PolicyScorer(masked)(**no_cu).logps
-    torch.testing.assert_close(varlen, block, rtol=1e-5, atol=1e-5)
+        logits = masked(input_ids=layout["input_ids"], position_ids=layout["position_ids"]).logits
+    lsm = torch.log_softmax(logits.reshape(-1, VOCAB).double(), -1)
+    picked = lsm[layout["score_index"], layout["targets"]]
+    block = torch.zeros(3, dtype=torch.float64).index_add(0, layout["segment"], picked)
+    torch.testing.assert_close(varlen.double(), block, rtol=1e-5, atol=1e-5)

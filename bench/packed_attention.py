@@ -1,0 +1,166 @@
+"""Packed attention on CPU: three ways to run causal attention over sequences packed into one row.
+
+Every variant gets the same inputs: ``q (1, H, T, D)``, ``k``/``v`` ``(1, Hkv, T, D)`` over the T
+tokens of a packed micro-batch, and the sequence boundaries as host integers (computed once per
+micro-batch, as the scorer does). Each timed call is one forward and one backward (the update step's
+work), after the per-micro-batch set-up (index tensors, BlockMask), which is timed apart.
+
+- ``per_sequence``: one causal SDPA per sequence (slices of the row), outputs concatenated.
+- ``padded``: the sequences gathered into an ``(N, H, Lmax, D)`` batch, one causal SDPA (right
+  padding needs no mask under a causal mask), scattered back.
+- ``flex``: torch's FlexAttention over the whole row with a block-causal-document BlockMask; eager
+  (``flex_eager``: unfused, materialises the T x T scores) and under ``torch.compile``
+  (``flex_compiled``; its compile time is reported apart).
+
+Prints one JSON object: per shape, per variant, tokens/s (median of ``--repeats``) and the ratio
+to ``per_sequence``; the set-up and compile times in seconds.
+
+    CI=true nice .venv/bin/python bench/packed_attention.py --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+import torch.nn.functional as F
+
+from raydpo.attention import Packing, PackedBounds, padded_attention
+
+SHAPES = {
+    # SmolLM2-135M's attention: 9 query heads of 64, 3 KV heads; 16 sequences of 100-500 tokens.
+    "smollm2_16x100-500": dict(heads=9, kv_heads=3, head_dim=64, sequences=16, shortest=100, longest=500),
+    # The tests' tiny model: 2 heads of 32; 6 sequences of 5-12 tokens.
+    "tiny_6x5-12": dict(heads=2, kv_heads=2, head_dim=32, sequences=6, shortest=5, longest=12),
+}
+
+
+def _inputs(heads: int, kv_heads: int, head_dim: int, sequences: int, shortest: int, longest: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(shortest, longest + 1, (sequences,), generator=g).tolist()
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    t = bounds[-1]
+    q = torch.randn(1, heads, t, head_dim, generator=g)
+    k = torch.randn(1, kv_heads, t, head_dim, generator=g)
+    v = torch.randn(1, kv_heads, t, head_dim, generator=g)
+    grad = torch.randn(1, heads, t, head_dim, generator=g)
+    return PackedBounds(tuple(bounds)), q, k, v, grad
+
+
+def per_sequence_attention(query, key, value, bounds: PackedBounds):
+    """One causal SDPA per run, over ``split`` pieces (split's backward is one cat)."""
+    gqa = key.shape[1] != query.shape[1]
+    n = bounds.lengths
+    return torch.cat([F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+                      for q, k, v in zip(query.split(n, 2), key.split(n, 2), value.split(n, 2))], dim=2)
+
+
+def sliced_attention(query, key, value, bounds: PackedBounds):
+    """The loop raydpo ran before (slices of the row; each slice's backward writes a zero tensor of
+    the whole row), fed host bounds."""
+    gqa = key.shape[1] != query.shape[1]
+    b = bounds.bounds
+    return torch.cat([F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
+                                                     is_causal=True, enable_gqa=gqa)
+                      for s, e in zip(b[:-1], b[1:])], dim=2)
+
+
+def _flex_setup(bounds: PackedBounds, t: int):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc = torch.repeat_interleave(torch.arange(len(bounds.lengths)), torch.tensor(bounds.lengths))
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
+    return create_block_mask(mask_mod, None, None, t, t, device="cpu")
+
+
+def _time(step: Callable[[], None], repeats: int) -> float:
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_shape(spec: dict, repeats: int, compiled: bool) -> dict:
+    bounds, q0, k0, v0, grad = _inputs(**spec)
+    t = q0.shape[2]
+    gqa = q0.shape[1] != k0.shape[1]
+    out: dict = {"tokens": t, "lengths": list(bounds.lengths), "setup_s": {}}
+
+    variants: dict[str, Callable] = {}
+    variants["per_sequence"] = lambda q, k, v: per_sequence_attention(q, k, v, bounds)
+    variants["sliced"] = lambda q, k, v: sliced_attention(q, k, v, bounds)
+    start = time.perf_counter()
+    packing = Packing(bounds, *bounds.padding_index(q0.device))
+    out["setup_s"]["padded_index"] = time.perf_counter() - start
+    variants["padded"] = lambda q, k, v: padded_attention(q, k, v, packing)
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    start = time.perf_counter()
+    block_mask = _flex_setup(bounds, t)
+    out["setup_s"]["flex_block_mask"] = time.perf_counter() - start
+    variants["flex_eager"] = lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    if compiled:
+        flex_c = torch.compile(flex_attention, dynamic=False)
+        start = time.perf_counter()
+        with torch.no_grad():
+            flex_c(q0, k0, v0, block_mask=block_mask, enable_gqa=gqa)
+        out["setup_s"]["flex_compile"] = time.perf_counter() - start
+        variants["flex_compiled"] = lambda q, k, v: flex_c(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+    with torch.no_grad():  # same answer first (float32, against per_sequence), then the timings
+        want = per_sequence_attention(q0, k0, v0, bounds)
+        out["max_abs_diff_vs_per_sequence"] = {
+            name: float((fn(q0, k0, v0) - want).abs().max()) for name, fn in variants.items() if name != "per_sequence"}
+
+    def forward(attend: Callable) -> Callable[[], None]:
+        def step() -> None:
+            with torch.no_grad():
+                attend(q0, k0, v0)
+        return step
+
+    def forward_backward(attend: Callable) -> Callable[[], None]:
+        def step() -> None:
+            q, k, v = (x.detach().requires_grad_() for x in (q0, k0, v0))
+            attend(q, k, v).backward(grad)
+        return step
+
+    for name, make in (("forward+backward", forward_backward), ("forward", forward)):
+        rates: dict = {}
+        for variant, fn in variants.items():
+            try:
+                rates[variant] = round(t / _time(make(fn), repeats), 1)
+            except NotImplementedError as e:  # FlexAttention has no CPU backward (torch 2.13)
+                rates[variant] = f"unsupported: {e}".split(". ")[0]
+        base = rates["per_sequence"]
+        out[name] = {"tokens_per_s": rates, "ratio_to_per_sequence": {
+            v: round(r / base, 3) for v, r in rates.items() if isinstance(r, float)}}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-compile", action="store_true", help="skip flex_compiled (torch.compile)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), action="append", help="default: every shape")
+    args = parser.parse_args()
+    result = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+              "shapes": {name: run_shape(SHAPES[name], args.repeats, not args.no_compile)
+                         for name in (args.shape or SHAPES)}}
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
