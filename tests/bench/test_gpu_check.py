@@ -38,7 +38,7 @@ def dry_run(out: Path, *args: str) -> dict:
 
 def test_dry_run_measures_every_cpu_variant_without_ray_deepspeed_or_vllm(tmp_path):
     report = dry_run(tmp_path)
-    assert {"env", "model", "data", "shape", "flops_formula", "variants", "wall_s"} <= report.keys()
+    assert {"env", "model", "data", "shape", "flops_formula", "variants", "ratios", "wall_s"} <= report.keys()
     variants = report["variants"]
     assert list(variants) == ["matmul_peak", "step_bf16_packed", "step_bf16_padded", "collectives_nccl",
                               "collectives_gloo", "step_fp32_packed", "step_fp32_padded"]
@@ -67,6 +67,9 @@ def test_dry_run_measures_every_cpu_variant_without_ray_deepspeed_or_vllm(tmp_pa
     assert max(abs(a - b) for a, b in zip(steps["ddp"]["losses"], steps["step_bf16_packed"]["losses"])) < 1e-6
     assert variants["collectives_gloo"]["backend"] == "gloo"
     assert variants["collectives_gloo"]["all_reduce"]["bytes"] == 4 * report["model"]["params"]
+    assert set(report["ratios"]) == {"packed_over_padded_bf16", "packed_over_padded_fp32", "bf16_over_fp32_packed",
+                                     "ddp_over_plain_bf16_packed"}
+    assert report["ratios"]["bf16_over_fp32_packed"] == steps["step_bf16_packed"]["tokens_per_s"] / steps["step_fp32_packed"]["tokens_per_s"]
 
 
 def test_spent_budget_skips_every_variant_and_still_writes_the_json(tmp_path):
