@@ -332,6 +332,7 @@ def update_step(ctx: Context, *, bf16: bool, packed: bool, ddp: bool = False) ->
     seconds = sum(t for t, _ in steps["timed"]) / len(steps["timed"])
     flops = ctx.model_flops(params)
     tokens = sum(ctx.sequence_lengths())
+    nominal = nominal_bf16_peak(ctx.device)
     result = {
         "bf16": bf16, "packed": packed, "ddp_wrapped": ddp, "attn_implementation": attn,
         "float32_matmul": fp32_matmul_setting(),
@@ -341,7 +342,7 @@ def update_step(ctx: Context, *, bf16: bool, packed: bool, ddp: bool = False) ->
         "mean_step_s": seconds, "tokens_per_step": tokens, "computed_tokens_per_step": computed_tokens(ctx, packed),
         "tokens_per_s": tokens / seconds, "model_flops_per_step": flops, "flops_per_s": flops / seconds,
         "mfu": flops / seconds / ctx.peak_bf16 if ctx.peak_bf16 else None,
-        "mfu_nominal": flops / seconds / nominal_bf16_peak(ctx.device) if nominal_bf16_peak(ctx.device) else None,
+        "mfu_nominal": flops / seconds / nominal if nominal else None,
         "losses": [m["loss"] for _, m in steps["warmup"] + steps["timed"]],
         "grad_norms": [m["grad_norm"] for _, m in steps["warmup"] + steps["timed"]],
         "peak_memory_bytes": torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None,
