@@ -333,7 +333,8 @@ class TrainConfig(_Placed):
     # returned to the OS when freed. glibc's default raises its threshold as large blocks are freed
     # (up to 32 MiB), so the step's mid-sized activations fragment the heap and the worker's RSS
     # climbs step after step. 4 MiB held SmolLM2's CPU step at 3.4 GB instead of 5.2 GB, for 1.3x
-    # the CPU time (docs/benchmarks.md). None: glibc's own behaviour (faster, more memory).
+    # the CPU time (docs/benchmarks.md). None: glibc's own behaviour (faster, more memory). CPU
+    # workers only: GPU workers (use_gpu) keep glibc's own.
     malloc_mmap_threshold: int | None = Field(4194304, ge=0)
     env: dict[str, str] | None = None  # more environment of the training workers, e.g. NCCL_DEBUG
     log_every: int = Field(1, gt=0)

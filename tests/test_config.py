@@ -489,6 +489,10 @@ def test_training_workers_get_the_malloc_setting_and_train_env() -> None:
     assert worker_env(load_config(QUICKSTART, ["train.malloc_mmap_threshold=null"]).train) == {}
     both = load_config(QUICKSTART, ["train.malloc_mmap_threshold=1048576", "train.env={NCCL_DEBUG: INFO}"])
     assert worker_env(both.train) == {"MALLOC_MMAP_THRESHOLD_": "1048576", "NCCL_DEBUG": "INFO"}
+    # A CPU setting: GPU workers keep glibc's own, and still get train.env.
+    gpu = load_config(QUICKSTART, ["train.use_gpu=true", "train.malloc_mmap_threshold=1048576",
+                                   "train.env={NCCL_DEBUG: INFO}"])
+    assert worker_env(gpu.train) == {"NCCL_DEBUG": "INFO"}
     mine = load_config(QUICKSTART, ["train.env={MALLOC_MMAP_THRESHOLD_: '65536'}"])
     assert worker_env(mine.train) == {"MALLOC_MMAP_THRESHOLD_": "65536"}
 

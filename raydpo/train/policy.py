@@ -50,8 +50,13 @@ def checkpoint_location(storage_path: str | None, out_dir: Path) -> tuple[str, s
 
 def worker_env(train: TrainConfig) -> dict[str, str]:
     """The training workers' environment variables. Ray starts each worker process with them, so
-    glibc reads its malloc settings before the first allocation."""
-    env = {} if train.malloc_mmap_threshold is None else {"MALLOC_MMAP_THRESHOLD_": str(train.malloc_mmap_threshold)}
+    glibc reads its malloc settings before the first allocation. The mmap threshold is a CPU
+    setting (the step's activations live in host memory there); GPU workers (``train.use_gpu``)
+    keep glibc's own behaviour: their activations are on the device, and a low threshold would
+    only slow the host's allocations (pinned batches, the data pipeline)."""
+    env = {}
+    if train.malloc_mmap_threshold is not None and not train.use_gpu:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(train.malloc_mmap_threshold)
     return env | (train.env or {})
 
 
