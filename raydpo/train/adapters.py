@@ -8,7 +8,9 @@ engine is built (the engine's optimizer only holds the parameters left trainable
 * LoRA through PEFT: the base weights are frozen and small low-rank adapters are trained.
 
 ``save_final(model, state_dict, tokenizer, out_dir)`` writes the trained policy as a plain
-Hugging Face folder. A LoRA policy is merged into its base weights there (so serving and the
+Hugging Face folder; ``save_streamed(model, engine, tokenizer, out_dir)`` writes a model without
+adapters the same way from the engine's weights one tensor at a time (ZeRO-3 gathers each alone),
+never holding the whole model. A LoRA policy is merged into its base weights there (so serving and the
 next round's reference need no PEFT), and its adapter is also written alone to
 ``{out_dir}/adapter``.
 
@@ -23,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from raydpo.config import TrainConfig
+from raydpo.safetensors_stream import TensorSpec, write_checkpoint
 
-__all__ = ["LoraSettings", "ModelPrep", "prepare_model", "save_final"]
+__all__ = ["LoraSettings", "ModelPrep", "prepare_model", "save_final", "save_streamed", "hf_specs"]
 
 ADAPTER_DIR = "adapter"
 
@@ -154,6 +158,49 @@ def save_final(
             model.save_pretrained(out, state_dict=state, safe_serialization=True)
         finally:
             model.config.use_cache = use_cache
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def hf_specs(model: torch.nn.Module) -> list[TensorSpec]:
+    """The tensors ``model.save_pretrained`` writes: its state dict's names less the tied aliases,
+    removed by transformers' own rule, each with its full dtype and shape (a ZeRO-3 parameter's
+    ``ds_shape``, not its empty placeholder's)."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    meta = {name: torch.empty(tuple(getattr(t, "ds_shape", t.shape)), dtype=t.dtype, device="meta")
+            for name, t in model.state_dict(keep_vars=True).items()}
+    # With meta tensors, transformers finds the aliases by the model's own parameter objects.
+    kept = remove_tied_weights_from_state_dict(meta, model)
+    return [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in kept.items()]
+
+
+def save_streamed(model: torch.nn.Module, engine: Any, tokenizer: Any, out_dir: str | os.PathLike,
+                  *, max_shard_bytes: int = 2 * 2**30) -> Path | None:
+    """COLLECTIVE (every rank): ``model`` (an HF causal LM the engine trains, without adapters) as
+    a plain HF folder at ``out_dir``, written by rank 0 from ``engine.weights``: each tensor is
+    gathered (ZeRO-3), copied to the host, written into its safetensors file and dropped, so no
+    rank holds a second copy of the model. The same files, names (tied aliases left out) and
+    config as ``save_pretrained``; files of at most ``max_shard_bytes`` with the index json.
+    Returns the folder on rank 0, None elsewhere."""
+    if _is_peft(model):
+        raise ValueError("save_streamed writes a plain model; a PEFT model is merged by save_final")
+    specs = hf_specs(model)
+    weights = engine.weights(model, [s.name for s in specs])
+    if dist.is_initialized() and dist.get_rank() != 0:
+        for _ in weights:  # the gathers are collectives: every rank runs them, in order
+            pass
+        return None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.config)
+    config.use_cache = True  # prepare_model turned the KV cache off for training; a loaded policy should have it
+    config.dtype = str(model.dtype).removeprefix("torch.")
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(out)
+    if model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+    write_checkpoint(out, specs, weights, max_shard_bytes)
     tokenizer.save_pretrained(out)
     return out
 

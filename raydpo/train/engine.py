@@ -35,8 +35,15 @@ nothing may import deepspeed earlier with a different choice.
 
 torch.distributed: when a process group is already initialised (Ray Train does this, gloo on
 CPU / nccl on GPU) the engines use it. Otherwise the process is treated as world size 1; DDP
-then runs unwrapped, and DeepSpeed (which insists on a process group) gets a 1-process gloo
-group created here on 127.0.0.1 with a free port (see :func:`_ensure_single_process_group`).
+then runs unwrapped, and DeepSpeed (which insists on a process group) gets a 1-process group
+(nccl on a CUDA device, gloo on the CPU) created here on 127.0.0.1 with a free port (see
+:func:`_ensure_single_process_group`).
+
+On CUDA, AdamW runs its fused kernel and clipping its foreach kernels; on the CPU both run
+per tensor, as the engines' DDP/ZeRO agreement is measured (:func:`adamw_kernels`).
+
+Weights out: :meth:`Engine.weights` streams them one tensor at a time (ZeRO-3 gathers each alone),
+which the final HF folder is written from; :meth:`Engine.full_state_dict` holds them all.
 
 This module must import without Ray and without DeepSpeed; DeepSpeed is imported lazily.
 """
@@ -49,7 +56,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -103,13 +110,29 @@ class OptimConfig:
             raise ValueError(f"invalid OptimConfig: {self}")
 
 
-def _make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """Plain torch AdamW over the trainable parameters.
+def adamw_kernels(device: torch.device) -> dict[str, bool]:
+    """torch AdamW's implementation choice for parameters on ``device``.
 
-    foreach/fused are off so the per-parameter math is identical whether the optimizer sees
-    the model's own tensors (DDP) or DeepSpeed's flattened partitions (ZeRO); this is what
-    makes DDP and ZeRO runs comparable to float32 round-off.
+    CPU: ``foreach`` and ``fused`` off, so the per-parameter math is identical whether the
+    optimizer sees the model's own tensors (DDP) or DeepSpeed's flattened partitions (ZeRO); this is
+    what makes DDP and ZeRO runs comparable to float32 round-off (the tests hold them to it).
+    CUDA: the fused kernel (one launch for every parameter's update instead of about ten per
+    parameter): the per-element arithmetic is the same whatever the grouping, and on a GPU the
+    per-parameter launches otherwise dominate a step's optimizer time.
     """
+    if device.type == "cuda":
+        return {"foreach": False, "fused": True}
+    return {"foreach": False, "fused": False}
+
+
+def clip_foreach(device: torch.device) -> bool:
+    """``clip_grad_norm_``'s ``foreach`` for gradients on ``device``: grouped kernels on CUDA, the
+    per-tensor loop on the CPU (as the tests' DDP/ZeRO comparisons were measured)."""
+    return device.type == "cuda"
+
+
+def _make_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """Plain torch AdamW over the trainable parameters (on ``device``: see :func:`adamw_kernels`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(
         params,
@@ -117,8 +140,7 @@ def _make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.A
         betas=optim.betas,
         eps=optim.eps,
         weight_decay=optim.weight_decay,
-        foreach=False,
-        fused=False,
+        **adamw_kernels(device),
     )
 
 
@@ -198,8 +220,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _ensure_single_process_group() -> None:
-    """Create a 1-process gloo group when no process group exists.
+def _ensure_single_process_group(device: torch.device) -> None:
+    """Create a 1-process group when no process group exists: nccl for a CUDA ``device`` (the
+    backend of GPU collectives), gloo on the CPU.
 
     ``deepspeed.initialize`` always needs torch.distributed; left alone it would go looking
     for MPI (mpi4py) or launcher env vars. A world-size-1 gloo group on 127.0.0.1 with a free
@@ -214,7 +237,7 @@ def _ensure_single_process_group() -> None:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
-    dist.init_process_group(backend="gloo", rank=0, world_size=1)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
 def _import_deepspeed() -> Any:
@@ -231,6 +254,36 @@ def _import_deepspeed() -> Any:
     import deepspeed
 
     return deepspeed
+
+
+def deepspeed_ready(device: torch.device | None) -> Any:
+    """DeepSpeed imported, ``device`` made CUDA's current device (DeepSpeed places everything on
+    its accelerator's current device) and a process group present; returns the module."""
+    deepspeed = _import_deepspeed()
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)
+    _ensure_single_process_group(device or _default_device())
+    return deepspeed
+
+
+def deepspeed_config(*, micro_batch_size: int, grad_accum_steps: int, zero_stage: int, bf16: bool,
+                     max_grad_norm: float, offload_optimizer: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config of a training, built once: a ZeRO-3 partitioned load
+    (:func:`raydpo.train.zero3.load_partitioned`) and ``deepspeed.initialize`` get the same dict."""
+    if zero_stage not in (2, 3):
+        raise ValueError(f"zero_stage must be 2 or 3, got {zero_stage}")
+    if grad_accum_steps < 1 or micro_batch_size < 1:
+        raise ValueError("grad_accum_steps and micro_batch_size must be >= 1")
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "gradient_clipping": max_grad_norm,  # 0.0 disables clipping in DeepSpeed too
+        "zero_optimization": _zero_config(zero_stage, offload_optimizer),
+        "bf16": {"enabled": bf16},
+        # Keep DeepSpeed's own periodic logging out of the training logs.
+        "steps_per_print": sys.maxsize,
+        "wall_clock_breakdown": False,
+    }
 
 
 class Engine:
@@ -304,7 +357,18 @@ class Engine:
 
     def full_state_dict(self) -> dict[str, Tensor]:
         """COLLECTIVE: full model weights as CPU tensors (valid at least on rank 0)."""
-        raise NotImplementedError
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def weights(self, module: torch.nn.Module, names: Sequence[str]) -> Iterator[tuple[str, Tensor]]:
+        """COLLECTIVE (every rank iterates it to the end, in step): ``module``'s tensors (``module``
+        is this engine's model or a part of it) under their state-dict ``names``, one at a time, as
+        CPU tensors on rank 0; other ranks get nothing. Under ZeRO-3 each is gathered alone, so no
+        process ever holds more than one full parameter besides what the consumer keeps; on a CPU
+        the other engines yield the model's own tensors (valid until the next step)."""
+        state = module.state_dict()
+        if _rank() == 0:
+            for name in names:
+                yield name, state[name].detach().to("cpu")
 
 
 class DDPEngine(Engine):
@@ -343,7 +407,7 @@ class DDPEngine(Engine):
             self.module = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         else:
             self.module = self.model
-        self.optimizer = _make_optimizer(self.model, optim)
+        self.optimizer = _make_optimizer(self.model, optim, device)
         self.scheduler = _make_scheduler(self.optimizer, optim)
         self._micro_step = 0
         self._prepare_next_micro_batch()
@@ -383,7 +447,7 @@ class DDPEngine(Engine):
         # Gradients are already identical on all ranks (DDP all-reduced them), so the norm is
         # too. max_norm=inf still computes the norm when clipping is disabled.
         max_norm = self.optim_config.max_grad_norm if self.optim_config.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm, foreach=False)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm, foreach=clip_foreach(self.device))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -396,7 +460,7 @@ class DDPEngine(Engine):
 
     def restart_optimizer(self, optim: OptimConfig) -> None:
         self.optim_config = optim
-        self.optimizer = _make_optimizer(self.model, optim)
+        self.optimizer = _make_optimizer(self.model, optim, self.device)
         self.scheduler = _make_scheduler(self.optimizer, optim)
         self._micro_step = 0
         self._prepare_next_micro_batch()
@@ -426,10 +490,6 @@ class DDPEngine(Engine):
         self._prepare_next_micro_batch()
         _barrier()
 
-    def full_state_dict(self) -> dict[str, Tensor]:
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-
-
 class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO stage 2 or 3 with a client AdamW and HF LR scheduler.
 
@@ -439,40 +499,18 @@ class DeepSpeedEngine(Engine):
     CPU Adam (the ``cpu_adam`` C++ op, JIT-compiled on first use) instead of torch AdamW.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        optim: OptimConfig,
-        *,
-        grad_accum_steps: int,
-        micro_batch_size: int,
-        zero_stage: int,
-        bf16: bool,
-        device: torch.device | None,
-        offload_optimizer: bool = False,
-    ) -> None:
-        if zero_stage not in (2, 3):
-            raise ValueError(f"zero_stage must be 2 or 3, got {zero_stage}")
-        deepspeed = _import_deepspeed()
-        if device is not None and device.type == "cuda":
-            # DeepSpeed places the model on the accelerator's *current* device.
-            torch.cuda.set_device(device)
-        _ensure_single_process_group()
-
+    def __init__(self, model: torch.nn.Module, optim: OptimConfig, *, config: dict[str, Any],
+                 device: torch.device | None) -> None:
+        """``config``: the DeepSpeed config (:func:`deepspeed_config`), the same dict a ZeRO-3
+        partitioned load was given."""
+        deepspeed = deepspeed_ready(device)
+        zero = config["zero_optimization"]
         self.optim_config = optim
-        self.grad_accum_steps = grad_accum_steps
-        self.zero_stage = zero_stage
-        config: dict[str, Any] = {
-            "train_micro_batch_size_per_gpu": micro_batch_size,
-            "gradient_accumulation_steps": grad_accum_steps,
-            "gradient_clipping": optim.max_grad_norm,  # 0.0 disables clipping in DeepSpeed too
-            "zero_optimization": _zero_config(zero_stage, offload_optimizer),
-            "bf16": {"enabled": bf16},
-            # Keep DeepSpeed's own periodic logging out of the training logs.
-            "steps_per_print": sys.maxsize,
-            "wall_clock_breakdown": False,
-        }
-        optimizer = _make_cpu_adam(model, optim) if offload_optimizer else _make_optimizer(model, optim)
+        self.grad_accum_steps = config["gradient_accumulation_steps"]
+        self.zero_stage = zero["stage"]
+        offload_optimizer = "offload_optimizer" in zero
+        kernels_on = device or _default_device()  # where ZeRO keeps the float32 master partitions
+        optimizer = _make_cpu_adam(model, optim) if offload_optimizer else _make_optimizer(model, optim, kernels_on)
         scheduler = _make_scheduler(optimizer, optim)
         # Passing the client optimizer/scheduler (rather than DeepSpeed "optimizer"/"scheduler"
         # config sections) keeps the math identical to DDPEngine; ZeRO wraps the optimizer and
@@ -573,17 +611,37 @@ class DeepSpeedEngine(Engine):
             raise FileNotFoundError(f"no DeepSpeed checkpoint found in {directory!r}")
         self._micro_step = 0
 
+    def weights(self, module: torch.nn.Module, names: Sequence[str]) -> Iterator[tuple[str, Tensor]]:
+        if self.zero_stage != 3:  # ZeRO-2 keeps full (low-precision if bf16) weights on every rank
+            yield from super().weights(module, names)
+            return
+        import deepspeed
+
+        state = module.state_dict(keep_vars=True)  # partitioned parameters: their placeholders
+        rank0 = _rank() == 0
+        for name in names:
+            tensor = state[name]
+            if hasattr(tensor, "ds_id"):
+                # Every rank gathers the whole parameter (an all-gather); it is partitioned again,
+                # unchanged, on leaving the block, so rank 0 copies it out first.
+                with deepspeed.zero.GatheredParameters([tensor]):
+                    out = tensor.data.detach().to("cpu", copy=True) if rank0 else None
+            else:  # a buffer: ZeRO-3 does not partition buffers
+                out = tensor.detach().to("cpu", copy=True) if rank0 else None
+            if rank0:
+                yield name, out
+
     def full_state_dict(self) -> dict[str, Tensor]:
-        if self.zero_stage == 3:
-            # Gathers each partitioned parameter in turn (collective) and copies it to CPU on
-            # rank 0; other ranks get an empty dict (DeepSpeed returns None). Despite the name, it returns the
-            # parameters' own dtype (float32 unless bf16 is enabled).
-            state = self.ds_engine._zero3_consolidated_16bit_state_dict()
-            if state is None:  # ranks other than 0
-                return {}
-            return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-        # ZeRO-2 keeps full (low-precision if bf16) weights on every rank.
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        if self.zero_stage != 3:
+            return super().full_state_dict()
+        # Each tensor gathered once (tied parameters are one object under several names), in the
+        # parameters' own dtype (float32 unless bf16 is enabled); ranks other than 0 get {}.
+        state = self.model.state_dict(keep_vars=True)
+        first: dict[int, str] = {}
+        for name, tensor in state.items():
+            first.setdefault(id(tensor), name)
+        gathered = dict(self.weights(self.model, list(first.values())))
+        return {name: gathered[first[id(t)]] for name, t in state.items()} if gathered else {}
 
 
 def build_engine(
@@ -597,6 +655,7 @@ def build_engine(
     bf16: bool = False,
     offload_optimizer: bool = False,
     device: torch.device | None = None,
+    ds_config: dict[str, Any] | None = None,
 ) -> Engine:
     """Build a training engine.
 
@@ -615,6 +674,8 @@ def build_engine(
             (ZeRO-Offload, with DeepSpeed's CPU Adam).
         device: where to put the model; default cuda:LOCAL_RANK if CUDA is available, else CPU.
             DeepSpeed uses its accelerator's current device (we ``set_device`` it if given).
+        ds_config: DeepSpeed only: the config a ZeRO-3 partitioned load already used (it must be
+            what :func:`deepspeed_config` makes of the arguments above); default: built here.
     """
     if grad_accum_steps < 1 or micro_batch_size < 1:
         raise ValueError("grad_accum_steps and micro_batch_size must be >= 1")
@@ -623,14 +684,10 @@ def build_engine(
             raise ValueError("offload_optimizer=True needs kind='deepspeed' (ZeRO-Offload)")
         return DDPEngine(model, optim, grad_accum_steps=grad_accum_steps, device=device or _default_device(), bf16=bf16)
     if kind == "deepspeed":
-        return DeepSpeedEngine(
-            model,
-            optim,
-            grad_accum_steps=grad_accum_steps,
-            micro_batch_size=micro_batch_size,
-            zero_stage=zero_stage,
-            bf16=bf16,
-            device=device,
-            offload_optimizer=offload_optimizer,
-        )
+        config = deepspeed_config(micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
+                                  zero_stage=zero_stage, bf16=bf16, max_grad_norm=optim.max_grad_norm,
+                                  offload_optimizer=offload_optimizer)
+        if ds_config is not None and ds_config != config:
+            raise ValueError(f"ds_config {ds_config} is not the engine's config {config}")
+        return DeepSpeedEngine(model, optim, config=ds_config if ds_config is not None else config, device=device)
     raise ValueError(f"kind must be 'ddp' or 'deepspeed', got {kind!r}")

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import ray.data
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 
@@ -40,11 +41,13 @@ from raydpo.logprobs import PolicyScorer
 from raydpo.metrics import all_reduce_sum
 from raydpo.models import load_model, load_tokenizer
 from raydpo.train import checkpoints
-from raydpo.train.adapters import ModelPrep, prepare_model
+from raydpo.precision import allow_tf32
+from raydpo.train.adapters import ModelPrep, prepare_model, save_streamed
 from raydpo.train.adapters import save_final as save_final_folder
-from raydpo.train.engine import OptimConfig, build_engine
+from raydpo.train.engine import OptimConfig, build_engine, deepspeed_config, deepspeed_ready
 from raydpo.train.shuffle import ShuffledShard, epoch_order, worker_positions
 from raydpo.train.step import LossSpec, RunningMean, evaluate, train_step
+from raydpo.train.zero3 import load_partitioned
 from raydpo.tracking import Tracker, TrackerSpec
 
 
@@ -327,22 +330,43 @@ class Worker:
     layout: dict[str, Any]  # packed rows (of at most max_tokens tokens) or one padded batch
 
 
-def set_up(args: LoopArgs) -> Worker:
+def set_up(args: LoopArgs, device: torch.device) -> Worker:
     """Load the tokenizer and the policy at ``args.model_path`` and build the engine for
-    ``args.total_steps`` steps (a later training on the same worker restarts its optimizer)."""
+    ``args.total_steps`` steps (a later training on the same worker restarts its optimizer) on
+    ``device`` (a Ray Train worker's: ``ray.train.torch.get_device()``).
+
+    Under ZeRO-3 the policy is loaded straight into its partitions (:mod:`raydpo.train.zero3`):
+    no worker ever holds the whole model; the DeepSpeed config is built once, for that load and
+    for the engine."""
     # One line per log step is the progress; per-iteration Ray Data bars from every worker are noise.
     ray.data.DataContext.get_current().enable_progress_bars = False
     train = args.train
     torch.manual_seed(train.seed)
+    allow_tf32(device)  # float32 matmuls on TF32 tensor cores (CUDA only)
+    grad_accum = args.local_batch_size // train.micro_batch_size
+    ds_config = deepspeed_config(
+        micro_batch_size=train.micro_batch_size, grad_accum_steps=grad_accum, zero_stage=train.zero_stage,
+        bf16=train.bf16, max_grad_norm=train.max_grad_norm, offload_optimizer=train.offload_optimizer,
+    ) if train.engine == "deepspeed" else None
+    zero3 = ds_config is not None and train.zero_stage == 3
     tokenizer = load_tokenizer(args.model_path, args.gguf_file)
-    lm = prepare_model(load_model(args.model_path, args.dtype, args.gguf_file), ModelPrep.from_train(train))
+    if zero3:
+        if args.gguf_file:
+            raise ValueError("a GGUF file is loaded de-quantized whole; under ZeRO-3 load the plain folder "
+                             "raydpo.models.write_plain makes of it")
+        deepspeed_ready(device)  # the process group the partitioned load's collectives use
+        model = load_partitioned(args.model_path, args.dtype, ds_config)
+    else:
+        model = load_model(args.model_path, args.dtype, args.gguf_file)
+    lm = prepare_model(model, ModelPrep.from_train(train))
     scorer = PolicyScorer(lm, train.logprob_chunk_tokens)
     engine = build_engine(
         train.engine, scorer, OptimConfig.from_train(train, args.total_steps),
-        grad_accum_steps=args.local_batch_size // train.micro_batch_size, micro_batch_size=train.micro_batch_size,
+        grad_accum_steps=grad_accum, micro_batch_size=train.micro_batch_size,
         zero_stage=train.zero_stage, bf16=train.bf16, offload_optimizer=train.offload_optimizer,
+        device=device, ds_config=ds_config,
     )
-    if train.engine == "deepspeed" and train.zero_stage == 3:
+    if zero3:
         scorer.register_zero3()  # the chunked head reads the partitioned head weight directly
     # Packed: each micro-batch's 2 x micro_batch_size sequences in rows of at most max_tokens tokens
     # (positions restart per sequence, no attention across them); else one padded batch.
@@ -355,7 +379,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The offline training: set up, resume from Ray Train's latest checkpoint, train, save the
     final HF folder."""
     args: LoopArgs = config["args"]
-    w = set_up(args)
+    w = set_up(args, ray.train.torch.get_device())  # ray: this worker's GPU, or the CPU
     bco = RunningMean()
     start_step = _restore(w.engine, bco)
     if w.rank == 0 and start_step:
@@ -457,9 +481,15 @@ def _inject_failure(args: LoopArgs, step: int) -> None:
 
 def save_final(w: Worker, args: LoopArgs) -> None:
     """COLLECTIVE: the policy as a plain HF folder, ``{output_dir}/final``, that from_pretrained
-    loads (LoRA merged in, the adapter also in ``final/adapter``)."""
-    state = w.engine.full_state_dict()  # gathers ZeRO-3 shards; keys carry the scorer's "lm."
-    if w.rank == 0:
-        save_final_folder(w.lm, state, w.tokenizer, Path(args.output_dir) / "final", prefix="lm.")
+    loads (LoRA merged in, the adapter also in ``final/adapter``). A plain model is streamed out
+    one tensor at a time (ZeRO-3: gathered one at a time), never whole in any process's memory; a
+    PEFT model is gathered whole on rank 0 to be merged."""
+    out = Path(args.output_dir) / "final"
+    if hasattr(w.lm, "peft_config"):
+        state = w.engine.full_state_dict()  # gathers ZeRO-3 shards; keys carry the scorer's "lm."
+        if w.rank == 0:
+            save_final_folder(w.lm, state, w.tokenizer, out, prefix="lm.")
+    else:
+        save_streamed(w.lm, w.engine, w.tokenizer, out)
     if dist.is_initialized():
         dist.barrier()

@@ -29,16 +29,17 @@ import numpy as np
 import pyarrow as pa
 import ray
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from raydpo.logprobs import pair_batch, scorer_of, to_device
+from raydpo.logprobs import pair_batch, scorer_of
 from raydpo.train.adapters import hf_weights
 from raydpo.train.engine import OptimConfig
 from raydpo.train.adapters import save_final as save_final_folder
 from raydpo.train.feed import AwaitSaved, Finish, ScorePairs, SendWeights, TrainRound
 from raydpo.train.loop import LoopArgs, Worker, _say, load_checkpoint, set_up, train_steps
-from raydpo.train.step import RunningMean
+from raydpo.train.step import RunningMean, batch_to_device
 
 
 class Trained:
@@ -94,7 +95,7 @@ def round_loop_per_worker(config: dict[str, Any]) -> None:
     base: LoopArgs = config["args"]  # the settings every round shares; the rest comes per job
     feed = config["feed"]
     model_path, index = ray.get(feed.start.remote())
-    w = set_up(replace(base, model_path=model_path))
+    w = set_up(replace(base, model_path=model_path), ray.train.torch.get_device())  # ray: this worker's GPU, or the CPU
     checkpoint = ray.train.get_checkpoint()  # ray: a stopped round's, if any
     trained = Trained()
     while not isinstance(job := ray.get(feed.next.remote(index)), Finish):
@@ -166,7 +167,7 @@ def score_pairs(w: Worker, base: LoopArgs, job: ScorePairs) -> dict[str, list[fl
             layout = pair_batch([columns["prompt_ids"][i] for i in rows], [columns["chosen_ids"][i] for i in rows],
                                 [columns["rejected_ids"][i] for i in rows], w.pad_id, **w.layout)
             with w.engine.autocast():
-                logps = scorer_of(w.engine.module)(**to_device(layout, w.engine.device)).logps.double().cpu()
+                logps = scorer_of(w.engine.module)(**batch_to_device(layout, w.engine.device)).logps.double().cpu()
             k = len(rows)
             for j, i in enumerate(rows):
                 found[i] = (float(logps[j]), float(logps[k + j]))
