@@ -25,6 +25,7 @@ from raydpo.data.refcache import (Cache, CacheKey, RefStats, add_keys, count_hit
 from raydpo.data.tokenize import TokenizeSettings
 from raydpo.logprobs import budgeted_logps
 from raydpo.models import load_model, load_tokenizer
+from raydpo.precision import Precision, allow_tf32
 from raydpo.progress import say
 from raydpo.tracking import Tracker
 
@@ -37,14 +38,18 @@ class ReferenceLogps:
         cache: Cache,
         model_path: str,
         gguf_file: str | None = None,
-        dtype: str = "float32",
+        precision: Precision = Precision("float32"),
         batch_tokens: int = 8192,
         max_padding: float = 1.05,
     ) -> None:
         self.cache = cache
         self.cache.record_load()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_model(model_path, dtype, gguf_file).to(self.device).eval()
+        allow_tf32(self.device)  # as the training workers: float32 matmuls in TF32 on CUDA
+        # The trainer's precision (reference.dtype / reference.autocast, resolved from it), so at
+        # step 0 the policy's and the reference's log-probs differ by rounding only.
+        self.precision = precision
+        self.model = load_model(model_path, precision.weights, gguf_file).to(self.device).eval()
         self.pad_id = load_tokenizer(model_path, gguf_file).pad_token_id
         self.batch_tokens = batch_tokens
         self.max_padding = max_padding
@@ -57,8 +62,9 @@ class ReferenceLogps:
         t0 = time.perf_counter()
         prompts = batch["prompt_ids"].to_pylist()
         completions = batch["completion_ids"].to_pylist()
-        logps, padded = budgeted_logps(self.model, prompts, completions, self.pad_id, self.batch_tokens,
-                                       self.device, self.max_padding)
+        with self.precision.autocast(self.device):
+            logps, padded = budgeted_logps(self.model, prompts, completions, self.pad_id, self.batch_tokens,
+                                           self.device, self.max_padding)
         tokens = np.array([len(p) + len(c) for p, c in zip(prompts, completions)], dtype=np.int32)
         self.cache.write_block(batch["key"].combine_chunks(), logps, tokens)
         return pa.table({
@@ -81,7 +87,7 @@ class ReferencePool:
         self._actor = ray.remote(ReferenceLogps).options(
             num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, accelerator_type=settings.accelerator_type,
             resources=settings.resources)
-        self._kwargs = {"cache": cache, "model_path": model_path, "gguf_file": gguf_file, "dtype": settings.dtype,
+        self._kwargs = {"cache": cache, "model_path": model_path, "gguf_file": gguf_file, "precision": settings.precision(),
                         "batch_tokens": settings.batch_tokens, "max_padding": settings.max_padding}
         self.actors: list = []
 
@@ -124,13 +130,13 @@ class ReferencePool:
 def reference_cache(model_path: str, gguf_file: str | None, chat_template: str | None,
                     tokenize: TokenizeSettings, settings: ReferenceConfig) -> Cache:
     """The cache directory for this reference model, tokenizer + chat template, tokenization
-    settings (the object whole) and dtype."""
+    settings (the object whole) and precision (its ``key``: weights dtype and autocast)."""
     from raydpo.data.tokenize import chat_template_for
 
     tok = load_tokenizer(model_path, gguf_file)
     key = CacheKey(model=model_identity(model_path, gguf_file),
                    tokenizer=tokenizer_identity(tok, chat_template_for(tok, chat_template)),
-                   settings=tokenize, dtype=settings.dtype)
+                   settings=tokenize, dtype=settings.precision().key)
     return Cache(os.path.expanduser(settings.cache_dir), key)
 
 
@@ -144,7 +150,7 @@ def reference_stage(
 ) -> tuple[ray.data.Dataset, RefStats]:
     """Add ``ref_chosen_logps`` / ``ref_rejected_logps`` to tokenized pairs, computing only what
     the cache lacks. The reference model is loaded (in its own actors) only if something is missing.
-    ``settings``: the actor pool's size and resources, batch token budget, window and dtype."""
+    ``settings``: the actor pool's size and resources, batch token budget, window and precision."""
     s = settings
     t0 = time.perf_counter()
     cache.init()
@@ -168,7 +174,7 @@ def reference_stage(
         t1 = time.perf_counter()
         pool = missing.map_batches(
             ReferenceLogps,
-            fn_constructor_kwargs={"cache": cache, "model_path": model_path, "gguf_file": gguf_file, "dtype": s.dtype,
+            fn_constructor_kwargs={"cache": cache, "model_path": model_path, "gguf_file": gguf_file, "precision": s.precision(),
                                    "batch_tokens": s.batch_tokens, "max_padding": s.max_padding},
             batch_size=s.window,  # sequences sorted by length together
             batch_format="pyarrow",

@@ -7,7 +7,7 @@ Layout (any pyarrow filesystem: a local path, ``file://``, ``s3://``, ``gs://``)
     {cache_dir}/v2-{dir_key}/loads/{host}-{pid}-{ns}.json  one record per reference-model load
 
 ``dir_key`` hashes the model weights' identity, the tokenizer with its chat template, the
-tokenization settings and the dtype. Inside it, each *sequence* (prompt + one completion) is keyed by
+tokenization settings and the precision (dtype and autocast). Inside it, each *sequence* (prompt + one completion) is keyed by
 the hash of its token ids, so the data's content is part of every key: an unchanged pair hits, a new
 or changed one misses, and a completion shared by two pairs is computed once.
 
@@ -133,6 +133,8 @@ class CacheKey:
     model: str  # model_identity(...)
     tokenizer: str  # tokenizer_identity(...)
     settings: TokenizeSettings  # whole: a field added to it reaches the key by itself
+    # raydpo.precision.Precision.key: the weights' dtype ("float32"), with its autocast where there
+    # is one ("float32+autocast:bfloat16"). Named dtype, as before autocast: old keys stay valid.
     dtype: str
 
     @property
