@@ -2,18 +2,22 @@
 
 Every variant gets the same inputs: ``q (1, H, T, D)``, ``k``/``v`` ``(1, Hkv, T, D)`` over the T
 tokens of a packed micro-batch, and the sequence boundaries as host integers (computed once per
-micro-batch, as the scorer does). Each timed call is one forward and one backward (the update step's
-work), after the per-micro-batch set-up (index tensors, BlockMask), which is timed apart.
+micro-batch, as the scorer does). Two passes are timed: forward+backward (the update step) and
+forward alone (no_grad: eval, reference scoring); the per-micro-batch set-up (padding index,
+BlockMask) and the compile are timed apart.
 
-- ``per_sequence``: one causal SDPA per sequence (slices of the row), outputs concatenated.
-- ``padded``: the sequences gathered into an ``(N, H, Lmax, D)`` batch, one causal SDPA (right
-  padding needs no mask under a causal mask), scattered back.
-- ``flex``: torch's FlexAttention over the whole row with a block-causal-document BlockMask; eager
-  (``flex_eager``: unfused, materialises the T x T scores) and under ``torch.compile``
-  (``flex_compiled``; its compile time is reported apart).
+- ``per_sequence``: one causal SDPA per sequence over ``split`` pieces, outputs concatenated.
+- ``sliced``: the same over slices, the loop raydpo ran before (each slice's backward writes a
+  zero tensor of the whole row).
+- ``padded`` (what raydpo runs, :func:`raydpo.attention.padded_attention`): the sequences gathered
+  into an ``(N, H, Lmax, D)`` batch, one causal SDPA (right padding needs no mask under a causal
+  mask), scattered back.
+- ``flex_eager`` / ``flex_compiled``: torch's FlexAttention over the whole row with a
+  block-causal-document BlockMask, eager (unfused: materialises the T x T scores) and under
+  ``torch.compile``. torch 2.13 has no FlexAttention backward on CPU: forward only.
 
-Prints one JSON object: per shape, per variant, tokens/s (median of ``--repeats``) and the ratio
-to ``per_sequence``; the set-up and compile times in seconds.
+Prints one JSON object: per shape and pass, each variant's tokens/s (median of ``--repeats``, the
+variants taking turns) and its ratio to ``per_sequence``; the set-up and compile times in seconds.
 
     CI=true nice .venv/bin/python bench/packed_attention.py --repeats 5
 """
@@ -21,15 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from typing import Callable
 
-import torch
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no compile worker pool competing with the timings
+import torch  # noqa: E402
 
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: E402
 
-from raydpo.attention import Packing, PackedBounds, padded_attention
+from raydpo.attention import PackedBounds, Packing, padded_attention  # noqa: E402
 
 SHAPES = {
     # SmolLM2-135M's attention: 9 query heads of 64, 3 KV heads; 16 sequences of 100-500 tokens.
@@ -82,14 +88,24 @@ def _flex_setup(bounds: PackedBounds, t: int):
     return create_block_mask(mask_mod, None, None, t, t, device="cpu")
 
 
-def _time(step: Callable[[], None], repeats: int) -> float:
-    step()  # warm-up
-    times = []
+def _time(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float | str]:
+    """Median seconds per step, the variants taking turns in each repeat (so a load change on this
+    shared machine hits them all alike); a variant that raises NotImplementedError gets its message."""
+    times: dict[str, list[float]] = {}
+    out: dict[str, float | str] = {}
+    for name, step in steps.items():
+        try:
+            step()  # warm-up
+            times[name] = []
+        except NotImplementedError as e:  # FlexAttention has no CPU backward (torch 2.13)
+            out[name] = f"unsupported: {str(e).split('. ')[0]}"
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name in times:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    out.update({name: statistics.median(t) for name, t in times.items()})
+    return out
 
 
 def run_shape(spec: dict, repeats: int, compiled: bool) -> dict:
@@ -138,12 +154,8 @@ def run_shape(spec: dict, repeats: int, compiled: bool) -> dict:
         return step
 
     for name, make in (("forward+backward", forward_backward), ("forward", forward)):
-        rates: dict = {}
-        for variant, fn in variants.items():
-            try:
-                rates[variant] = round(t / _time(make(fn), repeats), 1)
-            except NotImplementedError as e:  # FlexAttention has no CPU backward (torch 2.13)
-                rates[variant] = f"unsupported: {e}".split(". ")[0]
+        seconds = _time({variant: make(fn) for variant, fn in variants.items()}, repeats)
+        rates = {v: (round(t / x, 1) if isinstance(x, float) else x) for v, x in seconds.items()}
         base = rates["per_sequence"]
         out[name] = {"tokens_per_s": rates, "ratio_to_per_sequence": {
             v: round(r / base, 3) for v, r in rates.items() if isinstance(r, float)}}
@@ -155,7 +167,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="skip flex_compiled (torch.compile)")
     parser.add_argument("--shape", choices=sorted(SHAPES), action="append", help="default: every shape")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(),
               "shapes": {name: run_shape(SHAPES[name], args.repeats, not args.no_compile)
                          for name in (args.shape or SHAPES)}}

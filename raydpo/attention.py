@@ -119,6 +119,8 @@ def varlen_sdpa_forward(
     if packing is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if kwargs.get("softcap") is not None:  # transformers' sdpa refuses it too: SDPA has no softcap
+        raise ValueError("raydpo_varlen cannot apply an attention softcap (Gemma 2): load the model with eager attention")
     window = kwargs.get("sliding_window")
     if window is not None and packing.bounds.longest > window:
         # The padded batch is plain causal; a window shorter than a sequence would change the math.

@@ -220,14 +220,16 @@ def test_flash_keywords_are_device_ints_and_host_maxima() -> None:
         assert kw == {}
 
 
-def test_a_sliding_window_shorter_than_a_sequence_is_refused() -> None:
-    """The padded batch is plain causal: a model whose window is shorter than a packed sequence would
-    compute something else, so it fails naming the fix."""
+def test_a_short_sliding_window_or_a_softcap_is_refused() -> None:
+    """The padded batch is plain causal SDPA: a model whose window is shorter than a packed sequence,
+    or whose attention has a softcap, would compute something else, so it fails naming the fix."""
     bounds = PackedBounds((0, 6, 9))
     packing = Packing(bounds, *bounds.padding_index())
     q = torch.randn(1, 2, 9, 4)
     module = torch.nn.Module()
     with pytest.raises(ValueError, match="train.packing off"):
         attention.varlen_sdpa_forward(module, q, q, q, None, sliding_window=4, raydpo_packing=packing)
+    with pytest.raises(ValueError, match="eager attention"):
+        attention.varlen_sdpa_forward(module, q, q, q, None, softcap=50.0, raydpo_packing=packing)
     out, _ = attention.varlen_sdpa_forward(module, q, q, q, None, sliding_window=6, raydpo_packing=packing)
     assert out.shape == (1, 9, 2, 4)
