@@ -49,3 +49,23 @@ def test_reference_columns_equal_inline(ray_local, tmp_path):
             got = row[f"ref_{side}_logps"]
             assert isinstance(got, (np.floating, float))
             assert math.isclose(float(got), want, rel_tol=1e-5), (side, got, want)
+
+
+def test_the_cache_key_holds_the_precision(tmp_path):
+    """A value computed under bf16 autocast is not a float32 one: another key. Plain float32 keeps
+    the key it had before the autocast was part of it (dtype "float32"), so old caches still hit."""
+    from actors.reference import reference_cache
+    from raydpo.data.refcache import tokenizer_identity
+    from raydpo.models import load_tokenizer
+
+    model_dir = str(write_tiny(tmp_path / "model", seed=3))
+    settings = TokenizeSettings(64, 32)
+
+    def key(**precision) -> CacheKey:
+        return reference_cache(model_dir, None, None, settings,
+                               ReferenceConfig(cache_dir=str(tmp_path / "cache"), **precision)).key
+
+    plain, autocast, bf16 = key(dtype="float32", autocast=None), key(dtype="float32", autocast="bfloat16"), key(dtype="bfloat16")
+    assert len({plain.dir_key, autocast.dir_key, bf16.dir_key}) == 3
+    before = CacheKey(model_identity(model_dir), tokenizer_identity(load_tokenizer(model_dir)), settings, "float32")
+    assert plain.dir_key == before.dir_key
