@@ -6,10 +6,11 @@ micro-batch, as the scorer does). Two passes are timed: forward+backward (the up
 forward alone (no_grad: eval, reference scoring); the per-micro-batch set-up (padding index,
 BlockMask) and the compile are timed apart.
 
-- ``per_sequence``: one causal SDPA per sequence over ``split`` pieces, outputs concatenated.
+- ``per_sequence`` (what raydpo runs, :func:`raydpo.attention.per_sequence_attention`): one causal
+  SDPA per sequence over ``split`` pieces, outputs concatenated.
 - ``sliced``: the same over slices, the loop raydpo ran before (each slice's backward writes a
   zero tensor of the whole row).
-- ``padded`` (what raydpo runs, :func:`raydpo.attention.padded_attention`): the sequences gathered
+- ``padded``: the sequences gathered
   into an ``(N, H, Lmax, D)`` batch, one causal SDPA (right padding needs no mask under a causal
   mask), scattered back.
 - ``flex_eager`` / ``flex_compiled``: torch's FlexAttention over the whole row with a
@@ -35,7 +36,7 @@ import torch  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
-from raydpo.attention import PackedBounds, Packing, padded_attention  # noqa: E402
+from raydpo.attention import PackedBounds, per_sequence_attention  # noqa: E402
 
 SHAPES = {
     # SmolLM2-135M's attention: 9 query heads of 64, 3 KV heads; 16 sequences of 100-500 tokens.
@@ -59,12 +60,32 @@ def _inputs(heads: int, kv_heads: int, head_dim: int, sequences: int, shortest: 
     return PackedBounds(tuple(bounds)), q, k, v, grad
 
 
-def per_sequence_attention(query, key, value, bounds: PackedBounds):
-    """One causal SDPA per run, over ``split`` pieces (split's backward is one cat)."""
-    gqa = key.shape[1] != query.shape[1]
-    n = bounds.lengths
-    return torch.cat([F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-                      for q, k, v in zip(query.split(n, 2), key.split(n, 2), value.split(n, 2))], dim=2)
+def padding_index(bounds: PackedBounds) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gather (N x Lmax,)`` picks each run's tokens into ``N`` rows of ``Lmax`` slots (a slot past a
+    run's end repeats its last token: under a causal mask no real query sees it); ``scatter (T,)``
+    picks the real slots back in token order. Built once per micro-batch."""
+    n, longest = len(bounds.lengths), bounds.longest
+    starts = torch.tensor(bounds.bounds[:-1]).unsqueeze(1)  # (N, 1)
+    lengths = torch.tensor(bounds.lengths).unsqueeze(1)
+    j = torch.arange(longest).unsqueeze(0)  # (1, Lmax)
+    gather = torch.minimum(starts + j, starts + lengths - 1).reshape(-1)
+    scatter = (torch.arange(n).unsqueeze(1) * longest + j)[j < lengths]
+    return gather, scatter
+
+
+def padded_attention(query, key, value, bounds: PackedBounds, index: tuple[torch.Tensor, torch.Tensor]):
+    """The runs gathered into one right-padded ``(N, H, Lmax, D)`` batch, one causal SDPA (a causal
+    mask already hides the padding from every real query), the real slots scattered back."""
+    gather, scatter = index
+    n, longest = len(bounds.lengths), bounds.longest
+
+    def batch(x):  # (1, H, T, D) -> (N, H, Lmax, D)
+        return x[0].index_select(1, gather).view(x.shape[1], n, longest, x.shape[3]).transpose(0, 1)
+
+    out = F.scaled_dot_product_attention(batch(query), batch(key), batch(value), is_causal=True,
+                                         enable_gqa=key.shape[1] != query.shape[1])
+    h, d = out.shape[1], out.shape[3]
+    return out.transpose(0, 1).reshape(h, n * longest, d).index_select(1, scatter).unsqueeze(0)
 
 
 def sliced_attention(query, key, value, bounds: PackedBounds):
@@ -118,9 +139,9 @@ def run_shape(spec: dict, repeats: int, compiled: bool) -> dict:
     variants["per_sequence"] = lambda q, k, v: per_sequence_attention(q, k, v, bounds)
     variants["sliced"] = lambda q, k, v: sliced_attention(q, k, v, bounds)
     start = time.perf_counter()
-    packing = Packing(bounds, *bounds.padding_index(q0.device))
+    index = padding_index(bounds)
     out["setup_s"]["padded_index"] = time.perf_counter() - start
-    variants["padded"] = lambda q, k, v: padded_attention(q, k, v, packing)
+    variants["padded"] = lambda q, k, v: padded_attention(q, k, v, bounds, index)
 
     from torch.nn.attention.flex_attention import flex_attention
 

@@ -10,10 +10,10 @@ transformers reads the boundaries from the restarting position ids and builds a 
   ``max_length_q/k`` as host ints, so its varlen kernel runs and reads nothing back.
 - Anywhere else (CPU; CUDA without flash-attn or in float32): ``raydpo_varlen``, registered with
   transformers' ``AttentionInterface``. The boundaries arrive as host integers
-  (:class:`PackedBounds`, computed by the packer), the gather/scatter indices are built once per
-  forward (:class:`Packing`), and each layer runs one causal SDPA over the sequences padded into
-  ``(N, H, Lmax, D)``: no mask (right padding under a causal mask needs none), no read-back. On CPU
-  this beat one SDPA per sequence by ~1.7-2.3x forward+backward; FlexAttention has no CPU backward
+  (:class:`PackedBounds`, computed by the packer, passed to every layer), and each layer runs one
+  causal SDPA per sequence over ``split`` pieces of the row: no mask, no read-back. On CPU this beat
+  one padded SDPA call by 2.2-2.5x (single-threaded, forward and forward+backward: the padded batch
+  computes ``N x Lmax^2`` scores against ``sum L_i^2``); FlexAttention has no CPU backward
   (bench/packed_attention.py, docs/update_step.md).
 - Eager models (Gemma 2's attention softcap needs it) stay eager: transformers' block-diagonal mask.
 
@@ -35,7 +35,7 @@ from transformers.utils import is_flash_attn_2_available
 
 NAME = "raydpo_varlen"
 FLASH = "flash_attention_2"
-KWARG = "raydpo_packing"  # the decoder keyword carrying a Packing to every layer
+KWARG = "raydpo_packing"  # the decoder keyword carrying the PackedBounds to every layer
 
 
 @dataclass(frozen=True)
@@ -60,46 +60,20 @@ class PackedBounds:
     def longest(self) -> int:
         return max(self.lengths)
 
-    def padding_index(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """``gather (N x Lmax,)`` picks each run's tokens into ``N`` rows of ``Lmax`` slots (a slot past a
-        run's end repeats its last token: under a causal mask no real query sees it), and ``scatter
-        (T,)`` picks the real slots back in token order. Long, built on the host, copied once."""
-        n, longest = len(self.lengths), self.longest
-        starts = torch.tensor(self.bounds[:-1]).unsqueeze(1)  # (N, 1)
-        lengths = torch.tensor(self.lengths).unsqueeze(1)
-        j = torch.arange(longest).unsqueeze(0)  # (1, Lmax)
-        gather = torch.minimum(starts + j, starts + lengths - 1).reshape(-1)
-        scatter = (torch.arange(n).unsqueeze(1) * longest + j)[j < lengths]
-        return gather.to(device, non_blocking=True), scatter.to(device, non_blocking=True)
 
-
-@dataclass(frozen=True)
-class Packing:
-    """What every ``raydpo_varlen`` layer gets for a packed forward: the host bounds and
-    :meth:`PackedBounds.padding_index` on the compute device, built once per forward."""
-
-    bounds: PackedBounds
-    gather: torch.Tensor
-    scatter: torch.Tensor
-
-
-def padded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packing: Packing,
-                     scale: float | None = None, dropout: float = 0.0) -> torch.Tensor:
-    """Causal attention within each run of the flattened tokens: the runs gathered into one
-    right-padded ``(N, H, Lmax, D)`` batch, one causal SDPA, the real slots scattered back.
+def per_sequence_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: PackedBounds,
+                           scale: float | None = None, dropout: float = 0.0) -> torch.Tensor:
+    """Causal attention within each run of the flattened tokens: one causal SDPA per run.
 
     Shapes: ``query (1, H, T, D)``, ``key``/``value`` ``(1, Hkv, T, D)`` (Hkv divides H: grouped
-    query attention); returns ``(1, H, T, D)``. Padding slots get no gradient: their outputs are
-    dropped, and no real query attends to them."""
-    n, longest = len(packing.bounds.lengths), packing.bounds.longest
-
-    def batch(x: torch.Tensor) -> torch.Tensor:  # (1, H, T, D) -> (N, H, Lmax, D)
-        return x[0].index_select(1, packing.gather).view(x.shape[1], n, longest, x.shape[3]).transpose(0, 1)
-
-    out = F.scaled_dot_product_attention(batch(query), batch(key), batch(value), dropout_p=dropout, is_causal=True,
-                                         scale=scale, enable_gqa=key.shape[1] != query.shape[1])
-    h, d = out.shape[1], out.shape[3]
-    return out.transpose(0, 1).reshape(h, n * longest, d).index_select(1, packing.scatter).unsqueeze(0)
+    query attention); returns ``(1, H, T, D)``. ``split``, not slices: split's backward is one cat,
+    where each slice's backward writes its gradient into a zero tensor of the whole row (N full-row
+    copies per layer; the loop raydpo ran before did that)."""
+    n = bounds.lengths
+    gqa = key.shape[1] != query.shape[1]
+    pieces = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa)
+              for q, k, v in zip(query.split(n, 2), key.split(n, 2), value.split(n, 2))]
+    return torch.cat(pieces, dim=2)
 
 
 def varlen_sdpa_forward(
@@ -113,29 +87,30 @@ def varlen_sdpa_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature. Shapes: ``query (B, H, L, D)``, ``key``/``value``
-    ``(B, Hkv, L, D)``; returns ``(B, L, H, D)``. With a :class:`Packing` under ``raydpo_packing``:
-    :func:`padded_attention` over the ``B x L`` flattened tokens; without: transformers' ``sdpa``."""
-    packing: Packing | None = kwargs.pop(KWARG, None)
-    if packing is None:
+    ``(B, Hkv, L, D)``; returns ``(B, L, H, D)``. With :class:`PackedBounds` under
+    ``raydpo_packing``: :func:`per_sequence_attention` over the ``B x L`` flattened tokens; without:
+    transformers' ``sdpa``."""
+    bounds: PackedBounds | None = kwargs.pop(KWARG, None)
+    if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if kwargs.get("softcap") is not None:  # transformers' sdpa refuses it too: SDPA has no softcap
         raise ValueError("raydpo_varlen cannot apply an attention softcap (Gemma 2): load the model with eager attention")
     window = kwargs.get("sliding_window")
-    if window is not None and packing.bounds.longest > window:
-        # The padded batch is plain causal; a window shorter than a sequence would change the math.
+    if window is not None and bounds.longest > window:
+        # Each sequence runs plain causal; a window shorter than a sequence would change the math.
         raise ValueError(f"packed rows ignore the attention's sliding window ({window} tokens), but a sequence has "
-                         f"{packing.bounds.longest}: turn train.packing off for this model")
+                         f"{bounds.longest}: turn train.packing off for this model")
     b, h, length, d = query.shape
 
     def flat(x: torch.Tensor) -> torch.Tensor:  # (B, H, L, D) -> (1, H, B x L, D); a view when B = 1
         return x.transpose(0, 1).reshape(1, x.shape[1], b * length, d)
 
-    out = padded_attention(flat(query), flat(key), flat(value), packing, scale=scaling, dropout=dropout)
+    out = per_sequence_attention(flat(query), flat(key), flat(value), bounds, scale=scaling, dropout=dropout)
     return out.reshape(h, b, length, d).permute(1, 2, 0, 3), None
 
 
-# Set while a packed forward whose layers get a Packing builds its mask: the mask is then not needed.
+# Set while a packed forward whose layers get the bounds builds its mask: the mask is then not needed.
 _PACKED = contextvars.ContextVar("raydpo_packed_forward", default=False)
 
 
@@ -180,7 +155,7 @@ def packed(implementation: str, bounds: PackedBounds | None, device: torch.devic
 
     - ``flash_attention_2``: ``cu_seq_lens_q/k`` int32 on ``device`` (one host-to-device copy, no
       sync) and ``max_length_q/k`` host ints; transformers then calls the varlen kernel directly.
-    - ``raydpo_varlen``: a :class:`Packing` under ``raydpo_packing``, and no block-diagonal mask.
+    - ``raydpo_varlen``: the :class:`PackedBounds` under ``raydpo_packing``, and no block-diagonal mask.
     - anything else (eager): nothing; transformers' block-diagonal mask keeps sequences apart."""
     if bounds is None or implementation not in (FLASH, NAME):
         yield {}
@@ -192,6 +167,6 @@ def packed(implementation: str, bounds: PackedBounds | None, device: torch.devic
         return
     token = _PACKED.set(True)
     try:
-        yield {KWARG: Packing(bounds, *bounds.padding_index(device))}
+        yield {KWARG: bounds}
     finally:
         _PACKED.reset(token)

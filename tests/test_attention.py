@@ -16,7 +16,7 @@ import torch.utils.checkpoint
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from raydpo import attention
-from raydpo.attention import FLASH, NAME, PackedBounds, Packing, choose, padded_attention
+from raydpo.attention import FLASH, NAME, PackedBounds, choose, per_sequence_attention
 from raydpo.logprobs import PolicyScorer, collate, pack
 
 VOCAB = 60
@@ -38,21 +38,17 @@ def float64_attention(q, k, v, bounds: tuple[int, ...], scale: float) -> torch.T
     return out.unsqueeze(0)
 
 
-def test_packed_bounds_and_padding_index_by_hand() -> None:
-    """Runs of 3, 1, 2 tokens: Lmax 3; gather repeats a run's last token past its end; scatter
-    picks slots 0-2, 3, 6-7 of the 3 x 3 padded batch."""
+def test_packed_bounds_by_hand() -> None:
+    """Runs of 3, 1, 2 tokens; bounds that do not start at 0 or do not increase are refused."""
     b = PackedBounds((0, 3, 4, 6))
     assert b.lengths == (3, 1, 2) and b.longest == 3
-    gather, scatter = b.padding_index()
-    assert gather.tolist() == [0, 1, 2, 3, 3, 3, 4, 5, 5]
-    assert scatter.tolist() == [0, 1, 2, 3, 6, 7]
     for bad in ((0,), (1, 3), (0, 3, 3), (0, 4, 2)):
         with pytest.raises(ValueError, match="strictly increase"):
             PackedBounds(bad)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2)], ids=["mha", "gqa"])
-def test_padded_attention_equals_float64_values_and_gradients(heads: int, kv_heads: int) -> None:
+def test_per_sequence_attention_equals_float64_values_and_gradients(heads: int, kv_heads: int) -> None:
     """Runs of 5, 1, 7, 3 tokens (a one-token run included): outputs and d(out . g)/d(q, k, v) equal
     per-sequence causal attention in float64 to 1e-5, and a run's output depends on that run only."""
     bounds = (0, 5, 6, 13, 16)
@@ -64,9 +60,8 @@ def test_padded_attention_equals_float64_values_and_gradients(heads: int, kv_hea
     want = float64_attention(*leaves64, bounds, scale)
     want_grads = torch.autograd.grad((want * grad).sum(), leaves64)
 
-    packing = Packing(PackedBounds(bounds), *PackedBounds(bounds).padding_index())
     leaves32 = [x.float().requires_grad_() for x in (q, k, v)]
-    got = padded_attention(*leaves32, packing, scale=scale)
+    got = per_sequence_attention(*leaves32, PackedBounds(bounds), scale=scale)
     assert got.shape == (1, heads, 16, 8) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
     for a, w in zip(torch.autograd.grad((got * grad.float()).sum(), leaves32), want_grads):
@@ -122,8 +117,8 @@ def no_sync_in_layers(layers: torch.nn.ModuleList):
 
 def test_packed_forward_backward_reads_nothing_back_inside_a_layer() -> None:
     """A packed forward and backward with gradient checkpointing on: no ``tolist`` / ``item`` /
-    ``bool`` / ... on a tensor inside any decoder layer (the boundaries are host ints, the padding
-    index is built once per forward), the layers get no attention mask (no ``L x L`` mask is built),
+    ``bool`` / ... on a tensor inside any decoder layer (the boundaries are host ints), the layers
+    get no attention mask (no ``L x L`` mask is built),
     and the guard itself is live: the same call outside the layers still works."""
     model = _model().train()
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -221,15 +216,14 @@ def test_flash_keywords_are_device_ints_and_host_maxima() -> None:
 
 
 def test_a_short_sliding_window_or_a_softcap_is_refused() -> None:
-    """The padded batch is plain causal SDPA: a model whose window is shorter than a packed sequence,
+    """Each sequence runs plain causal SDPA: a model whose window is shorter than a packed sequence,
     or whose attention has a softcap, would compute something else, so it fails naming the fix."""
     bounds = PackedBounds((0, 6, 9))
-    packing = Packing(bounds, *bounds.padding_index())
     q = torch.randn(1, 2, 9, 4)
     module = torch.nn.Module()
     with pytest.raises(ValueError, match="train.packing off"):
-        attention.varlen_sdpa_forward(module, q, q, q, None, sliding_window=4, raydpo_packing=packing)
+        attention.varlen_sdpa_forward(module, q, q, q, None, sliding_window=4, raydpo_packing=bounds)
     with pytest.raises(ValueError, match="eager attention"):
-        attention.varlen_sdpa_forward(module, q, q, q, None, softcap=50.0, raydpo_packing=packing)
-    out, _ = attention.varlen_sdpa_forward(module, q, q, q, None, sliding_window=6, raydpo_packing=packing)
+        attention.varlen_sdpa_forward(module, q, q, q, None, softcap=50.0, raydpo_packing=bounds)
+    out, _ = attention.varlen_sdpa_forward(module, q, q, q, None, sliding_window=6, raydpo_packing=bounds)
     assert out.shape == (1, 9, 2, 4)
