@@ -399,6 +399,9 @@ class GeneratorConfig(_ActorGroup):
     """``online.generator``: the actors that sample from the current policy (``actors/generator.py``)."""
 
     backend: Literal["vllm", "transformers", "auto"] = "auto"  # auto: vLLM where it imports
+    # vLLM ranks per engine. An engine runs on its own actor's GPUs (vLLM 0.32 in a Ray actor outside
+    # a placement group: its multiprocessing executor, one process per visible GPU), so num_gpus
+    # must equal it; 0 GPUs for vLLM-CPU. Its GPUs are then on one node (the actor's).
     tensor_parallel_size: int = Field(1, gt=0)
     # None = auto: the trainer's compute dtype (bfloat16 with train.bf16, else model.dtype).
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
@@ -408,7 +411,10 @@ class GeneratorConfig(_ActorGroup):
     # round's folder as the fallback for an actor that died; "disk" reloads the round's folder.
     sync: Literal["collective", "disk"] = "collective"
     sync_bucket_mib: int = Field(256, gt=0)  # collective: bytes per broadcast, MiB (weight_sync.DEFAULT_BUCKET_BYTES)
-    engine: dict[str, Any] = {}  # more vllm.LLM arguments, e.g. {gpu_memory_utilization: 0.4, max_model_len: 2048}
+    # More vllm.LLM arguments, e.g. {max_model_len: 2048, enforce_eager: true}. Actors that share a GPU
+    # (0 < num_gpus < 1) must give gpu_memory_utilization, at most num_gpus: vLLM's default (0.92)
+    # is for an engine alone on its GPU. enforce_eager defaults to true on CPUs only (CUDA graphs on GPUs).
+    engine: dict[str, Any] = {}
     env: dict[str, str] = {}  # environment of the actors, e.g. VLLM_CPU_KVCACHE_SPACE for vLLM-CPU
 
 
