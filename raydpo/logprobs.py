@@ -240,8 +240,8 @@ def pack(prompts: list, completions: list, pad_id: int = 0, max_tokens: int | No
 
     Position ids restart at 0 for each sequence; there is no attention mask. ``bounds`` (a
     :class:`~raydpo.attention.PackedBounds`, host ints, flash-attention's ``cu_seq_lens``) gives the
-    sequence boundaries to :mod:`raydpo.attention`: flash-attention's varlen kernel or one padded
-    causal SDPA, neither computing cross-sequence scores; an eager model gets transformers'
+    sequence boundaries to :mod:`raydpo.attention`: flash-attention's varlen kernel or one causal
+    SDPA per sequence, neither computing cross-sequence scores; an eager model gets transformers'
     block-diagonal causal mask, read from the restarting position ids. Rows shorter than the longest
     end in padding that is its own run of positions (a sequence nobody scores). ``max_tokens``
     bounds a row (for an eager model, its O(row^2) mask). Same scoring layout as :func:`collate`.
@@ -384,8 +384,9 @@ def scorer_of(model: torch.nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) 
     return model if isinstance(inner, PolicyScorer) else PolicyScorer(model, chunk_tokens)
 
 
-def to_device(layout: dict[str, Tensor], device: torch.device | str) -> Layout:
-    return {k: (v if k == "num_sequences" else v.to(device)) for k, v in layout.items()}
+def to_device(layout: Layout, device: torch.device | str) -> Layout:
+    """The layout's tensors on ``device``; ``num_sequences`` and a packed layout's ``bounds`` stay on the host."""
+    return {k: (v.to(device) if isinstance(v, Tensor) and k != "num_sequences" else v) for k, v in layout.items()}
 
 
 def length_batches(lengths: list[int], batch_tokens: int, max_padding: float = 1.05) -> list[list[int]]:

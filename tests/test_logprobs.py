@@ -25,6 +25,7 @@ from raydpo.logprobs import (
     pack,
     pack_rows,
     pair_batch,
+    to_device,
 )
 from raydpo.models import build_tiny_model
 
@@ -249,6 +250,23 @@ def test_packed_boundaries_never_leak(tiny_model) -> None:
     # Sequences at [0, 3), [3, 8), [8, 12): positions predicting completion tokens, never a
     # sequence's last position (it would predict the next sequence's first token).
     assert layout["score_index"].tolist() == [0, 1, 4, 5, 6, 10]
+
+
+def test_to_device_moves_tensors_and_keeps_the_host_bounds(tiny_model) -> None:
+    """The training step's path: ``to_device`` moves a packed layout's tensors and leaves its
+    ``bounds`` (host ints) and ``num_sequences`` alone; the scorer gives float64's log-probs on it."""
+    from raydpo.attention import PackedBounds
+
+    layout = pack(PROMPTS, COMPLETIONS, PAD, max_tokens=12)
+    moved = to_device(layout, torch.device("cpu"))
+    assert set(moved) == set(layout)
+    assert moved["bounds"] is layout["bounds"] and isinstance(moved["bounds"], PackedBounds)
+    assert moved["num_sequences"] is layout["num_sequences"]
+    assert all(isinstance(v, torch.Tensor) for k, v in moved.items() if k != "bounds")
+    with torch.no_grad():
+        got = PolicyScorer(tiny_model)(**moved).logps
+        want = float64_alone(tiny_model, PROMPTS, COMPLETIONS)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_budgeted_logps_equal_float64_alone(tiny_model) -> None:
