@@ -108,7 +108,7 @@ class Shape:
 FULL = Shape(hidden=1024, layers=28, heads=16, vocab=32_000, seq_len=2048, prompt_len=512, pairs_per_micro_batch=4,
              micro_batches=2, warmup_steps=3, timed_steps=10, budget_s=420, matmul_sizes=(4096, 8192))
 TINY = Shape(hidden=64, layers=2, heads=4, vocab=512, seq_len=64, prompt_len=16, pairs_per_micro_batch=2,
-             micro_batches=2, warmup_steps=1, timed_steps=2, budget_s=120, matmul_sizes=(256, 512))
+             micro_batches=2, warmup_steps=1, timed_steps=2, budget_s=120, matmul_sizes=(256,))
 
 # Dense bf16 tensor-core peak from NVIDIA's datasheets, FLOP/s, by a piece of torch's device name.
 NOMINAL_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
