@@ -75,7 +75,7 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -121,7 +121,7 @@ def main() -> None:
     ns = parse_args()
     shape = TINY if ns.tiny else FULL
     if ns.budget_s is not None:
-        shape = Shape(**{**asdict(shape), "budget_s": ns.budget_s})
+        shape = replace(shape, budget_s=ns.budget_s)
     ctx = Context(device_of(ns.device), shape, time.monotonic() + shape.budget_s)
     out = output_path(ns.out)
     report: dict[str, Any] = {  # each part of the set-up that can fail records its error instead
