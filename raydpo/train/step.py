@@ -62,7 +62,8 @@ def batch_to_device(layout: dict[str, Tensor], device: torch.device) -> dict[str
     plain copy (pinned memory exists only with CUDA)."""
     if device.type != "cuda":
         return to_device(layout, device)
-    return {k: (v if k == "num_sequences" else v.pin_memory().to(device, non_blocking=True)) for k, v in layout.items()}
+    return {k: (v.pin_memory().to(device, non_blocking=True) if isinstance(v, Tensor) and k != "num_sequences" else v)
+            for k, v in layout.items()}  # what to_device moves, pinned first
 
 
 def pair_forward(

@@ -410,3 +410,33 @@ def test_restart_optimizer_equals_a_fresh_engine_on_the_same_weights(kind: str, 
     assert live.learning_rate() == pytest.approx(fresh.learning_rate()) == pytest.approx(2e-3 / 3)
     assert live_norms == pytest.approx(fresh_norms, rel=1e-6)
     _assert_params_close(_params(live), _params(fresh), atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Device settings: GPU kernels on CUDA, the CPU exactly as measured.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_optimizer_and_clipping_kernels_per_device() -> None:
+    """CUDA: fused AdamW and foreach clipping; the CPU keeps per-tensor loops, which the DDP/ZeRO
+    agreement above is measured with (decided by device type alone: no GPU is needed to check it)."""
+    from raydpo.train.engine import adamw_kernels, clip_foreach
+
+    assert adamw_kernels(torch.device("cuda", 0)) == {"foreach": False, "fused": True}
+    assert adamw_kernels(torch.device("cpu")) == {"foreach": False, "fused": False}
+    assert clip_foreach(torch.device("cuda", 1)) and not clip_foreach(torch.device("cpu"))
+    engine = build_engine("ddp", torch.nn.Linear(2, 1), OptimConfig(lr=1e-3), grad_accum_steps=1, micro_batch_size=1)
+    group = engine.optimizer.param_groups[0]
+    assert group["fused"] is False and group["foreach"] is False
+
+
+def test_deepspeed_config_is_built_once_and_checked() -> None:
+    """The config a ZeRO-3 partitioned load used is the engine's; another one is refused."""
+    from raydpo.train.engine import deepspeed_config
+
+    config = deepspeed_config(micro_batch_size=4, grad_accum_steps=2, zero_stage=3, bf16=False, max_grad_norm=1.0)
+    assert config["zero_optimization"]["stage"] == 3 and config["gradient_clipping"] == 1.0
+    other = deepspeed_config(micro_batch_size=4, grad_accum_steps=2, zero_stage=3, bf16=True, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="ds_config"):
+        build_engine("deepspeed", _tiny_llama(), OPTIM, grad_accum_steps=2, micro_batch_size=4, zero_stage=3,
+                     ds_config=other)
