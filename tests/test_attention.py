@@ -76,6 +76,16 @@ def _model(num_heads: int = 4, num_kv_heads: int = 2) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def _float64_alone(model, prompts, completions) -> torch.Tensor:
+    """Each sequence alone, unpadded, full logits, float64 log-softmax."""
+    out = []
+    for p, c in zip(prompts, completions):
+        ids = torch.tensor([p + c])
+        lsm = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        out.append(sum(lsm[t - 1, ids[0, t]] for t in range(max(len(p), 1), ids.shape[1])))
+    return torch.stack(out)
+
+
 SYNCS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
 
 
@@ -162,12 +172,7 @@ def test_gqa_model_packed_equals_padded_float64_gradients() -> None:
         return logps.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
     model.zero_grad(set_to_none=True)
-    alone = []
-    for p, c in zip(PROMPTS, COMPLETIONS):
-        ids = torch.tensor([p + c])
-        lsm = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
-        alone.append(sum(lsm[t - 1, ids[0, t]] for t in range(max(len(p), 1), ids.shape[1])))
-    want = torch.stack(alone)
+    want = _float64_alone(model, PROMPTS, COMPLETIONS)
     (want * g_out.double()).sum().backward()
     want_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     for layout in (pack(PROMPTS, COMPLETIONS), pack(PROMPTS, COMPLETIONS, max_tokens=12),
@@ -176,6 +181,18 @@ def test_gqa_model_packed_equals_padded_float64_gradients() -> None:
         torch.testing.assert_close(logps.double(), want.detach(), rtol=1e-5, atol=1e-5)
         for k in want_grads:
             torch.testing.assert_close(got[k], want_grads[k].float(), rtol=1e-5, atol=1e-5)
+
+
+def test_an_eager_model_stays_eager_and_packs_by_the_block_mask() -> None:
+    """An eager model (as Gemma 2 loads, for its attention softcap) is left eager by the scorer; its
+    packed rows go through transformers' block-diagonal mask and equal each sequence alone."""
+    model = _model()
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        got = PolicyScorer(model)(**pack(PROMPTS, COMPLETIONS, max_tokens=12)).logps
+        want = _float64_alone(model, PROMPTS, COMPLETIONS)
+    assert model.config._attn_implementation == "eager"
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_choose_the_implementation() -> None:
