@@ -4,8 +4,8 @@ their own, through the cache (:func:`reference_stage`).
 :class:`ReferenceLogps` is the Ray Data ``map_batches`` callable class: one model load per actor.
 
 The training workers never hold the reference model; they read the cached columns instead. Each
-call takes a window of sequences the cache lacks, forwards them in length-sorted batches under a
-token budget, and writes their log-probs to the cache as one block, so a precompute that stops
+call takes a window of sequences the cache lacks, forwards them packed as the trainer packs
+(:func:`packed_logps`, rows under a token budget) at the trainer's precision, and writes their log-probs to the cache as one block, so a precompute that stops
 part-way keeps every block it finished.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from raydpo.config import ReferenceConfig
 from raydpo.data.refcache import (Cache, CacheKey, RefStats, add_keys, count_hits, lookup, missing_sequences,
                                   model_identity, tokenizer_identity)
 from raydpo.data.tokenize import TokenizeSettings
-from raydpo.logprobs import budgeted_logps
+from raydpo.logprobs import pack, pack_rows, scorer_of, to_device
 from raydpo.models import load_model, load_tokenizer
 from raydpo.precision import Precision, allow_tf32
 from raydpo.progress import say
@@ -40,7 +40,6 @@ class ReferenceLogps:
         gguf_file: str | None = None,
         precision: Precision = Precision("float32"),
         batch_tokens: int = 8192,
-        max_padding: float = 1.05,
     ) -> None:
         self.cache = cache
         self.cache.record_load()
@@ -52,7 +51,6 @@ class ReferenceLogps:
         self.model = load_model(model_path, precision.weights, gguf_file).to(self.device).eval()
         self.pad_id = load_tokenizer(model_path, gguf_file).pad_token_id
         self.batch_tokens = batch_tokens
-        self.max_padding = max_padding
 
     def window(self, batch: pa.Table) -> pa.Table:
         """The actor method of :class:`ReferencePool` (a handle cannot call ``__call__``)."""
@@ -63,16 +61,37 @@ class ReferenceLogps:
         prompts = batch["prompt_ids"].to_pylist()
         completions = batch["completion_ids"].to_pylist()
         with self.precision.autocast(self.device):
-            logps, padded = budgeted_logps(self.model, prompts, completions, self.pad_id, self.batch_tokens,
-                                           self.device, self.max_padding)
+            logps, forwarded = packed_logps(self.model, prompts, completions, self.pad_id, self.batch_tokens, self.device)
         tokens = np.array([len(p) + len(c) for p, c in zip(prompts, completions)], dtype=np.int32)
         self.cache.write_block(batch["key"].combine_chunks(), logps, tokens)
         return pa.table({
             "sequences": [batch.num_rows],
             "tokens": [int(tokens.sum())],
-            "padded_tokens": [padded],
+            "padded_tokens": [forwarded],  # packed: the real tokens (RefStats keeps its name)
             "seconds": [time.perf_counter() - t0],
         })
+
+
+@torch.no_grad()
+def packed_logps(model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+                 batch_tokens: int, device: torch.device) -> tuple[np.ndarray, int]:
+    """Summed completion log-probs of N sequences, ``(N,)`` float32 in input order, and the tokens
+    forwarded, in the trainer's packed layout: first-fit decreasing into rows of at most
+    ``batch_tokens`` tokens (a longer sequence gets a row of its own), one row per forward.
+
+    Packed attention never crosses a sequence and computes each one on its own, so a sequence's
+    log-prob does not depend on its row-mates: at the trainer's precision the reference gives the
+    policy's step-0 values (bit for bit on CPU, tests/test_precision.py). Padded windows did not:
+    their attention runs at the window's width, with a mask, and under bf16 that moved a SmolLM2
+    sequence's log-prob by up to ~0.5 nats, as much as the precision gap itself."""
+    scorer = scorer_of(model)
+    out = np.zeros(len(prompts), dtype=np.float32)
+    forwarded = 0
+    for row in pack_rows([len(p) + len(c) for p, c in zip(prompts, completions)], batch_tokens):
+        layout = pack([prompts[i] for i in row], [completions[i] for i in row], pad_id)
+        out[row] = scorer(**to_device(layout, device)).logps.float().cpu().numpy()
+        forwarded += layout["input_ids"].numel()
+    return out, forwarded
 
 
 class ReferencePool:
@@ -88,7 +107,7 @@ class ReferencePool:
             num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, accelerator_type=settings.accelerator_type,
             resources=settings.resources)
         self._kwargs = {"cache": cache, "model_path": model_path, "gguf_file": gguf_file, "precision": settings.precision(),
-                        "batch_tokens": settings.batch_tokens, "max_padding": settings.max_padding}
+                        "batch_tokens": settings.batch_tokens}
         self.actors: list = []
 
     def add_logps(self, pairs: pa.Table) -> tuple[pa.Table, RefStats]:
@@ -175,7 +194,7 @@ def reference_stage(
         pool = missing.map_batches(
             ReferenceLogps,
             fn_constructor_kwargs={"cache": cache, "model_path": model_path, "gguf_file": gguf_file, "precision": s.precision(),
-                                   "batch_tokens": s.batch_tokens, "max_padding": s.max_padding},
+                                   "batch_tokens": s.batch_tokens},
             batch_size=s.window,  # sequences sorted by length together
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=s.num_actors),

@@ -202,9 +202,10 @@ class DataConfig(_Strict):
 
 
 class ReferenceConfig(_ActorGroup):
-    batch_tokens: int = Field(8192, gt=0)  # tokens per forward, padding included
-    window: int = Field(1024, gt=0)  # sequences sorted by length together; one cache block each
-    max_padding: float = Field(1.05, ge=1.0)  # cap on tokens computed / real tokens, per batch
+    # Tokens per forward: a window's sequences packed into rows of at most this many, as the trainer
+    # packs (actors.reference.packed_logps), so a sequence's log-prob is the policy's at step 0.
+    batch_tokens: int = Field(8192, gt=0)
+    window: int = Field(1024, gt=0)  # sequences per call; one cache block each
     # The reference computes as the policy does (raydpo.precision), so that at step 0 the rewards
     # are 0 up to rounding. dtype None = auto: the trainer's weights dtype. autocast "auto": the
     # trainer's autocast (bfloat16 under DDP with train.bf16) where dtype is the trainer's, else
@@ -212,6 +213,15 @@ class ReferenceConfig(_ActorGroup):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     autocast: Literal["auto", "bfloat16"] | None = "auto"
     cache_dir: str = "~/.cache/raydpo/ref"  # a local path or any pyarrow URI (s3://, gs://, file://)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_max_padding(cls, data: Any) -> Any:
+        # A key of before: an error that says why, not "extra inputs are not permitted".
+        if isinstance(data, dict) and "max_padding" in data:
+            raise ValueError("reference.max_padding: the reference packs its sequences now (no padding "
+                             "to cap, as the trainer does): remove the key")
+        return data
 
     def precision(self) -> Precision:
         """How the reference actors compute. A section built outside a :class:`Config` (its autos
@@ -794,7 +804,8 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
 # (logging, evaluation and checkpoint cadence, resources, fault injection, where things are kept).
 RESUME_HARMLESS = (
     "tracking.", "output_dir", "data.max_drop_fraction",
-    "reference.batch_tokens", "reference.window", "reference.max_padding", "reference.cache_dir",
+    "reference.batch_tokens", "reference.window", "reference.cache_dir",
+    "reference.max_padding",  # a key of before (the reference packs now): a run that saved it resumes
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.max_failures", "train.fail_at_step", "train.cpus_per_worker", "train.use_gpu",
     "train.accelerator_type", "train.resources", "train.placement_strategy", "train.malloc_mmap_threshold",

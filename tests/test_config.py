@@ -598,3 +598,9 @@ def test_the_pairing_rule_has_one_name() -> None:
     assert load_config(online, ["online.pairs=all_margin"]).online.pairs == "all_margin"
     message = error_of(online, ["online.pairs=all_with_margin"])
     assert "online.pairs: " in message and "write online.pairs: all_margin" in message
+
+
+def test_reference_max_padding_is_a_key_of_before() -> None:
+    """The reference packs as the trainer does: no padding to cap. The key says so, by name."""
+    line = _line_for(error_of(QUICKSTART, ["reference.max_padding=1.1"]), "reference")
+    assert "reference.max_padding: the reference packs" in line

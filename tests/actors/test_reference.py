@@ -40,7 +40,7 @@ def test_reference_columns_equal_inline(ray_local, tmp_path):
     rows = ds.take_all()
     assert len(rows) == 60 and stats.rows == 60 and stats.misses == 60
     assert 1 <= stats.model_loads <= 2  # an actor that got no window may be stopped before it loads
-    assert stats.padding_waste < 1.5
+    assert stats.padding_waste == 1.0  # packed as the trainer packs: no padding
     model = load_model(str(model_dir)).eval()
     for row in rows[:20]:
         prompt = [int(x) for x in row["prompt_ids"]]
