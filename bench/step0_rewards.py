@@ -7,11 +7,13 @@ actors ran plain float32 while the policy ran bf16; after, they run at the train
 
 Both sides through their real paths: the policy's packed micro-batch (``pair_batch(packed=True)``
 through the trainer's scorer, under the trainer's precision), the reference's actor
-(``ReferenceLogps``: length-sorted padded batches under a token budget, into its cache, read
+(``ReferenceLogps``: its window packed into rows under a token budget, into its cache, read
 back). No Ray: the actor class runs in this process. For each trainer precision (DDP + bf16:
 float32 weights under bf16 autocast; DeepSpeed + bf16: bfloat16 weights) it prints max and mean
-|reward| with the reference ``before`` (float32, no autocast) and ``after`` (the trainer's
-precision). ``--model`` defaults to the tiny random Llama; pairs are random token ids (seeded).
+|reward| with the reference ``before`` (float32, no autocast, the actor's path), ``padded`` (the
+trainer's precision, but length-sorted padded windows, ``budgeted_logps``: the reference's layout
+before it packed) and ``after`` (the trainer's precision, the actor's path). ``--model`` defaults
+to the tiny random Llama; pairs are random token ids (seeded).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.reference import ReferenceLogps  # noqa: E402
 from raydpo.data.refcache import Cache, CacheKey, sequence_keys  # noqa: E402
-from raydpo.logprobs import pair_batch, scorer_of  # noqa: E402
+from raydpo.logprobs import budgeted_logps, pair_batch, scorer_of  # noqa: E402
 from raydpo.models import load_model, load_tokenizer, write_tiny  # noqa: E402
 from raydpo.precision import Precision  # noqa: E402
 
@@ -70,6 +72,15 @@ def reference_logps(model_path: str, precision: Precision, pairs, cache_dir: str
     return np.array([found[k] for k in keys.to_pylist()], dtype=np.float64)
 
 
+def padded_reference_logps(model_path: str, precision: Precision, pairs, pad_id: int, batch_tokens: int) -> np.ndarray:
+    """(2B,) at ``precision`` in padded, length-sorted windows (``budgeted_logps``)."""
+    model = load_model(model_path, precision.weights).eval()
+    with precision.autocast(torch.device("cpu")):
+        logps, _ = budgeted_logps(model, [p for p, _, _ in pairs] * 2,
+                                  [c for _, c, _ in pairs] + [r for _, _, r in pairs], pad_id, batch_tokens)
+    return logps.astype(np.float64)
+
+
 def measure(model_path: str, n_pairs: int, beta: float, max_total: int, batch_tokens: int, seed: int) -> dict:
     tok = load_tokenizer(model_path)
     pairs = random_pairs(n_pairs, len(tok), max_total, seed)
@@ -79,7 +90,8 @@ def measure(model_path: str, n_pairs: int, beta: float, max_total: int, batch_to
                 for i, p in enumerate({BEFORE, *TRAINERS.values()})}
         for name, precision in TRAINERS.items():
             policy = policy_logps(model_path, precision, pairs, tok.pad_token_id)
-            for when, ref in (("before", refs[BEFORE.key]), ("after", refs[precision.key])):
+            padded = padded_reference_logps(model_path, precision, pairs, tok.pad_token_id, batch_tokens)
+            for when, ref in (("before", refs[BEFORE.key]), ("padded", padded), ("after", refs[precision.key])):
                 rewards = np.abs(beta * (policy - ref))
                 out[f"{name}/{when}"] = {"max_abs_reward": float(rewards.max()), "mean_abs_reward": float(rewards.mean())}
     return out
