@@ -5,8 +5,9 @@ their own, through the cache (:func:`reference_stage`).
 
 The training workers never hold the reference model; they read the cached columns instead. Each
 call takes a window of sequences the cache lacks, forwards them packed as the trainer packs
-(:func:`packed_logps`, rows under a token budget) at the trainer's precision, and writes their log-probs to the cache as one block, so a precompute that stops
-part-way keeps every block it finished.
+(:func:`packed_logps`, rows under a token budget) at the trainer's precision, and writes their
+log-probs to the cache as one block, so a precompute that stops part-way keeps every block it
+finished.
 """
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ class ReferenceLogps:
         prompts = batch["prompt_ids"].to_pylist()
         completions = batch["completion_ids"].to_pylist()
         with self.precision.autocast(self.device):
-            logps, forwarded = packed_logps(self.model, prompts, completions, self.pad_id, self.batch_tokens, self.device)
+            logps, forwarded = packed_logps(self.model, prompts, completions, self.pad_id, self.batch_tokens,
+                                            self.device)
         tokens = np.array([len(p) + len(c) for p, c in zip(prompts, completions)], dtype=np.int32)
         self.cache.write_block(batch["key"].combine_chunks(), logps, tokens)
         return pa.table({
@@ -106,8 +108,8 @@ class ReferencePool:
         self._actor = ray.remote(ReferenceLogps).options(
             num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, accelerator_type=settings.accelerator_type,
             resources=settings.resources)
-        self._kwargs = {"cache": cache, "model_path": model_path, "gguf_file": gguf_file, "precision": settings.precision(),
-                        "batch_tokens": settings.batch_tokens}
+        self._kwargs = {"cache": cache, "model_path": model_path, "gguf_file": gguf_file,
+                         "precision": settings.precision(), "batch_tokens": settings.batch_tokens}
         self.actors: list = []
 
     def add_logps(self, pairs: pa.Table) -> tuple[pa.Table, RefStats]:

@@ -93,7 +93,8 @@ def measure(model_path: str, n_pairs: int, beta: float, max_total: int, batch_to
             padded = padded_reference_logps(model_path, precision, pairs, tok.pad_token_id, batch_tokens)
             for when, ref in (("before", refs[BEFORE.key]), ("padded", padded), ("after", refs[precision.key])):
                 rewards = np.abs(beta * (policy - ref))
-                out[f"{name}/{when}"] = {"max_abs_reward": float(rewards.max()), "mean_abs_reward": float(rewards.mean())}
+                out[f"{name}/{when}"] = {"max_abs_reward": float(rewards.max()),
+                                         "mean_abs_reward": float(rewards.mean())}
     return out
 
 
@@ -110,15 +111,16 @@ def main() -> None:
     torch.manual_seed(ns.seed)
     with tempfile.TemporaryDirectory() as tmp:
         model = ns.model or str(write_tiny(Path(tmp) / "tiny", seed=3))
-        result = {"model": ns.model or "tiny", **measure(model, ns.pairs, ns.beta, ns.max_total or (120 if not ns.model else 384),
-                                                         ns.batch_tokens, ns.seed)}
+        max_total = ns.max_total or (384 if ns.model else 120)
+        result = {"model": ns.model or "tiny", **measure(model, ns.pairs, ns.beta, max_total, ns.batch_tokens, ns.seed)}
     if ns.json:
         print(json.dumps(result))
         return
     print(f"model {result['model']}: {result['pairs']} pairs, {result['tokens']} tokens, beta {result['beta']}")
     for key, value in result.items():
         if isinstance(value, dict):
-            print(f"  {key:24s} max |reward| {value['max_abs_reward']:.3e}   mean |reward| {value['mean_abs_reward']:.3e}")
+            print(f"  {key:24s} max |reward| {value['max_abs_reward']:.3e}   "
+                  f"mean |reward| {value['mean_abs_reward']:.3e}")
 
 
 if __name__ == "__main__":

@@ -534,10 +534,10 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _precision(self) -> "Config":
-        """Resolve the precision autos (None; ``train.bf16``'s is its section's) once, so every stage reads concrete values (and a
-        resumed run compares them), then check them. AdamW on bf16/fp16 weights silently drops
-        every update below the weight's rounding step (about w/256 in bf16): training must keep
-        float32 master weights."""
+        """Resolve the precision autos (None; ``train.bf16``'s is its section's) once, so every
+        stage reads concrete values (and a resumed run compares them), then check them. AdamW on
+        bf16/fp16 weights silently drops every update below the weight's rounding step (about
+        w/256 in bf16): training must keep float32 master weights."""
         train, ref = self.train, self.reference
         if self.model.dtype is None:
             self.model.dtype = "bfloat16" if train.engine == "deepspeed" and train.bf16 else "float32"

@@ -65,7 +65,8 @@ def test_the_cache_key_holds_the_precision(tmp_path):
         return reference_cache(model_dir, None, None, settings,
                                ReferenceConfig(cache_dir=str(tmp_path / "cache"), **precision)).key
 
-    plain, autocast, bf16 = key(dtype="float32", autocast=None), key(dtype="float32", autocast="bfloat16"), key(dtype="bfloat16")
+    plain, bf16 = key(dtype="float32", autocast=None), key(dtype="bfloat16")
+    autocast = key(dtype="float32", autocast="bfloat16")
     assert len({plain.dir_key, autocast.dir_key, bf16.dir_key}) == 3
     before = CacheKey(model_identity(model_dir), tokenizer_identity(load_tokenizer(model_dir)), settings, "float32")
     assert plain.dir_key == before.dir_key
