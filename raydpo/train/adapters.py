@@ -22,7 +22,7 @@ import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -31,7 +31,7 @@ from torch import Tensor
 from raydpo.config import TrainConfig
 from raydpo.safetensors_stream import TensorSpec, write_checkpoint
 
-__all__ = ["LoraSettings", "ModelPrep", "prepare_model", "save_final", "save_streamed", "hf_specs"]
+__all__ = ["LoraSettings", "ModelPrep", "prepare_model", "save_final", "save_streamed", "write_hf_folder", "hf_specs"]
 
 ADAPTER_DIR = "adapter"
 
@@ -180,9 +180,7 @@ def save_streamed(model: torch.nn.Module, engine: Any, tokenizer: Any, out_dir: 
     """COLLECTIVE (every rank): ``model`` (an HF causal LM the engine trains, without adapters) as
     a plain HF folder at ``out_dir``, written by rank 0 from ``engine.weights``: each tensor is
     gathered (ZeRO-3), copied to the host, written into its safetensors file and dropped, so no
-    rank holds a second copy of the model. The same files, names (tied aliases left out) and
-    config as ``save_pretrained``; files of at most ``max_shard_bytes`` with the index json.
-    Returns the folder on rank 0, None elsewhere."""
+    rank holds a second copy of the model. Returns the folder on rank 0, None elsewhere."""
     if _is_peft(model):
         raise ValueError("save_streamed writes a plain model; a PEFT model is merged by save_final")
     specs = hf_specs(model)
@@ -191,6 +189,16 @@ def save_streamed(model: torch.nn.Module, engine: Any, tokenizer: Any, out_dir: 
         for _ in weights:  # the gathers are collectives: every rank runs them, in order
             pass
         return None
+    return write_hf_folder(model, specs, weights, tokenizer, out_dir, max_shard_bytes=max_shard_bytes)
+
+
+def write_hf_folder(model: torch.nn.Module, specs: list[TensorSpec], weights: Iterable[tuple[str, Tensor]],
+                    tokenizer: Any, out_dir: str | os.PathLike, *, max_shard_bytes: int = 2 * 2**30) -> Path:
+    """``model``'s plain HF folder from ``weights`` (CPU tensors in the order of ``specs``, which
+    :func:`hf_specs` made), written as they come: what ``save_pretrained`` writes (the same
+    tensor names, tied aliases left out; its config with the KV cache on; the generation config),
+    in safetensors files of at most ``max_shard_bytes`` with the index json when there are several,
+    and the tokenizer."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(model.config)

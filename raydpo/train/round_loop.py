@@ -11,7 +11,9 @@ Set up once (tokenizer, policy, engine, process group), then take the driver's j
   (the reference of ``online.reference: previous_round``, with no reference model at all);
 - :class:`SendWeights`: the policy's weights to the generators over a process group of their own;
 - :class:`AwaitSaved`: the end of the HF folder's write, which rank 0 runs in a thread after a
-  round's training, so the sync and the next round's generation do not wait for the disk.
+  round's training, so the sync and the next round's generation do not wait for the disk (under
+  ZeRO-3 the folder is streamed out in the foreground instead, one gathered tensor at a time, and
+  the sync streams the same way: no worker ever holds the whole model).
 
 Rank 0 posts each job's result; every rank runs every job (ZeRO-3 gathers collectively).
 """
@@ -34,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from raydpo.logprobs import pair_batch, scorer_of
-from raydpo.train.adapters import hf_weights
+from raydpo.train.adapters import hf_specs, hf_weights, save_streamed, write_hf_folder
 from raydpo.train.engine import OptimConfig
 from raydpo.train.adapters import save_final as save_final_folder
 from raydpo.train.feed import AwaitSaved, Finish, ScorePairs, SendWeights, TrainRound
@@ -45,7 +47,11 @@ from raydpo.train.step import RunningMean, batch_to_device
 class Trained:
     """Rank 0's copy of the last trained round's weights (what its HF folder gets and a sync
     sends: gathered once, held until sent) and the thread that writes the folder. ``held`` is the
-    same on every rank (whether a sync must gather first: a collective)."""
+    same on every rank (whether a sync must gather first: a collective).
+
+    Under ZeRO-3 (a plain model) nothing is held: the folder is streamed out one gathered tensor at
+    a time, in the foreground (every rank takes part), and a sync streams the weights the same way,
+    so no process ever holds the whole model."""
 
     def __init__(self) -> None:
         self.held = False
@@ -58,19 +64,31 @@ class Trained:
         """COLLECTIVE: gather the weights (ZeRO-3: to rank 0) and start writing ``folder``:
         whole or absent (written beside it, then renamed)."""
         self.wait()
+        tmp = folder.with_name(folder.name + ".tmp")
+        self.folder, self.error = folder, None
+        if _streamed(w):
+            self.held, self.state = False, None
+            if w.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(folder, ignore_errors=True)  # a folder of a try that failed before its record
+            save_streamed(w.lm, w.engine, w.tokenizer, tmp)
+            if w.rank == 0:
+                os.replace(tmp, folder)
+            return
         state = w.engine.full_state_dict()
-        self.held, self.state, self.folder, self.error = True, (state if w.rank == 0 else None), folder, None
+        self.held, self.state = True, (state if w.rank == 0 else None)
         if w.rank != 0:
             return
 
         def write() -> None:
             try:
-                tmp = folder.with_name(folder.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
                 shutil.rmtree(folder, ignore_errors=True)  # a folder of a try that failed before its record
-                # save_final consumes a PEFT model's state (it merges in place): it writes from a copy then.
-                save_final_folder(w.lm, dict(state) if not _peft(w) else {k: v.clone() for k, v in state.items()},
-                                  w.tokenizer, tmp, prefix="lm.")
+                if _peft(w):  # save_final consumes a PEFT model's state (it merges in place): it writes from a copy
+                    save_final_folder(w.lm, {k: v.clone() for k, v in state.items()}, w.tokenizer, tmp, prefix="lm.")
+                else:
+                    specs = hf_specs(w.lm)
+                    write_hf_folder(w.lm, specs, ((s.name, state["lm." + s.name]) for s in specs), w.tokenizer, tmp)
                 os.replace(tmp, folder)
             except BaseException as e:  # raised by the AwaitSaved job
                 self.error = e
@@ -89,6 +107,12 @@ class Trained:
 
 def _peft(w: Worker) -> bool:
     return hasattr(w.lm, "peft_config")
+
+
+def _streamed(w: Worker) -> bool:
+    """Whether the weights leave this worker group one gathered tensor at a time (ZeRO-3, no
+    adapters to merge), never whole on rank 0."""
+    return getattr(w.engine, "zero_stage", None) == 3 and not _peft(w)
 
 
 def round_loop_per_worker(config: dict[str, Any]) -> None:
@@ -187,18 +211,29 @@ def send_weights(w: Worker, job: SendWeights, trained: Trained, post_endpoint) -
     training) under their HF names."""
     from raydpo.weight_sync import WeightSender
 
-    # Gathered after the round's training, or now if this worker holds none (nothing trained yet, or
-    # sent already): a collective, decided alike on every rank.
-    state = trained.state if trained.held else w.engine.full_state_dict()
-    trained.held, trained.state = False, None  # host memory back once sent (the folder's writer keeps its own reference)
     result: dict[str, float] = {}
+    if _streamed(w) and not trained.held:
+        # Every tensor under its HF name (tied aliases too, as a receiver's load expects), gathered
+        # one at a time as the sender's buckets take them: the gathers are collectives, so the other
+        # ranks run the same stream alongside.
+        weights = w.engine.weights(w.lm, list(w.lm.state_dict().keys()))
+        if w.rank != 0:
+            for _ in weights:
+                pass
+    else:
+        # Gathered after the round's training, or now if this worker holds none (nothing trained
+        # yet, or sent already): a collective, decided alike on every rank.
+        state = trained.state if trained.held else w.engine.full_state_dict()
+        trained.held, trained.state = False, None  # host memory back once sent (the folder's writer keeps its own reference)
+        if w.rank == 0:
+            # A PEFT model's adapters are merged into a copy: the folder's writer reads the state meanwhile.
+            weights = hf_weights(w.lm, {k: v.clone() for k, v in state.items()} if _peft(w) else dict(state),
+                                 prefix="lm.").items()
     if w.rank == 0:
-        # A PEFT model's adapters are merged into a copy: the folder's writer reads the state meanwhile.
-        weights = hf_weights(w.lm, {k: v.clone() for k, v in state.items()} if _peft(w) else dict(state), prefix="lm.")
         sender = WeightSender.open(job.receivers, w.engine.device, job.timeout_s)
         try:
             post_endpoint(sender.endpoint)
-            stats = sender.send(weights.items(), bucket_bytes=job.bucket_bytes)
+            stats = sender.send(weights, bucket_bytes=job.bucket_bytes)
             result = {"bytes": float(stats.bytes), "seconds": float(stats.seconds)}
         finally:
             sender.close()
