@@ -332,7 +332,8 @@ class TrainConfig(_Placed):
     lora: LoraConfig | None = None
     # Padding-free micro-batches: the chosen and rejected sequences packed into rows of at most
     # max_tokens_per_batch tokens (None: one row), positions restarting per sequence, attention
-    # never crossing a sequence (flash-attention varlen on GPU, a block-diagonal mask on CPU).
+    # never crossing a sequence (flash-attention varlen on CUDA with flash_attn and bf16/fp16 compute,
+    # else one causal SDPA per sequence; eager models: transformers' block-diagonal mask).
     # false: one padded batch per micro-batch.
     packing: bool = True
     max_tokens_per_batch: int | None = Field(None, gt=1)
