@@ -95,6 +95,31 @@ def _job_save(rank: int, folder: Path, out: Path) -> None:
         assert written is None
 
 
+def _job_lora(rank: int, folder: Path, out: Path) -> None:
+    """LoRA on a partitioned model: PEFT wraps the partitioned layers, DeepSpeed partitions the new
+    adapters; the final folder (merged on rank 0 from the gathered state) is written as the loop does."""
+    from raydpo.logprobs import PolicyScorer
+    from raydpo.models import load_tokenizer
+    from raydpo.train.adapters import LoraSettings, ModelPrep, prepare_model, save_final
+    from raydpo.train.engine import OptimConfig, build_engine, deepspeed_config, deepspeed_ready
+    from raydpo.train.zero3 import load_partitioned
+
+    ds_config = deepspeed_config(micro_batch_size=1, grad_accum_steps=1, zero_stage=3, bf16=False, max_grad_norm=1.0)
+    deepspeed_ready(torch.device("cpu"))
+    lm = prepare_model(load_partitioned(str(folder), "float32", ds_config),
+                       ModelPrep(lora=LoraSettings(r=4, alpha=8.0, dropout=0.0, target_modules=("q_proj",))))
+    scorer = PolicyScorer(lm)
+    engine = build_engine("deepspeed", scorer, OptimConfig(lr=1e-2, max_grad_norm=1.0), grad_accum_steps=1,
+                          micro_batch_size=1, zero_stage=3, ds_config=ds_config)
+    scorer.register_zero3()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]]) + rank
+    engine.backward(engine.module.lm(input_ids=ids, labels=ids).loss)
+    engine.step()
+    state = engine.full_state_dict()
+    if rank == 0:
+        save_final(lm, state, load_tokenizer(str(folder)), out / "final", prefix="lm.")
+
+
 def _run(job: str, folder: Path, out: Path) -> None:
     # As tests/train/test_engine.py: a forkserver imports the heavy modules once and forks clean workers.
     multiprocessing.forkserver.set_forkserver_preload(["torch", "torch.distributed", "transformers", "deepspeed",
@@ -143,6 +168,18 @@ def test_streamed_save_loads_back_equal_to_the_gathered_state(tiny: Path, tmp_pa
     config = json.loads((final / "config.json").read_text())
     assert config["use_cache"] is True and config["dtype"] == "float32"
     assert (final / "tokenizer.json").exists()
+
+
+def test_lora_on_a_partitioned_model_trains_and_merges(tiny: Path, tmp_path: Path) -> None:
+    """Only the adapters train: the merged folder differs from the initial one in q_proj alone."""
+    from transformers import AutoModelForCausalLM
+
+    _run("lora", tiny, tmp_path)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final", dtype=torch.float32).state_dict()
+    initial = _folder_tensors(tiny)
+    assert (tmp_path / "final" / "adapter" / "adapter_config.json").exists()
+    for name, tensor in initial.items():
+        assert torch.equal(merged[name], tensor) != ("q_proj" in name), name
 
 
 def test_safetensors_stream_round_trip(tmp_path: Path) -> None:
