@@ -5,7 +5,7 @@ their own, through the cache (:func:`reference_stage`).
 
 The training workers never hold the reference model; they read the cached columns instead. Each
 call takes a window of sequences the cache lacks, forwards them packed as the trainer packs
-(:func:`packed_logps`, rows under a token budget) at the trainer's precision, and writes their
+(:func:`raydpo.logprobs.packed_logps`, rows under a token budget) at the trainer's precision, and writes their
 log-probs to the cache as one block, so a precompute that stops part-way keeps every block it
 finished.
 """
@@ -24,7 +24,7 @@ from raydpo.config import ReferenceConfig
 from raydpo.data.refcache import (Cache, CacheKey, RefStats, add_keys, count_hits, lookup, missing_sequences,
                                   model_identity, tokenizer_identity)
 from raydpo.data.tokenize import TokenizeSettings
-from raydpo.logprobs import pack, pack_rows, scorer_of, to_device
+from raydpo.logprobs import packed_logps
 from raydpo.models import load_model, load_tokenizer
 from raydpo.precision import Precision, allow_tf32
 from raydpo.progress import say
@@ -72,28 +72,6 @@ class ReferenceLogps:
             "padded_tokens": [forwarded],  # packed: the real tokens (RefStats keeps its name)
             "seconds": [time.perf_counter() - t0],
         })
-
-
-@torch.no_grad()
-def packed_logps(model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
-                 batch_tokens: int, device: torch.device) -> tuple[np.ndarray, int]:
-    """Summed completion log-probs of N sequences, ``(N,)`` float32 in input order, and the tokens
-    forwarded, in the trainer's packed layout: first-fit decreasing into rows of at most
-    ``batch_tokens`` tokens (a longer sequence gets a row of its own), one row per forward.
-
-    Packed attention never crosses a sequence and computes each one on its own, so a sequence's
-    log-prob does not depend on its row-mates: at the trainer's precision the reference gives the
-    policy's step-0 values (bit for bit on CPU, tests/test_precision.py). Padded windows did not:
-    their attention runs at the window's width, with a mask, and under bf16 that moved a SmolLM2
-    sequence's log-prob by up to ~0.5 nats, as much as the precision gap itself."""
-    scorer = scorer_of(model)
-    out = np.zeros(len(prompts), dtype=np.float32)
-    forwarded = 0
-    for row in pack_rows([len(p) + len(c) for p, c in zip(prompts, completions)], batch_tokens):
-        layout = pack([prompts[i] for i in row], [completions[i] for i in row], pad_id)
-        out[row] = scorer(**to_device(layout, device)).logps.float().cpu().numpy()
-        forwarded += layout["input_ids"].numel()
-    return out, forwarded
 
 
 class ReferencePool:

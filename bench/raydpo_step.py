@@ -8,7 +8,7 @@
 ``PAIRS.json`` holds raydpo's tokenized pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``),
 written by ``bench/step_vs_trl.py`` with ``raydpo.data.tokenize.tokenize_pair``.
 
-``ref``: the reference log-probs of every pair with ``raydpo.logprobs.budgeted_logps`` (what a
+``ref``: the reference log-probs of every pair with ``raydpo.logprobs.packed_logps`` (what a
 reference actor does), saved to ``REF.npz``. It is its own process because raydpo's training
 process never holds the reference model: computing them in the ``train`` process and freeing the
 model would still leave the reference's high-water mark in that process's peak RSS.
@@ -68,7 +68,7 @@ def reference(ns: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from raydpo.logprobs import budgeted_logps
+    from raydpo.logprobs import packed_logps
     from raydpo.models import load_model, load_tokenizer
 
     torch.set_num_threads(ns.threads)
@@ -78,7 +78,7 @@ def reference(ns: argparse.Namespace) -> None:
     prompts = [list(p["prompt_ids"]) for p in pairs for _ in (0, 1)]
     completions = [list(p[f"{side}_ids"]) for p in pairs for side in ("chosen", "rejected")]
     t0 = time.perf_counter()
-    logps, padded = budgeted_logps(model, prompts, completions, pad, ns.batch_tokens)
+    logps, padded = packed_logps(model, prompts, completions, pad, ns.batch_tokens)
     seconds = time.perf_counter() - t0
     real = sum(len(p) + len(c) for p, c in zip(prompts, completions))
     np.savez(ns.out, chosen=logps[0::2].astype(np.float32), rejected=logps[1::2].astype(np.float32))
@@ -279,7 +279,7 @@ def main() -> None:
         s.add_argument("--threads", type=int, default=2)
     r = sub.choices["ref"]
     r.add_argument("--out", required=True, help=".npz for the reference log-probs")
-    r.add_argument("--batch-tokens", type=int, default=4096, help="budgeted_logps' padded-token budget per forward")
+    r.add_argument("--batch-tokens", type=int, default=4096, help="packed_logps' tokens per forward (one packed row)")
     t = sub.choices["train"]
     t.add_argument("--ref", required=True, help=".npz written by the ref mode")
     t.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")

@@ -104,11 +104,11 @@ def plain_loop(model_path: str, rows: list[dict], batch_pairs: int) -> dict:
 
 
 def budgeted_loop(model_path: str, rows: list[dict], batch_tokens: int) -> dict:
-    """What one reference actor call does, in this process: every sequence, length-sorted batches
-    under ``batch_tokens`` (``raydpo.logprobs.budgeted_logps``); model load not timed."""
+    """What one reference actor call does, in this process: every sequence, packed into rows of at
+    most ``batch_tokens`` (``raydpo.logprobs.packed_logps``); model load not timed."""
     import torch
 
-    from raydpo.logprobs import budgeted_logps
+    from raydpo.logprobs import packed_logps
     from raydpo.models import load_model, load_tokenizer
 
     torch.set_num_threads(THREADS)
@@ -117,7 +117,7 @@ def budgeted_loop(model_path: str, rows: list[dict], batch_tokens: int) -> dict:
     prompts = [list(r["prompt_ids"]) for r in rows for _ in ("chosen", "rejected")]
     completions = [list(r[f"{side}_ids"]) for r in rows for side in ("chosen", "rejected")]
     t0, c0 = time.perf_counter(), time.process_time()
-    _, padded = budgeted_logps(model, prompts, completions, pad, batch_tokens)
+    _, padded = packed_logps(model, prompts, completions, pad, batch_tokens)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     real = sum(len(p) + len(c) for p, c in zip(prompts, completions))
     return {"seconds": seconds, "cpu_seconds": cpu, "tokens": real, "padded_tokens": padded, "tokens_per_s": real / seconds,
@@ -242,7 +242,7 @@ def table(r: dict) -> str:
     trl = r.get("trl") or {}
     nan = float("nan")
     n = r["pairs"]
-    cols = ["raydpo precompute, 1st run (Ray actor)", "raydpo forward only (`budgeted_logps`)",
+    cols = ["raydpo precompute, 1st run (Ray actor)", "raydpo forward only (`packed_logps`)",
             f"plain loop ({r['batch_pairs']} pairs, padded to batch max)", "TRL `precompute_ref_log_probs`", "goal"]
     rows = [
         ["real tokens/s", f"{first['tokens_per_s']:.0f} (over compute_s, model load included)", f"{budget['tokens_per_s']:.0f}",
@@ -319,7 +319,7 @@ def main() -> None:
     result["max_abs_diff_plain_vs_cache"] = float(max(np.abs(plain.pop("chosen") - cached_c).max(),
                                                       np.abs(plain.pop("rejected") - cached_r).max()))
     result["plain_loop"] = plain
-    print("[bench] budgeted_logps in-process", flush=True)
+    print("[bench] packed_logps in-process", flush=True)
     result["budgeted_loop"] = budgeted_loop(model_path, rows, cfg.reference.batch_tokens)
     print("[bench] worker RSS", flush=True)
     result["worker_rss"] = worker_rss(model_path, rows, cached_c, cached_r, ns.batch_pairs, tmp)

@@ -11,7 +11,7 @@ through the trainer's scorer, under the trainer's precision), the reference's ac
 back). No Ray: the actor class runs in this process. For each trainer precision (DDP + bf16:
 float32 weights under bf16 autocast; DeepSpeed + bf16: bfloat16 weights) it prints max and mean
 |reward| with the reference ``before`` (float32, no autocast, the actor's path), ``padded`` (the
-trainer's precision, but length-sorted padded windows, ``budgeted_logps``: the reference's layout
+trainer's precision, but length-sorted padded windows: the reference's layout
 before it packed) and ``after`` (the trainer's precision, the actor's path). ``--model`` defaults
 to the tiny random Llama; pairs are random token ids (seeded).
 """
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.reference import ReferenceLogps  # noqa: E402
 from raydpo.data.refcache import Cache, CacheKey, sequence_keys  # noqa: E402
-from raydpo.logprobs import budgeted_logps, pair_batch, scorer_of  # noqa: E402
+from raydpo.logprobs import collate, pair_batch, scorer_of, to_device  # noqa: E402
 from raydpo.models import load_model, load_tokenizer, write_tiny  # noqa: E402
 from raydpo.precision import Precision  # noqa: E402
 
@@ -73,12 +73,29 @@ def reference_logps(model_path: str, precision: Precision, pairs, cache_dir: str
 
 
 def padded_reference_logps(model_path: str, precision: Precision, pairs, pad_id: int, batch_tokens: int) -> np.ndarray:
-    """(2B,) at ``precision`` in padded, length-sorted windows (``budgeted_logps``)."""
+    """(2B,) at ``precision`` in the reference's layout before issue 24: length-sorted padded
+    windows of at most ``batch_tokens`` padded tokens and 1.05 padded tokens per real one."""
     model = load_model(model_path, precision.weights).eval()
-    with precision.autocast(torch.device("cpu")):
-        logps, _ = budgeted_logps(model, [p for p, _, _ in pairs] * 2,
-                                  [c for _, c, _ in pairs] + [r for _, _, r in pairs], pad_id, batch_tokens)
-    return logps.astype(np.float64)
+    prompts = [p for p, _, _ in pairs] * 2
+    completions = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    batches: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        rows, longest = (len(batches[-1]) + 1, lengths[batches[-1][0]]) if batches else (0, 0)
+        if batches and rows * longest <= batch_tokens and rows * longest <= 1.05 * (real + lengths[i]):
+            batches[-1].append(i)
+            real += lengths[i]
+        else:
+            batches.append([i])
+            real = lengths[i]
+    out = np.zeros(len(lengths))
+    scorer = scorer_of(model)
+    with torch.no_grad(), precision.autocast(torch.device("cpu")):
+        for idx in batches:
+            layout = collate([prompts[i] for i in idx], [completions[i] for i in idx], pad_id)
+            out[idx] = scorer(**to_device(layout, "cpu")).logps.double().numpy()
+    return out
 
 
 def measure(model_path: str, n_pairs: int, beta: float, max_total: int, batch_tokens: int, seed: int) -> dict:

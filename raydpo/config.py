@@ -203,7 +203,7 @@ class DataConfig(_Strict):
 
 class ReferenceConfig(_ActorGroup):
     # Tokens per forward: a window's sequences packed into rows of at most this many, as the trainer
-    # packs (actors.reference.packed_logps), so a sequence's log-prob is the policy's at step 0.
+    # packs (raydpo.logprobs.packed_logps), so a sequence's log-prob is the policy's at step 0.
     batch_tokens: int = Field(8192, gt=0)
     window: int = Field(1024, gt=0)  # sequences per call; one cache block each
     # The reference computes as the policy does (raydpo.precision), so that at step 0 the rewards

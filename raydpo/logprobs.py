@@ -389,53 +389,34 @@ def to_device(layout: Layout, device: torch.device | str) -> Layout:
     return {k: (v.to(device) if isinstance(v, Tensor) and k != "num_sequences" else v) for k, v in layout.items()}
 
 
-def length_batches(lengths: list[int], batch_tokens: int, max_padding: float = 1.05) -> list[list[int]]:
-    """Indices into ``lengths``, longest first, cut into batches of at most ``batch_tokens`` padded
-    tokens (rows x the batch's longest) and at most ``max_padding`` padded tokens per real token;
-    a sequence longer than the budget is a batch of its own.
-
-    Sorting first keeps each batch's lengths close; the padding cap closes a batch where the next
-    (shorter) sequence would make it waste more than ``max_padding - 1`` of its compute, so the
-    whole input never computes more than ``max_padding`` x its real tokens.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    real = 0  # real tokens of the open batch
-    for i in order:
-        if batches:
-            rows, longest = len(batches[-1]) + 1, lengths[batches[-1][0]]  # the first row is the longest
-            if rows * longest <= batch_tokens and rows * longest <= max_padding * (real + lengths[i]):
-                batches[-1].append(i)
-                real += lengths[i]
-                continue
-        batches.append([i])
-        real = lengths[i]
-    return batches
-
-
 @torch.no_grad()
-def budgeted_logps(
+def packed_logps(
     model: torch.nn.Module,
     prompts: list[list[int]],
     completions: list[list[int]],
     pad_id: int,
     batch_tokens: int,
     device: torch.device | str = "cpu",
-    max_padding: float = 1.05,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> tuple[np.ndarray, int]:
-    """Summed completion log-probs of N sequences, forwarded in length-sorted batches under a token
-    budget and a padding cap (``length_batches``), through the same chunked head as training.
-    Returns ``(logps (N,) float32 in input order, padded tokens forwarded)``."""
+    """Summed completion log-probs of N sequences, ``(N,)`` float32 in input order, and the tokens
+    forwarded, in the trainer's packed layout: first-fit decreasing into rows of at most
+    ``batch_tokens`` tokens (a longer sequence gets a row of its own), one row per forward, through
+    the same chunked head as training. What the reference actors run.
+
+    Packed attention never crosses a sequence and computes each one on its own, so a sequence's
+    log-prob does not depend on its row-mates: at the trainer's precision the reference gives the
+    policy's step-0 values (bit for bit on CPU, tests/test_precision.py). Padded windows did not:
+    their attention runs at the window's width, with a mask, and under bf16 that moved a SmolLM2
+    sequence's log-prob by up to ~0.5 nats, as much as the precision gap itself."""
     scorer = scorer_of(model, chunk_tokens)
-    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-    out = np.zeros(len(lengths), dtype=np.float32)
-    padded = 0
-    for idx in length_batches(lengths, batch_tokens, max_padding):
-        layout = collate([prompts[i] for i in idx], [completions[i] for i in idx], pad_id)
-        out[idx] = scorer(**to_device(layout, device)).logps.cpu().numpy()
-        padded += layout["input_ids"].numel()
-    return out, padded
+    out = np.zeros(len(prompts), dtype=np.float32)
+    forwarded = 0
+    for row in pack_rows([len(p) + len(c) for p, c in zip(prompts, completions)], batch_tokens):
+        layout = pack([prompts[i] for i in row], [completions[i] for i in row], pad_id)
+        out[row] = scorer(**to_device(layout, device)).logps.float().cpu().numpy()
+        forwarded += layout["input_ids"].numel()
+    return out, forwarded
 
 
 def model_sequence_logps(model: torch.nn.Module, layout: Layout) -> Tensor:

@@ -18,13 +18,13 @@ import torch
 from raydpo.logprobs import (
     HeadTransform,
     PolicyScorer,
-    budgeted_logps,
     collate,
     head_logps,
     model_sequence_logps,
     pack,
     pack_rows,
     pair_batch,
+    packed_logps,
     to_device,
 )
 from raydpo.models import build_tiny_model
@@ -269,13 +269,14 @@ def test_to_device_moves_tensors_and_keeps_the_host_bounds(tiny_model) -> None:
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_budgeted_logps_equal_float64_alone(tiny_model) -> None:
-    """The reference actors' batching (length-sorted, token budget) goes through the same scorer."""
-    got, padded = budgeted_logps(tiny_model, PROMPTS, COMPLETIONS, PAD, batch_tokens=20, chunk_tokens=5)
+def test_packed_logps_equal_float64_alone(tiny_model) -> None:
+    """The reference actors' layout (packed rows under a token budget, a longer sequence alone)
+    goes through the same scorer, in input order, forwarding only real tokens."""
+    got, forwarded = packed_logps(tiny_model, PROMPTS, COMPLETIONS, PAD, batch_tokens=20, chunk_tokens=5)
     with torch.no_grad():
         want = float64_alone(tiny_model, PROMPTS, COMPLETIONS)
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
-    assert padded >= sum(len(p) + len(c) for p, c in zip(PROMPTS, COMPLETIONS))
+    assert forwarded == sum(len(p) + len(c) for p, c in zip(PROMPTS, COMPLETIONS))
 
 
 def test_model_sequence_logps_depend_on_completion(tiny_model) -> None:

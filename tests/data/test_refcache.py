@@ -1,4 +1,4 @@
-"""The reference cache's pieces without Ray: keys, identities, atomic blocks, corruption, batching."""
+"""The reference cache's pieces without Ray: keys, identities, atomic blocks, corruption."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,14 +8,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 
 from raydpo.data.refcache import (
     BLOCK_SCHEMA, VERSION, Cache, CacheKey, _block_name, key_sum, missing_sequences, model_identity, sequence_keys,
     tokenizer_identity,
 )
-from raydpo.logprobs import budgeted_logps, collate, length_batches, model_sequence_logps
-from raydpo.models import build_tiny_tokenizer, load_model, write_tiny
+from raydpo.models import build_tiny_tokenizer, write_tiny
 
 KEY = CacheKey(model="files:abc", tokenizer="tok", settings={"max_length": 32}, dtype="float32")
 
@@ -139,47 +137,6 @@ def test_missing_sequences_are_unique_and_only_the_uncached(tmp_path):
     out = missing_sequences(batch, Ref())
     got = sorted(zip(out["prompt_ids"].to_pylist(), out["completion_ids"].to_pylist()))
     assert got == [([1, 2], [3]), ([1, 2], [5]), ([7], [3]), ([7], [8])]  # (1,2)+3 once, not twice
-
-
-def test_length_batches_respect_the_budget_and_cover_every_index():
-    lengths = [5, 17, 3, 9, 9, 40, 1, 12]
-    batches = length_batches(lengths, batch_tokens=24, max_padding=10.0)  # the budget alone binds
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    for b in batches:
-        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 24
-        assert lengths[b[0]] == max(lengths[i] for i in b)
-    assert [len(b) for b in batches] == [1, 1, 2, 2, 2]  # 40 | 17 | 12 9 | 9 5 | 3 1
-
-
-@pytest.mark.parametrize("max_padding", [1.0, 1.05, 1.3])
-def test_length_batches_cap_padding_per_batch(max_padding):
-    """Hand check: [10, 9, 9, 2] at 1.05 -> [10] alone? 2 x 10 = 20 > 1.05 x 19 = 19.95, so yes;
-    then 9 9 (no padding), then 2. With a cap of 1.0 only equal lengths share a batch."""
-    lengths = [10, 9, 9, 2]
-    batches = length_batches(lengths, batch_tokens=1000, max_padding=max_padding)
-    for b in batches:
-        assert len(b) * max(lengths[i] for i in b) <= max_padding * sum(lengths[i] for i in b) + 1e-9
-    if max_padding == 1.05:
-        assert batches == [[0], [1, 2], [3]]
-    rng = np.random.default_rng(1)
-    many = rng.integers(1, 512, size=2000).tolist()
-    cut = length_batches(many, batch_tokens=8192, max_padding=max_padding)
-    padded = sum(len(b) * many[b[0]] for b in cut)
-    assert padded <= max_padding * sum(many) + 1e-6
-
-
-def test_budgeted_logps_equal_one_padded_batch(tmp_path):
-    """Sorted, budgeted batches give each sequence the value of a plain padded batch (float32 noise)."""
-    model = load_model(str(write_tiny(tmp_path / "m", seed=2))).eval()
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(10, 90, size=rng.integers(1, 9)).tolist() for _ in range(13)]
-    completions = [rng.integers(10, 90, size=rng.integers(1, 9)).tolist() for _ in range(13)]
-    got, padded = budgeted_logps(model, prompts, completions, pad_id=0, batch_tokens=30)
-    with torch.no_grad():
-        want = model_sequence_logps(model, collate(prompts, completions, 0))
-    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
-    real = sum(len(p) + len(c) for p, c in zip(prompts, completions))
-    assert real <= padded < 13 * max(len(p) + len(c) for p, c in zip(prompts, completions))
 
 
 def test_cache_dir_may_be_a_uri(tmp_path):
