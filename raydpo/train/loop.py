@@ -78,14 +78,22 @@ class LoopArgs:
 class FixedShards(ray.train.DataConfig):
     """Gives each worker the same eval rows on every run: ``split`` of a materialized dataset in
     its (preserved) order, where the default streaming split hands blocks to whichever worker asks
-    first. (Training rows do not come through here: see :class:`ShuffledShard`.)"""
+    first. (Training rows do not come through here: see :class:`ShuffledShard`.)
+
+    The split runs in the driver, when this is built, not in ``configure``: Ray Data's split runs a
+    task of 1 CPU per block it cuts, and once the workers hold their CPUs (2 workers of 1 CPU on a
+    2-CPU node) such a task would wait forever, and the workers with it."""
+
+    def __init__(self, datasets: dict[str, ray.data.Dataset], world_size: int) -> None:
+        super().__init__()
+        # Equal shards: every worker runs the same number of forwards, which ZeRO-3 needs
+        # (its forward gathers parameters collectively). Eval loses < world_size rows.
+        self.parts = {name: ds.split(world_size, equal=True) for name, ds in datasets.items()}
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         out: list[dict[str, Any]] = [{} for _ in range(world_size)]
-        for name, ds in datasets.items():
-            # Equal shards: every worker runs the same number of forwards, which ZeRO-3 needs
-            # (its forward gathers parameters collectively). Eval loses < world_size rows.
-            for i, shard in enumerate(ds.split(world_size, equal=True)):
+        for name in datasets:
+            for i, shard in enumerate(self.parts[name]):
                 # Workers print one line per step; a bar per worker per pass is noise.
                 shard.context.enable_progress_bars = False
                 out[i][name] = shard.iterator()

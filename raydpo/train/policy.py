@@ -190,6 +190,8 @@ def fit(loop, loop_config: dict[str, Any], train: TrainConfig, storage_path: str
     intact checkpoint in ``{storage_path}/{name}``: a damaged one is moved aside before the
     workers start, saying why, and so is one a worker fails to load (the fit then starts again).
     Lost workers with no restart left raise :class:`WorkersLost`."""
+    shards = FixedShards(datasets or {}, train.num_workers)  # split before the workers hold the CPUs
+
     def trainer() -> TorchTrainer:
         return TorchTrainer(
             loop,
@@ -206,7 +208,7 @@ def fit(loop, loop_config: dict[str, Any], train: TrainConfig, storage_path: str
                 worker_runtime_env={"env_vars": worker_env(train)},
             ),
             datasets=datasets or {},
-            dataset_config=FixedShards(),
+            dataset_config=shards,
         )
 
     damaged: dict[str, str] = {}  # checkpoint folder name -> why a worker could not load it

@@ -89,3 +89,33 @@ def test_a_workers_damaged_checkpoint_is_found_in_ray_trains_error(ray_local, tm
     assert found is not None, raised.value
     assert (found.folder, found.why) == (folder, "rng_rank0.pt could not be read (EOFError: Ran out of input)")
     assert damaged_checkpoint(ray.train.WorkerGroupError("rank 0 failed", {0: ValueError("loss is nan")})) is None
+
+
+def test_eval_shards_are_cut_before_the_workers_hold_every_cpu(ray_local):
+    """2 workers of 1 CPU on a 2-CPU node: the eval split must not need a CPU once they run (Ray
+    Data cuts blocks with 1-CPU tasks, which would wait forever, the workers with them). The
+    shards are cut when FixedShards is built, in the driver; configure and reading need no task."""
+    import threading
+
+    import ray
+
+    from raydpo.train.loop import FixedShards
+
+    ds = ray.data.range(101, override_num_blocks=7).map_batches(lambda b: b)  # lazy: a split must run tasks
+    shards = FixedShards({"eval": ds}, world_size=2)
+    every_cpu = ray.util.placement_group([{"CPU": ray.cluster_resources()["CPU"]}])
+    ray.get(every_cpu.ready(), timeout=60)  # what the training workers hold while they run
+    got: list[list[int]] = []
+    try:
+        def read() -> None:
+            for worker in shards.configure({"eval": ds}, 2, None, None):
+                got.append([int(i) for batch in worker["eval"].iter_batches() for i in batch["id"]])
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout=60)
+        assert not reader.is_alive(), "reading the eval shards waited for a CPU the workers hold"
+    finally:
+        ray.util.remove_placement_group(every_cpu)
+    assert [len(rows) for rows in got] == [50, 50]  # equal shards: 1 of 101 rows left out
+    assert not set(got[0]) & set(got[1])  # disjoint
