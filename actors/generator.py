@@ -469,7 +469,8 @@ class GeneratorPool:
 
     def _start(self, i: int):
         s = self._settings
-        # dtype None: settings built outside a Config (the LLM judge's), whose auto no trainer resolves.
+        # dtype None: settings built outside a Config, whose auto no trainer resolves (the LLM judge
+        # passes its own online.judge.dtype).
         return self._actor.remote(s.backend, self._model_path, s.dtype or "float32", i, s.tensor_parallel_size,
                                   **s.engine)
 

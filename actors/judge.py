@@ -167,12 +167,13 @@ def make_judge(judge: JudgeConfig, generator: GeneratorConfig, max_length: int) 
         return VerifierJudge(judge.verifier, judge.verifier_args)
     if judge.type == "reward_model":
         return RewardModelPool(judge.model, num_actors=judge.num_actors, num_cpus=judge.num_cpus,
-                               num_gpus=judge.num_gpus, batch_size=judge.batch_size, max_length=max_length,
+                               num_gpus=judge.num_gpus, dtype=judge.model_dtype, batch_size=judge.batch_size,
+                               max_length=max_length,
                                accelerator_type=judge.accelerator_type, resources=judge.resources)
     served = GeneratorPool(GeneratorConfig(backend=generator.backend, num_actors=judge.num_actors,
                                            num_cpus=judge.num_cpus, num_gpus=judge.num_gpus,
                                            accelerator_type=judge.accelerator_type, resources=judge.resources,
-                                           env=generator.env),
+                                           env=generator.env, dtype=judge.model_dtype),
                            judge.model)
     return PairwiseLlmJudge(generator_complete(served, load_tokenizer(judge.model)),
                             judge.template or DEFAULT_PAIRWISE_TEMPLATE)

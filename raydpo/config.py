@@ -455,6 +455,22 @@ class JudgeConfig(_ActorGroup):
     model: str | None = None  # reward_model: a sequence-classification model; llm: a chat model
     template: str | None = None  # llm: a pairwise prompt with {prompt}, {a} and {b}
     batch_size: int = Field(16, gt=0)
+    # The judge model's weights (reward_model, llm). None = auto: bfloat16 where its actors have GPUs
+    # (half the memory and bf16 matmul rates; it only scores, so it has no master weights to keep),
+    # resolved at validation; on CPUs it stays None, read as float32 (bf16 matmuls are slower than
+    # float32 on most CPUs), so runs saved before the key existed resume unchanged.
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+
+    @model_validator(mode="after")
+    def _dtype_auto(self) -> "JudgeConfig":
+        if self.dtype is None and self.num_gpus > 0:
+            self.dtype = "bfloat16"
+        return self
+
+    @property
+    def model_dtype(self) -> str:
+        """The dtype the judge model is loaded in."""
+        return self.dtype or "float32"
 
     @model_validator(mode="after")
     def _complete(self) -> "JudgeConfig":

@@ -294,6 +294,16 @@ def test_precision_autos_resolve_to_the_trainers(overrides, bf16, model, referen
         assert cfg.reference.precision() == cfg.precision()
 
 
+@pytest.mark.parametrize("overrides, dtype", [
+    ([], "float32"),  # CPUs
+    (["online.judge.num_gpus=0.5"], "bfloat16"),  # GPUs: it only scores, no master weights to keep
+    (["online.judge.num_gpus=1", "online.judge.dtype=float32"], "float32"),  # an explicit value wins
+])
+def test_the_judge_model_is_bf16_on_gpus_and_float32_on_cpus(overrides, dtype) -> None:
+    judge = ["online.judge.type=reward_model", "online.judge.model=some/reward-model"]
+    assert load_config(ONLINE, judge + overrides).online.judge.model_dtype == dtype
+
+
 def test_resolved_precision_revalidates_to_itself_and_resumes() -> None:
     """The resolved values are what a run saves (flatten) and what its resume compares: the same
     config resolves the same, and validating a saved config gives it back unchanged."""
@@ -305,7 +315,7 @@ def test_resolved_precision_revalidates_to_itself_and_resumes() -> None:
         assert flatten(validate(unflatten(saved))) == saved
     # A run saved before these keys had autos (float32, no bf16, no reference.autocast key) resumes on CPUs.
     before = flatten(load_config(ONLINE))
-    del before["reference.autocast"]
+    del before["reference.autocast"], before["online.judge.dtype"]
     assert trajectory_changes(before, flatten(load_config(ONLINE))) == []
     # Turning bf16 on changes what is trained: named, not resumed silently.
     assert "train.bf16: False -> True" in trajectory_changes(before, flatten(load_config(ONLINE, ["train.bf16=true"])))
