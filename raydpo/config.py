@@ -559,7 +559,7 @@ class Config(_Strict):
         if self.model.dtype is None:
             self.model.dtype = "bfloat16" if train.engine == "deepspeed" and train.bf16 else "float32"
         self._master_weights_float32()
-        trainer = Precision.from_config(self.model, train)
+        trainer = Precision.of_trainer(self.model.dtype, train.engine, train.bf16)
         if ref.dtype is None:
             ref.dtype = trainer.weights
         if ref.autocast == "auto":
@@ -609,7 +609,7 @@ class Config(_Strict):
 
     def precision(self) -> Precision:
         """The trainer's precision (``raydpo.precision``), which the reference and generators share."""
-        return Precision.from_config(self.model, self.train)
+        return Precision.of_trainer(self.model.dtype, self.train.engine, self.train.bf16)
 
 
 class ConfigError(InputError, ValueError):

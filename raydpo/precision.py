@@ -16,12 +16,9 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ContextManager
+from typing import ContextManager
 
 import torch
-
-if TYPE_CHECKING:  # config imports pydantic and the data modules; this module stays light
-    from raydpo.config import ModelConfig, TrainConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -41,12 +38,12 @@ class Precision:
             raise ValueError(f"autocast dtype {self.autocast_dtype!r}: bfloat16 or None")
 
     @classmethod
-    def from_config(cls, model: ModelConfig, train: TrainConfig) -> Precision:
-        """The trainer's precision, from the resolved config (``train.bf16`` and ``model.dtype``
-        concrete: ``raydpo.config`` resolves their autos at validation)."""
-        if not train.bf16:
-            return cls(weights=model.dtype)
-        if train.engine == "deepspeed":  # DeepSpeed's bf16 mode casts the module to bf16 itself
+    def of_trainer(cls, weights: str, engine: str, bf16: bool) -> Precision:
+        """The trainer's precision from its resolved settings (``model.dtype``, ``train.engine``,
+        ``train.bf16``: ``raydpo.config`` resolves their autos at validation and calls this)."""
+        if not bf16:
+            return cls(weights=weights)
+        if engine == "deepspeed":  # DeepSpeed's bf16 mode casts the module to bf16 itself
             return cls(weights="bfloat16")
         return cls(weights="float32", autocast_dtype="bfloat16")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from actors.reference import ReferenceLogps
-from raydpo.config import ModelConfig, TrainConfig, load_config
+from raydpo.config import load_config
 from raydpo.data.refcache import Cache, CacheKey, sequence_keys
 from raydpo.logprobs import pair_batch, scorer_of
 from raydpo.models import load_model, load_tokenizer, write_tiny
@@ -25,9 +25,8 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
     ("ddp", False, "float32", Precision("float32")),
     ("deepspeed", False, "float32", Precision("float32")),
 ])
-def test_from_config(engine: str, bf16: bool, dtype: str, expected: Precision) -> None:
-    got = Precision.from_config(ModelConfig(name_or_path="tiny", dtype=dtype), TrainConfig(engine=engine, bf16=bf16))
-    assert got == expected
+def test_of_trainer(engine: str, bf16: bool, dtype: str, expected: Precision) -> None:
+    assert Precision.of_trainer(dtype, engine, bf16) == expected
 
 
 def test_key_and_compute_dtype() -> None:
