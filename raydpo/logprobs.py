@@ -385,8 +385,18 @@ def scorer_of(model: torch.nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) 
 
 
 def to_device(layout: Layout, device: torch.device | str) -> Layout:
-    """The layout's tensors on ``device``; ``num_sequences`` and a packed layout's ``bounds`` stay on the host."""
-    return {k: (v.to(device) if isinstance(v, Tensor) and k != "num_sequences" else v) for k, v in layout.items()}
+    """The layout's tensors on ``device``; ``num_sequences`` and a packed layout's ``bounds`` stay on
+    the host. To CUDA each tensor is pinned (page-locked) first and copied with ``non_blocking``: a
+    DMA the GPU runs in stream order while the host goes on (the caching host allocator keeps a
+    pinned block until the copies that read it are done, so the host tensors may be dropped at
+    once). Elsewhere a plain copy: pinned memory exists only with CUDA."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+
+    def move(v: Tensor) -> Tensor:
+        return v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device)
+
+    return {k: (move(v) if isinstance(v, Tensor) and k != "num_sequences" else v) for k, v in layout.items()}
 
 
 @torch.no_grad()

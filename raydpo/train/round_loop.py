@@ -35,13 +35,13 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from raydpo.logprobs import pair_batch, scorer_of
+from raydpo.logprobs import pair_batch, scorer_of, to_device
 from raydpo.train.adapters import hf_specs, hf_weights, save_streamed, write_hf_folder
 from raydpo.train.engine import OptimConfig
 from raydpo.train.adapters import save_final as save_final_folder
 from raydpo.train.feed import AwaitSaved, Finish, ScorePairs, SendWeights, TrainRound
 from raydpo.train.loop import LoopArgs, Worker, _say, load_checkpoint, set_up, train_steps
-from raydpo.train.step import RunningMean, batch_to_device
+from raydpo.train.step import RunningMean
 
 
 class Trained:
@@ -191,7 +191,7 @@ def score_pairs(w: Worker, base: LoopArgs, job: ScorePairs) -> dict[str, list[fl
             layout = pair_batch([columns["prompt_ids"][i] for i in rows], [columns["chosen_ids"][i] for i in rows],
                                 [columns["rejected_ids"][i] for i in rows], w.pad_id, **w.layout)
             with w.engine.autocast():
-                logps = scorer_of(w.engine.module)(**batch_to_device(layout, w.engine.device)).logps.double().cpu()
+                logps = scorer_of(w.engine.module)(**to_device(layout, w.engine.device)).logps.double().cpu()
             k = len(rows)
             for j, i in enumerate(rows):
                 found[i] = (float(logps[j]), float(logps[k + j]))

@@ -5,8 +5,8 @@ Every tensor a collective sees lives on the training device (``engine.device``):
 tensors. Nothing here imports Ray, so the step runs and is measured without a cluster.
 
 A micro-batch is laid out on the host and copied to a CUDA device from pinned (page-locked) memory
-without blocking (:func:`batch_to_device`): the copy is a DMA the GPU runs in stream order, so the
-host goes on to the next Python work instead of waiting for it.
+without blocking (:func:`raydpo.logprobs.to_device`): the copy is a DMA the GPU runs in stream
+order, so the host goes on to the next Python work instead of waiting for it.
 """
 from __future__ import annotations
 
@@ -55,17 +55,6 @@ class RunningMean:
         return self.mean
 
 
-def batch_to_device(layout: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    """A host layout (:func:`~raydpo.logprobs.pair_batch`) on ``device``. CUDA: each tensor pinned,
-    then copied with ``non_blocking=True`` (the caching host allocator keeps a pinned block until
-    the copies that read it are done, so dropping the host tensors at once is safe); elsewhere a
-    plain copy (pinned memory exists only with CUDA)."""
-    if device.type != "cuda":
-        return to_device(layout, device)
-    return {k: (v.pin_memory().to(device, non_blocking=True) if isinstance(v, Tensor) and k != "num_sequences" else v)
-            for k, v in layout.items()}  # what to_device moves, pinned first
-
-
 def pair_forward(
     module: torch.nn.Module,
     batch: dict[str, np.ndarray],
@@ -91,7 +80,7 @@ def pair_forward(
     n = len(batch["prompt_ids"])
     layout = pair_batch(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_id, packed=packed,
                         max_tokens=max_tokens)
-    scores = scorer_of(module)(**batch_to_device(layout, device))
+    scores = scorer_of(module)(**to_device(layout, device))
     logps, tokens = scores.logps, scores.tokens
     if spec.reference_free:
         ref_c = ref_r = None

@@ -44,13 +44,12 @@ def test_bco_pair_step_uses_the_updated_mean():
     assert loss.item() == pytest.approx(plain[1].item() / 2, rel=1e-6)
 
 
-def test_batch_to_device_on_the_cpu_is_a_plain_copy() -> None:
+def test_to_device_on_the_cpu_is_a_plain_copy() -> None:
     """Pinning is for CUDA only (no pinned memory without it): on the CPU the layout arrives as it was."""
-    from raydpo.logprobs import pair_batch
-    from raydpo.train.step import batch_to_device
+    from raydpo.logprobs import pair_batch, to_device
 
     layout = pair_batch([[4, 5]], [[6, 7, 2]], [[8, 2]], 0, packed=True)
-    moved = batch_to_device(layout, torch.device("cpu"))
+    moved = to_device(layout, torch.device("cpu"))
     assert moved.keys() == layout.keys()
     for k, v in layout.items():
         if isinstance(v, torch.Tensor):
