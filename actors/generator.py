@@ -161,7 +161,6 @@ class TransformersGenerator:
         import torch
 
         from raydpo.models import load_model, load_tokenizer
-
         from raydpo.precision import allow_tf32
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -74,6 +74,13 @@ class ReferenceLogps:
         })
 
 
+def actor_kwargs(cache: Cache, model_path: str, gguf_file: str | None, settings: ReferenceConfig) -> dict:
+    """:class:`ReferenceLogps`'s arguments from the ``reference`` settings, for the Ray Data stage
+    and the long-lived pool alike."""
+    return {"cache": cache, "model_path": model_path, "gguf_file": gguf_file, "precision": settings.precision(),
+            "batch_tokens": settings.batch_tokens}
+
+
 class ReferencePool:
     """Reference actors that live for a whole online run (``reference`` settings: their number
     and resources). The model is loaded at the first sequence the cache lacks, once per actor,
@@ -86,8 +93,7 @@ class ReferencePool:
         self._actor = ray.remote(ReferenceLogps).options(
             num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, accelerator_type=settings.accelerator_type,
             resources=settings.resources)
-        self._kwargs = {"cache": cache, "model_path": model_path, "gguf_file": gguf_file,
-                         "precision": settings.precision(), "batch_tokens": settings.batch_tokens}
+        self._kwargs = actor_kwargs(cache, model_path, gguf_file, settings)
         self.actors: list = []
 
     def add_logps(self, pairs: pa.Table) -> tuple[pa.Table, RefStats]:
@@ -173,9 +179,8 @@ def reference_stage(
         t1 = time.perf_counter()
         pool = missing.map_batches(
             ReferenceLogps,
-            fn_constructor_kwargs={"cache": cache, "model_path": model_path, "gguf_file": gguf_file, "precision": s.precision(),
-                                   "batch_tokens": s.batch_tokens},
-            batch_size=s.window,  # sequences sorted by length together
+            fn_constructor_kwargs=actor_kwargs(cache, model_path, gguf_file, s),
+            batch_size=s.window,  # sequences per call: packed together, one cache block
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=s.num_actors),
             num_cpus=s.num_cpus,
