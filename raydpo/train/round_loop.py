@@ -66,11 +66,11 @@ class Trained:
         self.wait()
         tmp = folder.with_name(folder.name + ".tmp")
         self.folder, self.error = folder, None
+        if w.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)  # a folder of a try that failed before its record
         if _streamed(w):
             self.held, self.state = False, None
-            if w.rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-                shutil.rmtree(folder, ignore_errors=True)  # a folder of a try that failed before its record
             save_streamed(w.lm, w.engine, w.tokenizer, tmp)
             if w.rank == 0:
                 os.replace(tmp, folder)
@@ -82,8 +82,6 @@ class Trained:
 
         def write() -> None:
             try:
-                shutil.rmtree(tmp, ignore_errors=True)
-                shutil.rmtree(folder, ignore_errors=True)  # a folder of a try that failed before its record
                 if _peft(w):  # save_final consumes a PEFT model's state (it merges in place): it writes from a copy
                     save_final_folder(w.lm, {k: v.clone() for k, v in state.items()}, w.tokenizer, tmp, prefix="lm.")
                 else:
