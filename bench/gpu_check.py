@@ -276,25 +276,14 @@ def model_facts(ctx: Context) -> dict[str, Any]:
 
 def matmul_peak(ctx: Context) -> dict[str, Any]:
     """Best rate of ``n x n @ n x n`` products in bf16 and in float32 (TF32 if enabled); each
-    round is 10 back-to-back products between synchronizations (one product is ``2 n^3`` FLOPs)."""
+    round is 10 back-to-back products between synchronizations (bench/matmul_peak.py)."""
+    from bench.matmul_peak import product_rates
+
     out: dict[str, Any] = {"float32_matmul": fp32_matmul_setting()}
-    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        best = 0.0
-        for n in ctx.shape.matmul_sizes:
-            a = torch.randn(n, n, device=ctx.device, dtype=dtype)
-            b = torch.randn(n, n, device=ctx.device, dtype=dtype)
-            c = torch.empty(n, n, device=ctx.device, dtype=dtype)
-            for _ in range(3):
-                torch.mm(a, b, out=c)
-            for _ in range(5):
-                sync(ctx.device)
-                t0 = time.perf_counter()
-                for _ in range(10):
-                    torch.mm(a, b, out=c)
-                sync(ctx.device)
-                best = max(best, 10 * 2.0 * n**3 / (time.perf_counter() - t0))
-            del a, b, c
-        out[f"{name}_peak_flops"] = best
+    for name, dtype in (("bf16", "bfloat16"), ("fp32", "float32")):
+        out[f"{name}_peak_flops"] = max(max(product_rates(n, 5, device=str(ctx.device), dtype=dtype, products=10,
+                                                          warmup=3))
+                                        for n in ctx.shape.matmul_sizes)
     ctx.peak_bf16 = out["bf16_peak_flops"]
     return out
 
